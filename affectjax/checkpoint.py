@@ -1,0 +1,131 @@
+"""Orbax checkpoints: exact resume (state + input-pipeline position), best-K, weights-only init."""
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from orbax.checkpoint import checkpoint_managers as policies
+
+STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
+SCORE_KEY = 'score'
+
+
+def state_tree(state) -> dict:
+  """The saved part of a TrainState: everything but the static apply_fn and tx."""
+  return {k: getattr(state, k) for k in STATE_FIELDS}
+
+
+class Checkpoints:
+  """`WORKDIR/checkpoints`: asynchronous saves; keeps the latest N and the best K by score."""
+
+  def __init__(self, directory: str, *, keep_latest: int = 2, keep_best: int = 1,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    keep = [policies.LatestN(n=keep_latest)]
+    if keep_best:
+      keep.append(policies.BestN(get_metric_fn=lambda m: m[SCORE_KEY], reverse=False,
+                                 n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'input'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, input_state: dict | None, score: float | None = None,
+           force: bool = False) -> bool:
+    """Starts an asynchronous save; `score` (higher is better) ranks it for best-K."""
+    if step in self.manager.all_steps():
+      return False
+    args = {'state': ocp.args.StandardSave(state_tree(state))}
+    args['input'] = ocp.args.JsonSave(input_state if input_state is not None else {})
+    metrics = {SCORE_KEY: float(score)} if score is not None else None
+    return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                             force=force)
+
+  def restore(self, state, step: int | None = None) -> tuple[Any, dict]:
+    """Restores `step` (default latest) into the structure and shardings of `state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), input=ocp.args.JsonRestore()))
+    return state.replace(**restored['state']), dict(restored['input'] or {})
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def read_variables(path: str) -> dict:
+  """Loads {'params', 'batch_stats'} from converted weights or a run (workdir or step dir)."""
+  from affectjax import convert  # deferred: only init_from needs it
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, convert.META_FILE)):
+    variables, _ = convert.load_converted(path)
+    return variables
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  manager = ocp.CheckpointManager(path, item_names=('state', 'input'))
+  step = manager.best_step() or manager.latest_step()
+  if step is None:  # a single step directory
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
+  else:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    restored = restored['state']
+  return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+
+
+def merge_variables(target: dict, loaded: dict) -> tuple[dict, dict]:
+  """Copies the leaves of `loaded` into `target` where path and shape agree.
+
+  Returns the merged tree and a report: `loaded` (paths copied), `missing` (in the model,
+  not in the file: keep their initialisation), `unexpected` (in the file only) and
+  `mismatched` (same path, other shape: kept from the initialisation).
+  """
+  flat_target = traverse_util.flatten_dict(target, sep='/')
+  flat_loaded = traverse_util.flatten_dict(loaded, sep='/')
+  merged, report = dict(flat_target), {'loaded': [], 'missing': [], 'unexpected': [],
+                                       'mismatched': []}
+  for key, value in flat_loaded.items():
+    if key not in flat_target:
+      report['unexpected'].append(key)
+    elif np.shape(value) != np.shape(flat_target[key]):
+      report['mismatched'].append(f'{key}: {np.shape(value)} vs {np.shape(flat_target[key])}')
+    else:
+      merged[key] = np.asarray(value, dtype=flat_target[key].dtype)
+      report['loaded'].append(key)
+  report['missing'] = sorted(set(flat_target) - set(flat_loaded))
+  return traverse_util.unflatten_dict(merged, sep='/'), report
+
+
+def init_from(state, path: str):
+  """Weights-only initialisation (params and batch_stats) from `path`; logs what matched."""
+  loaded = read_variables(path)
+  params, report = merge_variables(jax.device_get(state.params), loaded['params'])
+  stats, stats_report = merge_variables(jax.device_get(state.batch_stats),
+                                        loaded.get('batch_stats', {}))
+  for k in report:
+    report[k] += [f'batch_stats/{p}' for p in stats_report[k]]
+  logging.info('init_from %s: %d arrays loaded, %d missing, %d unexpected, %d mismatched',
+               path, len(report['loaded']), len(report['missing']),
+               len(report['unexpected']), len(report['mismatched']))
+  for kind in ('missing', 'unexpected', 'mismatched'):
+    if report[kind]:
+      logging.warning('init_from %s keys: %s', kind, ', '.join(report[kind][:20]) +
+                      (' ...' if len(report[kind]) > 20 else ''))
+  if not report['loaded']:
+    raise ValueError(f'init_from={path}: no parameter matched the model')
+  return state.replace(params=params, batch_stats=stats), report

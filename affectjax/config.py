@@ -1,0 +1,96 @@
+"""The base training config and the shared `demo` / `test` variants of `configs/*.py`.
+
+Each file in `configs/` builds on `base_config()`, sets the fields of its published system and
+finishes with `apply_variant(config, arg)`, so `--config=configs/mtl.py:demo` works for all.
+"""
+import ml_collections
+
+from affectjax import labels, losses, optim
+from affectjax.data import pipeline
+from affectjax.models import affect
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob of a run, with defaults; configs/*.py change a few of them."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'  # 'train' | 'eval'
+  c.tasks = 'expr,au,va'  # comma-separated subset of expr, au, va
+  c.num_expr_classes = 7  # 7 (ABAW1/2) or 8 (ABAW3+, with Other)
+  c.edition = 'abaw2'  # metric definitions for the validation score: 'abaw2' | 'abaw3'
+  c.seed = 0
+  c.global_batch_size = 256
+  c.eval_batch_size = 256
+  c.num_epochs = 10.0
+  c.dtype = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
+  c.num_devices = 0  # 0 = all devices; n restricts a single-process run to n devices
+  c.init_from = ''  # converted weights (python -m affectjax.convert) or another run
+  # Input normalisation: 'auto' follows the init_from weights, else 'unit' (scratch).
+  c.preprocessing = 'auto'  # 'auto' | 'unit' | 'imagenet' | 'vggface2'
+
+  c.data = pipeline.default_data_config()
+  c.data.synthetic = ml_collections.ConfigDict({
+      'num_videos': 40, 'frames_per_video': 150, 'seed': 0})
+  c.model = affect.default_model_config()
+  c.model.sync_bn = False  # synchronise BatchNorm statistics across devices
+  c.loss = losses.default_loss_config()
+  c.optim = optim.default_optim_config()
+  c.device_augment = ml_collections.ConfigDict({
+      'flip': False, 'rotate_deg': 0.0, 'scale': 0.0, 'translate': 0.0})
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0  # also evaluates at the end
+  c.eval_split = 'validation'
+  c.checkpoint_every_steps = 1000  # and at the end of every epoch
+  c.keep_checkpoints = 2
+  c.keep_best_checkpoints = 1
+  c.halt_after_steps = 0  # stop early as if interrupted (tests, debugging); 0 = never
+  c.progress_bar = True
+  c.eval_checkpoint = 'best'  # mode=eval: 'best' | 'latest' | a step number
+  c.write_predictions = True  # mode=eval: per-frame prediction CSV next to the metrics
+
+  c.distributed = ml_collections.ConfigDict({
+      'initialize': 'auto',  # 'auto' (cluster detected) | 'yes' | 'no'
+      'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
+  return c
+
+
+def task_tuple(tasks: str) -> tuple:
+  """'expr,au' -> ('expr', 'au'), validated against labels.TASKS."""
+  parsed = tuple(t.strip() for t in tasks.split(',') if t.strip())
+  unknown = [t for t in parsed if t not in labels.TASKS]
+  if not parsed or unknown:
+    raise ValueError(f'config.tasks={tasks!r}: expected a comma-separated subset of '
+                     f'{",".join(labels.TASKS)}')
+  return parsed
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None
+                  ) -> ml_collections.ConfigDict:
+  """The `demo` (minutes on a 2-core CPU) and `test` (seconds) variants of any config."""
+  if not arg:
+    return config
+  c = config
+  if arg not in ('demo', 'test'):
+    raise ValueError(f'unknown config variant {arg!r}: expected demo or test')
+  c.data.root = ''  # the built-in synthetic Aff-Wild2
+  c.init_from = ''
+  c.preprocessing = 'unit'
+  c.data.image_size = 64 if arg == 'demo' else 32
+  c.model.arch = 'resnet18'
+  c.model.width = 16 if arg == 'demo' else 4
+  c.model.head_hidden = 128 if arg == 'demo' else 16
+  c.optim.warmup_epochs = 0.5 if arg == 'demo' else 0.0
+  if arg == 'demo':
+    c.global_batch_size = c.eval_batch_size = 64
+    c.num_epochs = 8.0
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 200
+  else:
+    c.data.synthetic.num_videos = 6
+    c.data.synthetic.frames_per_video = 24
+    c.global_batch_size = c.eval_batch_size = 16
+    c.num_epochs = 2.0
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 4
+    c.progress_bar = False
+  return c

@@ -1,0 +1,73 @@
+"""Optax optimisers and learning-rate schedules built from the config."""
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from flax import traverse_util
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  """Defaults of the incomplete-labels paper: Adam, cosine annealing from 1e-3."""
+  return ml_collections.ConfigDict({
+      'optimizer': 'adam',  # 'adam' | 'adamw' | 'sgd'
+      'learning_rate': 1e-3,  # peak rate for a global batch of `global_batch_size`
+      'schedule': 'cosine',  # 'cosine' | 'constant'
+      'warmup_epochs': 0.0,
+      'end_lr_factor': 0.0,  # the cosine ends at learning_rate * end_lr_factor
+      'b1': 0.9,
+      'b2': 0.999,
+      'eps': 1e-8,
+      'momentum': 0.9,  # sgd only
+      'nesterov': False,  # sgd only
+      'weight_decay': 0.0,  # decoupled for adamw, L2 added to the gradient for adam and sgd
+      'grad_clip_norm': 0.0,  # 0 disables global-norm clipping
+  })
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                           num_epochs: float) -> optax.Schedule:
+  """Linear warmup then cosine decay (or constant), both measured in optimiser steps."""
+  total_steps = max(int(round(num_epochs * steps_per_epoch)), 1)
+  warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  peak = config.learning_rate
+  if config.schedule == 'constant':
+    main = optax.constant_schedule(peak)
+  elif config.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(
+        peak, decay_steps=max(total_steps - warmup_steps, 1), alpha=config.end_lr_factor)
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {config.schedule!r}")
+  if warmup_steps == 0:
+    return main
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, main], boundaries=[warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for kernels that take weight decay; BatchNorm scales/biases and all biases do not."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
+
+
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                     ) -> optax.GradientTransformation:
+  """The configured optimiser with optional clipping and masked weight decay."""
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  name = config.optimizer
+  if name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+  if config.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+  if name == 'adam':
+    parts.append(optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps))
+  elif name == 'sgd':
+    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
+                           nesterov=config.nesterov))
+  else:
+    raise ValueError(f"optim.optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
+  return optax.chain(*parts)

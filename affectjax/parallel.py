@@ -1,0 +1,81 @@
+"""Data parallelism: a 1-D device mesh, pmap-style steps via jit(shard_map), global batches.
+
+Per-device step code uses named-axis collectives (`lax.psum` over `DATA_AXIS`), as under
+`pmap`; `data_parallel` wraps it as `jax.jit(jax.shard_map(...))`. State is replicated
+(`P()`), batches are split along their leading axis (`P(DATA_AXIS)`). Arrays are global
+`jax.Array`s, so Orbax and multi-host runs need no host-local conversions (see BUILD.md).
+"""
+import collections
+import itertools
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from affectjax.train import DATA_AXIS
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh over all devices (or the first `num_devices` of a single process)."""
+  devices = jax.devices()
+  if num_devices:
+    if jax.process_count() > 1:
+      raise ValueError('num_devices can only restrict a single-process run')
+    if num_devices > len(devices):
+      raise ValueError(f'num_devices={num_devices} but only {len(devices)} devices exist')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def data_parallel(step: Callable, mesh: Mesh, *, batch_out: bool = False,
+                  donate_state: bool = False) -> Callable:
+  """jit(shard_map(step)) for `step(state, batch) -> out`: state replicated, batch split.
+
+  `batch_out=True` keeps outputs split along the batch (inference); otherwise outputs are
+  replicated (device-invariant values: the new state and psum'd metrics).
+  """
+  out_specs = P(DATA_AXIS) if batch_out else P()
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=out_specs)
+  return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """This process's share of the global batch -> global arrays split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2,
+                     state_fn: Callable[[], Any] | None = None) -> Iterator[tuple[dict, Any]]:
+  """Keeps `size` batches in flight to the devices (transfers are asynchronous).
+
+  Yields `(global_batch, input_state)` where `input_state = state_fn()` was taken right after
+  that batch was read, so a checkpoint saved after consuming the batch resumes exactly after
+  it even though later batches were already read ahead.
+  """
+  queue = collections.deque()
+  batches = iter(batches)
+
+  def pull(n):
+    for batch in itertools.islice(batches, n):
+      queue.append((global_batch(batch, mesh), state_fn() if state_fn else None))
+
+  pull(size)
+  while queue:
+    yield queue.popleft()
+    pull(1)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host or device pytree replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

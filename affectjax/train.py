@@ -1,0 +1,123 @@
+"""Train state and the pure per-device train and evaluation steps.
+
+The steps are written as per-device code with collectives over the mesh axis `DATA_AXIS`
+(`lax.psum`, and BatchNorm's `axis_name` when `model.sync_bn`), the way `pmap` code is written,
+and wrapped by `parallel.data_parallel` as `jax.jit(jax.shard_map(...))` over a 1-D mesh.
+"""
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from affectjax import losses
+from affectjax.models import preprocess
+
+DATA_AXIS = 'data'
+
+# Phases of the alternating scheme (see affectjax.data.pipeline): in the EXPR-only phase the
+# AU head is frozen and vice versa, as in the incomplete-labels paper's code.
+PHASE_JOINT, PHASE_EXPR, PHASE_AU, PHASE_BOTH = 0, 1, 2, 3
+FROZEN_HEADS_BY_PHASE = {PHASE_EXPR: ('au',), PHASE_AU: ('expr',)}
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics and the PRNG key for dropout/augmentation."""
+  batch_stats: Any = None
+  rng: jax.Array = None
+
+
+def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: tuple) -> TrainState:
+  """Initialises parameters on a dummy batch of `image_shape` (H, W, 3)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init({'params': init_rng, 'dropout': init_rng},
+                         jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx,
+                           rng=state_rng)
+
+
+def _head_path_selector(tasks: tuple) -> Callable:
+  """Predicate on a key path: True for leaves of the heads of `tasks` (params or optimiser state)."""
+  def selected(path) -> bool:
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    return any(keys[i] == 'head' and keys[i + 1] in tasks for i in range(len(keys) - 1))
+  return selected
+
+
+def keep_frozen_heads(new: Any, old: Any, frozen: jax.Array, tasks: tuple) -> Any:
+  """Where `frozen`, keeps the old leaves of the heads of `tasks` in `new` (params or opt_state)."""
+  selected = _head_path_selector(tasks)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, n, o: jnp.where(frozen, o, n) if selected(p) else n, new, old)
+
+
+def prepare_images(images_uint8: jax.Array, config: ml_collections.ConfigDict,
+                   rng: jax.Array | None) -> jax.Array:
+  """Device-side input: normalise to the weights' preprocessing, augment."""
+  images = preprocess.normalize(images_uint8, config.preprocessing, jnp.float32)
+  aug = config.device_augment
+  if rng is not None and (aug.flip or aug.rotate_deg or aug.scale or aug.translate):
+    images = preprocess.augment(images, rng, flip=aug.flip, max_rotate_deg=aug.rotate_deg,
+                                max_scale=aug.scale, max_translate=aug.translate)
+  return images
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+               config: ml_collections.ConfigDict,
+               lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
+  """One optimisation step on this device's share of the global batch.
+
+  Losses are global-batch means (sums and counts psum'd over DATA_AXIS inside
+  `multitask_loss`), so the gradient of the global loss is the psum of the per-device
+  gradients. A non-finite loss leaves the state unchanged and is reported in the metrics.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
+  aug_rng, dropout_rng = jax.random.split(device_rng)
+  images = prepare_images(batch['image'], config, aug_rng)
+
+  def loss_fn(params):
+    outputs, new_vars = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+    total, aux = losses.multitask_loss(outputs, batch, config.loss, axis_name=DATA_AXIS)
+    return total, (aux, new_vars['batch_stats'])
+
+  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.psum(grads, DATA_AXIS)
+  if not config.model.sync_bn:
+    # Per-device statistics (like DDP without SyncBatchNorm); averaged so the state stays
+    # replicated. Averaging running variances is the usual approximation.
+    batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, rng=rng)
+
+  phase = batch['phase'][0]
+  for frozen_phase, tasks in FROZEN_HEADS_BY_PHASE.items():
+    # The phase is the same on every row and every device (batches never mix phases).
+    frozen = jax.lax.pmax(phase, DATA_AXIS) == frozen_phase
+    new_state = new_state.replace(
+        params=keep_frozen_heads(new_state.params, state.params, frozen, tasks),
+        opt_state=keep_frozen_heads(new_state.opt_state, state.opt_state, frozen, tasks))
+
+  finite = jnp.isfinite(total)
+  new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+  # The rng must advance even when the update is skipped.
+  new_state = new_state.replace(rng=rng)
+  metrics = dict(aux, loss=total, grad_norm=optax.global_norm(grads),
+                 finite=finite.astype(jnp.float32),
+                 learning_rate=lr_schedule(state.step))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+              config: ml_collections.ConfigDict) -> dict:
+  """Per-device inference on this device's share; returns the model outputs (float32)."""
+  images = prepare_images(batch['image'], config, None)
+  outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                           train=False)
+  return {k: v.astype(jnp.float32) for k, v in outputs.items()}

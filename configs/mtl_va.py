@@ -1,0 +1,29 @@
+"""EXPR + VA as in the multi-task temporal statistical model (ABAW 2020), per-frame part.
+
+Loss 1.0 CE(EXPR) + 0.4 (1 - CCC arousal) + 0.4 (1 - CCC valence) + 0.2 MSE of the VA 5-vector
+(arousal, valence, their mean, each one's difference from the mean); Adam, lr 1e-4; class-balanced
+sampling. Usage: --config=configs/mtl_va.py[:demo|:test].
+"""
+from affectjax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.tasks = 'expr,va'
+  c.num_expr_classes = 7
+  c.edition = 'abaw2'
+  c.data.layout = 'per_task'
+  c.data.sampling = 'balanced'
+  c.model.arch = 'resnet50'
+  c.model.va5 = True
+  c.loss.expr = 'ce'
+  c.loss.va = 'ccc'
+  c.loss.weights.expr = 1.0
+  c.loss.weights.va = 0.4
+  c.loss.weights.va5 = 0.2
+  c.optim.optimizer = 'adam'
+  c.optim.learning_rate = 1e-4
+  c = config_lib.apply_variant(c, arg)
+  if arg:
+    c.optim.learning_rate = 1e-3
+  return c
