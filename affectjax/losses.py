@@ -129,8 +129,9 @@ def ccc_from_moments(moments, eps=CCC_EPS):
   n, sx, sy, sxx, syy, sxy = moments
   n_safe = jnp.maximum(n, 1.0)
   mx, my = sx / n_safe, sy / n_safe
-  var_x = sxx / n_safe - mx * mx
-  var_y = syy / n_safe - my * my
+  # E[x²] - E[x]² can round below 0 for (near-)constant inputs; a variance is never negative.
+  var_x = jnp.maximum(sxx / n_safe - mx * mx, 0.0)
+  var_y = jnp.maximum(syy / n_safe - my * my, 0.0)
   cov = sxy / n_safe - mx * my
   return 2.0 * cov / (var_x + var_y + jnp.square(mx - my) + eps)
 
@@ -230,8 +231,9 @@ def multitask_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any],
   ccc_valence, ccc_arousal, mse_valence, mse_arousal when 'va' is present; loss_total.
   """
   stats = _local_stats(outputs, batch, loss_config)
-  if axis_name is not None:
-    stats = jax.lax.psum(stats, axis_name)
+  if axis_name is not None:  # One all-reduce of a small vector carries every task's statistics.
+    leaves, treedef = jax.tree.flatten(stats)
+    stats = jax.tree.unflatten(treedef, list(jax.lax.psum(jnp.stack(leaves), axis_name)))
   weights = loss_config.weights
   aux, total = {}, jnp.zeros((), jnp.float32)
   if 'expr' in stats:

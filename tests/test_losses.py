@@ -49,6 +49,13 @@ def _random_batch(rng, b, num_classes=C, p_missing=0.3):
   return {'expr': expr, 'au': au, 'va': va, 'valid': valid}
 
 
+def _expr_case(seed, n=50):
+  """Random EXPR logits, a batch, and its EXPR mask (labelled and valid rows)."""
+  rng = np.random.default_rng(seed)
+  logits, batch = _logits(rng, n, C), _random_batch(rng, n)
+  return rng, logits, batch, (batch['expr'] >= 0) & batch['valid']
+
+
 def test_masked_sum_ignores_masked_inf_and_weights():
   values = np.array([1.0, np.inf, 3.0, np.nan], np.float32)
   total, count = losses.masked_sum(values, np.array([True, False, True, False]))
@@ -59,10 +66,8 @@ def test_masked_sum_ignores_masked_inf_and_weights():
 
 @pytest.mark.parametrize('use_weights,smoothing', [(False, 0.0), (True, 0.0), (False, 0.2)])
 def test_cross_entropy_matches_torch(use_weights, smoothing):
-  rng = np.random.default_rng(0)
-  logits, batch = _logits(rng, 40, C), _random_batch(rng, 40)
+  rng, logits, batch, mask = _expr_case(0)
   weights = rng.uniform(0.2, 3.0, C).astype(np.float32) if use_weights else None
-  mask = (batch['expr'] >= 0) & batch['valid']
   ours = _mean(losses.softmax_cross_entropy(logits, batch['expr'], mask, weights, smoothing))
   ref = torch.nn.CrossEntropyLoss(
       weight=None if weights is None else torch.tensor(weights), label_smoothing=smoothing)(
@@ -71,10 +76,8 @@ def test_cross_entropy_matches_torch(use_weights, smoothing):
 
 
 def test_cross_entropy_weighted_smoothed_is_weighted_mean_of_smoothed_ce():
-  rng = np.random.default_rng(1)
-  logits, batch = _logits(rng, 30, C), _random_batch(rng, 30)
+  rng, logits, batch, mask = _expr_case(1)
   weights, eps = rng.uniform(0.2, 3.0, C), 0.1
-  mask = (batch['expr'] >= 0) & batch['valid']
   y = batch['expr'][mask]
   target = (1 - eps) * np.eye(C)[y] + eps / C
   ce = -(target * _np_log_softmax(logits[mask])).sum(-1)
@@ -84,19 +87,15 @@ def test_cross_entropy_weighted_smoothed_is_weighted_mean_of_smoothed_ce():
 
 
 def test_focal_gamma_zero_is_exactly_cross_entropy():
-  rng = np.random.default_rng(2)
-  logits, batch = _logits(rng, 50, C), _random_batch(rng, 50)
-  mask = (batch['expr'] >= 0) & batch['valid']
+  _, logits, batch, mask = _expr_case(2)
   focal = losses.focal_loss(logits, batch['expr'], mask, gamma=0.0)
   ce = losses.softmax_cross_entropy(logits, batch['expr'], mask)
   np.testing.assert_array_equal(np.array(focal), np.array(ce))
 
 
 def test_focal_with_alpha_matches_numpy():
-  rng = np.random.default_rng(3)
-  logits, batch = _logits(rng, 50, C), _random_batch(rng, 50)
+  rng, logits, batch, mask = _expr_case(3)
   alpha, gamma = rng.uniform(0.1, 1.0, C), 2.0
-  mask = (batch['expr'] >= 0) & batch['valid']
   y = batch['expr'][mask]
   logp = _np_log_softmax(logits[mask])[np.arange(len(y)), y]
   ref = np.mean(-alpha[y] * (1 - np.exp(logp)) ** gamma * logp)
@@ -127,8 +126,8 @@ def test_ccc_from_moments_matches_numpy_and_handles_constants():
   np.testing.assert_allclose(got, _np_ccc(x[mask], y[mask]), rtol=1e-4)
   # Constant prediction: CCC is 0 (cov 0) and its gradient is finite.
   const = np.full(64, 0.3, np.float32)
-  value, grad = jax.value_and_grad(
-      lambda p: losses.ccc_from_moments(losses.ccc_moments(p, y, mask)))(const)
+  value, grad = jax.jit(jax.value_and_grad(
+      lambda p: losses.ccc_from_moments(losses.ccc_moments(p, y, mask))))(const)
   assert abs(float(value)) < 1e-6 and np.all(np.isfinite(grad))
 
 
@@ -228,7 +227,7 @@ def test_batch_without_labels_contributes_zero_with_zero_gradient(name):
   def loss(p):
     return losses.multitask_loss(_linear_outputs(p, batch['x']), batch, cfg)[0]
 
-  value, grads = jax.value_and_grad(loss)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert float(value) == 0.0
   for g in jax.tree.leaves(grads):
     np.testing.assert_array_equal(np.asarray(g), 0.0)
@@ -250,7 +249,8 @@ def test_shard_map_gradients_match_single_device(name):
   def global_loss(p, b):
     return losses.multitask_loss(_linear_outputs(p, b['x']), b, cfg)
 
-  (ref_loss, ref_aux), ref_grad = jax.value_and_grad(global_loss, has_aux=True)(params, batch)
+  (ref_loss, ref_aux), ref_grad = jax.jit(jax.value_and_grad(global_loss, has_aux=True))(
+      params, batch)
 
   def per_device(p, b):
     (loss, aux), grad = jax.value_and_grad(
