@@ -1,0 +1,164 @@
+"""One ResNet (v1 and v1.5, basic and bottleneck blocks) whose layout matches torchvision's.
+
+Submodule names follow torchvision's parameter names (`conv1`, `bn1`, `layer2_0/conv1`,
+`layer2_0/downsample_conv`, ...) so converted PyTorch weights map by renaming alone, and
+padding is explicit so converted weights reproduce PyTorch outputs exactly.
+"""
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# torchvision's init (kaiming normal, fan_out, relu gain), for training from scratch.
+CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+STRIDE_ON = ('3x3', '1x1')
+STEM_POOL = ('torch', 'ceil')
+
+
+def conv_padding(kernel: int) -> tuple:
+  """PyTorch's symmetric padding for an odd kernel: ((k//2, k//2), (k//2, k//2))."""
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+def max_pool_3x3_s2(x: jax.Array, mode: str) -> jax.Array:
+  """Stem max-pool 3x3 stride 2 on NHWC.
+
+  mode 'torch': padding 1 (torchvision), output floor((H-1)/2)+1.
+  mode 'ceil': no padding, ceil mode (the Caffe VGGFace2 port), output ceil((H-3)/2)+1; the
+  windows that run past the bottom/right edge see only real pixels (padding is -inf).
+  """
+  if mode == 'torch':
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  if mode == 'ceil':
+    pads = []
+    for size in x.shape[1:3]:
+      out = -(-(size - 3) // 2) + 1
+      pads.append((0, (out - 1) * 2 + 3 - size))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=tuple(pads))
+  raise ValueError(f'stem_pool must be one of {STEM_POOL}, got {mode!r}')
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet18/34); the stride sits on the first (stride_on is moot)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  stride_on: str = '3x3'
+  zero_init_last_bn: bool = False
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    s = (self.strides, self.strides)
+    y = self.conv(self.filters, (3, 3), s, padding=conv_padding(3), name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), padding=conv_padding(3), name='conv2')(y)
+    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    y = self.norm(name='bn2', scale_init=last_init)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), s, name='downsample_conv')(residual)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 -> 1x1 (x4 filters); stride on the 3x3 (v1.5) or on the first 1x1 (v1)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  stride_on: str = '3x3'
+  zero_init_last_bn: bool = False
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    if self.stride_on not in STRIDE_ON:
+      raise ValueError(f'stride_on must be one of {STRIDE_ON}, got {self.stride_on!r}')
+    residual = x
+    s = (self.strides, self.strides)
+    s1, s3 = ((1, 1), s) if self.stride_on == '3x3' else (s, (1, 1))
+    y = self.conv(self.filters, (1, 1), s1, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), s3, padding=conv_padding(3), name='conv2')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
+    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    y = self.norm(name='bn3', scale_init=last_init)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), s, name='downsample_conv')(residual)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet backbone: NHWC float images -> globally average-pooled features float32 [B, C].
+
+  C = 8 * width * block_cls.expansion (2048 for ResNet50, 512 for ResNet18 at width 64).
+  bn_momentum is in flax terms (0.9 == torch momentum 0.1); bn_axis_name synchronises batch
+  statistics across that named axis (under shard_map) in training mode.
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  width: int = 64
+  stride_on: str = '3x3'
+  stem_pool: str = 'torch'
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  zero_init_last_bn: bool = False
+  act: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, padding='VALID', dtype=self.dtype,
+                             param_dtype=jnp.float32, kernel_init=CONV_INIT)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=jnp.float32,
+                             axis_name=self.bn_axis_name)
+    x = jnp.asarray(x, self.dtype)
+    x = conv(self.width, (7, 7), (2, 2), padding=conv_padding(7), name='conv1')(x)
+    x = self.act(norm(name='bn1')(x))
+    x = max_pool_3x3_s2(x, self.stem_pool)
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        x = self.block_cls(self.width * 2**i, conv=conv, norm=norm,
+                           strides=2 if i > 0 and j == 0 else 1, stride_on=self.stride_on,
+                           zero_init_last_bn=self.zero_init_last_bn,
+                           name=f'layer{i + 1}_{j}')(x)
+    # Pool in float32: a bf16 sum over 49+ positions loses precision the heads would see.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+STAGE_SIZES = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), BottleneckBlock),
+    101: ((3, 4, 23, 3), BottleneckBlock),
+    152: ((3, 8, 36, 3), BottleneckBlock),
+}
+
+
+def resnet(depth: int, **kwargs) -> ResNet:
+  """ResNet of the given depth (18, 34, 50, 101, 152); kwargs go to `ResNet`."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, got {depth}')
+  stage_sizes, block_cls = STAGE_SIZES[depth]
+  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, **kwargs)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[18][0], block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[34][0], block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[50][0], block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[101][0],
+                              block_cls=BottleneckBlock)
+ResNet152 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[152][0],
+                              block_cls=BottleneckBlock)
