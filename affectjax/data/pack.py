@@ -1,0 +1,118 @@
+"""Packs Aff-Wild2 frames into ArrayRecord shards for fast random access.
+
+  python -m affectjax.data.pack --root /data/affwild2 --out /data/affwild2_packed --split both
+
+Per split: `<split>.array_record-SSSSS-of-NNNNN` shards holding index row i as record i (label
+header + the JPEG bytes as they are, see `sources.serialize_record`), `<split>_index.npz` (the
+index they were packed from, loadable without the raw tree: `sources.packed_index`), and
+`<split>_manifest.json` (format version, counts, index summary and fingerprint), written last,
+which `sources.ArrayRecordSource` validates.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import time
+
+import tqdm
+
+from affectjax import labels
+from affectjax.data import index as index_lib
+from affectjax.data import sources
+
+_READ_CHUNK = 4096  # paths read concurrently at a time (bounds memory)
+
+
+def default_num_shards(num_records: int) -> int:
+  """About 100k frames (~0.5 GB of 112x112 crops) per shard."""
+  return max(1, math.ceil(num_records / 100_000))
+
+
+def _shard_bounds(num_records: int, num_shards: int) -> list:
+  edges = [num_records * s // num_shards for s in range(num_shards + 1)]
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def pack_split(index, out_dir: str, *, num_shards: int = 0, threads: int = 8,
+               progress: bool = True) -> dict:
+  """Writes `index`'s frames as shards + index + manifest under out_dir; returns the manifest."""
+  from array_record.python import array_record_module  # deferred: only packing writes
+  os.makedirs(out_dir, exist_ok=True)
+  split, n = index.split, len(index)
+  num_shards = num_shards or default_num_shards(n)
+  names = [sources.shard_name(split, s, num_shards) for s in range(num_shards)]
+  start, total_bytes, unreadable, unreadable_paths = time.perf_counter(), 0, 0, []
+  manifest_file = sources.manifest_path(out_dir, split)
+  if os.path.exists(manifest_file):
+    os.remove(manifest_file)  # the pack is incomplete until the manifest is rewritten
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool, tqdm.tqdm(
+      total=n, unit='frame', desc=f'packing {split}', disable=not progress) as bar:
+    for name, (lo, hi) in zip(names, _shard_bounds(n, num_shards)):
+      writer = array_record_module.ArrayRecordWriter(
+          os.path.join(out_dir, name), sources.ARRAY_RECORD_WRITER_OPTIONS)
+      for chunk in range(lo, hi, _READ_CHUNK):
+        rows = range(chunk, min(chunk + _READ_CHUNK, hi))
+        paths = index.image_paths(list(rows))
+        for row, path, jpeg in zip(rows, paths, pool.map(sources.read_bytes, paths)):
+          if not jpeg:
+            unreadable += 1
+            unreadable_paths.append(path)
+          total_bytes += len(jpeg)
+          writer.write(sources.serialize_record(sources.make_record(
+              jpeg, index.expr[row], index.au[row], index.va[row], row)))
+        bar.update(len(rows))
+      writer.close()
+  index.save(os.path.join(out_dir, f'{split}_index.npz'))
+  seconds = time.perf_counter() - start
+  manifest = {
+      'format': sources.PACK_FORMAT, 'version': sources.PACK_FORMAT_VERSION, 'split': split,
+      'num_records': n, 'shards': names, 'jpeg_bytes': total_bytes,
+      'unreadable_frames': unreadable, 'unreadable_examples': unreadable_paths[:10],
+      'index_fingerprint': sources.index_fingerprint(index), 'index_summary': index.summary,
+      'root': index.root, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
+      'seconds': round(seconds, 2),
+  }
+  with open(manifest_file, 'w') as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
+def format_summary(manifest: dict, out_dir: str) -> str:
+  m, seconds = manifest, max(manifest['seconds'], 1e-9)
+  line = (f"{m['split']}: {m['num_records']} frames in {len(m['shards'])} shards, "
+          f"{m['jpeg_bytes'] / 1e6:.1f} MB of JPEG, {seconds:.1f} s "
+          f"({m['num_records'] / seconds:.0f} frames/s) -> {out_dir}")
+  if m['unreadable_frames']:
+    line += (f"\n  WARNING: {m['unreadable_frames']} unreadable images packed as empty records "
+             f"(skipped at training time), e.g. {m['unreadable_examples'][:3]}")
+  return line
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--root', required=True, help='Aff-Wild2 root (cropped_aligned/, annotations)')
+  parser.add_argument('--out', required=True, help='output folder for shards and manifests')
+  parser.add_argument('--split', default='both', choices=('train', 'validation', 'both'))
+  parser.add_argument('--layout', default='auto', choices=('auto', 'per_task', 'mtl'))
+  parser.add_argument('--tasks', default=','.join(labels.TASKS),
+                      help='comma-separated tasks whose labelled frames are packed')
+  parser.add_argument('--num-expr-classes', type=int, default=7, choices=(7, 8))
+  parser.add_argument('--shards', type=int, default=0, help='shards per split (0 = ~100k frames each)')
+  parser.add_argument('--threads', type=int, default=8, help='concurrent file reads')
+  parser.add_argument('--cache-dir', default=None, help='where build_index caches the index')
+  args = parser.parse_args(argv)
+  tasks = tuple(t.strip() for t in args.tasks.split(',') if t.strip())
+  splits = ('train', 'validation') if args.split == 'both' else (args.split,)
+  for split in splits:
+    index = index_lib.build_index(args.root, split, layout=args.layout, tasks=tasks,
+                                  num_expr_classes=args.num_expr_classes,
+                                  cache_dir=args.cache_dir)
+    print(index.describe())
+    manifest = pack_split(index, args.out, num_shards=args.shards, threads=args.threads)
+    print(format_summary(manifest, args.out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,351 @@
+"""The grain input pipeline: training and evaluation iterators of uint8 batches.
+
+Design. A grain `MapDataset` over batch numbers k (`range(steps_per_epoch).repeat(epochs)`),
+mapped by `BatchMaker`, which builds this process's share of global batch k whole: it looks up
+the epoch plan (`sampling.py`), reads the records, decodes and augments each into a preallocated
+uint8 array. Everything is a pure function of (seed, k, process_index), so:
+- resume is exact: the iterator state is grain's next batch number (plus ours, the step);
+- `worker_count` processes (grain `mp_prefetch`, worker w builds batches w, w + W, ...) give the
+  same batches as in-process reading;
+- augmentation draws come from `default_rng([seed, k, process_index, stream])`: row i of
+  batch k gets draw i, deterministic per (seed, epoch, position).
+
+Bad frames (unreadable or undecodable JPEG). Training substitutes the next frame of the same
+phase segment in the epoch plan (same augmentation draw), so batch shapes, phases and
+determinism are unaffected. Evaluation turns the row into a `valid=False` row (zero image,
+sentinel labels, index -1) and the iterator's `num_skipped` counts them, derived from the
+batches, so it is exact with worker processes too. Each process (and each worker process)
+counts the frames it reads, logs each bad path once (the first ten), and raises `DataError`
+when bad frames exceed `max_bad_frame_fraction` of its frames read so far, once it has read
+`minimum_sample(max_bad_frame_fraction)` frames; with workers these counters are per worker.
+
+Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
+`worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
+"""
+import threading
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+from absl import logging
+
+from affectjax import labels
+from affectjax.data import decode
+from affectjax.data import sampling
+from affectjax.data import sources as sources_lib
+from affectjax.data.sources import DataError  # re-exported: part of the pipeline API
+
+__all__ = ['DataError', 'AffectIterator', 'default_data_config', 'make_source',
+           'make_train_iterator', 'make_eval_iterator', 'steps_per_epoch']
+
+make_source = sources_lib.make_source
+_AUGMENT_STREAM = 0xA5A5
+_MAX_SUBSTITUTES = 64
+_MAX_WARNINGS = 10
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data knob, with defaults; the trainer's configs start from it."""
+  return ml_collections.ConfigDict({
+      'root': '',  # Aff-Wild2 root: cropped_aligned/ and the annotations
+      'layout': 'auto',  # 'auto' | 'per_task' | 'mtl' (see affectjax.data.layout)
+      'tasks': 'expr,au,va',  # labels delivered; other tasks' labels become sentinels
+      'num_expr_classes': 7,
+      'image_size': 112,  # output H = W; other sizes are resized on the host
+      'source': 'jpeg',  # 'jpeg' (folder tree) | 'arrayrecord' (packed) | 'tfds'
+      'packed_dir': '',  # arrayrecord: affectjax.data.pack --out; tfds: the TFDS data_dir
+      'cache_dir': '',  # where build_index caches the frame index ('' = next to the data)
+      'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
+      'worker_count': 0,  # 0 = read in this process; n > 0 = n grain worker processes
+      'read_threads': 1,  # threads per process building batches ahead (0 = on demand)
+      'prefetch_buffer_size': 2,  # batches buffered per process (and per worker)
+      'max_bad_frame_fraction': 0.001,  # fail above this fraction of undecodable frames
+      'augment': decode.default_augment_config(),
+  })
+
+
+def minimum_sample(max_fraction: float) -> int:
+  """Frames read before the bad-frame fraction is enforced: enough that one unlucky bad frame
+  early on cannot exceed the tolerance by chance."""
+  if max_fraction <= 0:
+    return 0
+  return int(min(100_000, max(100, np.ceil(10.0 / max_fraction))))
+
+
+class BadFrameCounter:
+  """Frames read and bad frames seen by this process; raises DataError above the tolerance."""
+
+  def __init__(self, max_fraction: float):
+    self.max_fraction = float(max_fraction)
+    self.read = self.bad = 0
+    self.last_path = None
+    self._warned = set()
+    self._lock = threading.Lock()
+
+  def add(self, num_read: int, bad_paths: list) -> None:
+    with self._lock:
+      self.read += num_read
+      self.bad += len(bad_paths)
+      for path in bad_paths:
+        self.last_path = path
+        if path not in self._warned and len(self._warned) < _MAX_WARNINGS:
+          self._warned.add(path)
+          more = ' (further bad frames are not logged one by one)' if len(
+              self._warned) == _MAX_WARNINGS else ''
+          logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
+      too_many = self.bad > self.max_fraction * self.read
+      if bad_paths and too_many and self.read >= minimum_sample(self.max_fraction):
+        raise DataError(
+            f'{self.bad} of {self.read} frames read so far could not be read or decoded '
+            f'({self.bad / self.read:.2%} > max_bad_frame_fraction={self.max_fraction}); '
+            f'latest: {self.last_path}')
+
+  def __getstate__(self):  # worker processes start their own counts
+    return {'max_fraction': self.max_fraction}
+
+  def __setstate__(self, state):
+    self.__init__(state['max_fraction'])
+
+
+def _empty_batch(batch_size: int, image_size: int) -> dict:
+  """A batch of padding rows: zero images, sentinel labels, valid False, index -1."""
+  return {
+      'image': np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+      'expr': np.full(batch_size, labels.EXPR_MISSING, np.int32),
+      'au': np.full((batch_size, labels.NUM_AUS), labels.AU_MISSING, np.int32),
+      'va': np.full((batch_size, 2), labels.VA_MISSING, np.float32),
+      'valid': np.zeros(batch_size, bool),
+      'phase': np.zeros(batch_size, np.int32),
+      'index': np.full(batch_size, -1, np.int32),
+  }
+
+
+class BatchMaker:
+  """Builds this process's share of global batch k (a grain `map_with_index` function).
+
+  Training: `plan_fn(epoch) -> (rows, phases)`; evaluation: `eval_rows` (padded with -1).
+  """
+
+  def __init__(self, source, index, data_config, *, global_batch_size, process_index,
+               process_count, seed=0, groups=None, eval_rows=None):
+    self.source, self.index = source, index
+    self.tasks = sampling.parse_tasks(data_config.tasks)
+    self.image_size = int(data_config.image_size)
+    self.global_batch = int(global_batch_size)
+    self.batch = self.global_batch // process_count
+    self.offset = process_index * self.batch
+    self.process_index, self.seed = process_index, int(seed)
+    self.groups, self.eval_rows = groups, eval_rows
+    self.training = eval_rows is None
+    augment = data_config.augment
+    self.augment = augment if self.training and _augments(augment) else None
+    self.steps_per_epoch = (sampling.steps_per_epoch(groups, self.global_batch) if self.training
+                            else eval_rows.size // self.global_batch)
+    self.counter = BadFrameCounter(data_config.max_bad_frame_fraction)
+    self._plan = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_plan'] = None  # recomputed in each worker
+    return state
+
+  def plan(self, epoch: int):
+    """(rows, phases, segment bounds) of a training epoch; the latest one is cached."""
+    cached = self._plan
+    if cached is None or cached[0] != epoch:
+      rows, phases = sampling.epoch_plan(self.groups, self.seed, epoch, self.global_batch)
+      cached = (epoch, rows, phases, sampling.segment_bounds(phases))
+      self._plan = cached
+    return cached[1:]
+
+  def __call__(self, k: int, _=None) -> dict:
+    epoch, step = divmod(int(k), self.steps_per_epoch)
+    start = step * self.global_batch + self.offset
+    positions = np.arange(start, start + self.batch)
+    if self.training:
+      rows, phases, bounds = self.plan(epoch)
+      batch = self._fill(rows, positions, bounds, k)
+      batch['phase'] = phases[positions]
+    else:
+      batch = self._fill(self.eval_rows, positions, None, k)
+    self._mask_tasks(batch)
+    return batch
+
+  def _fill(self, plan_rows, positions, bounds, k) -> dict:
+    batch = _empty_batch(self.batch, self.image_size)
+    rows = plan_rows[positions]
+    params = None
+    if self.augment is not None:
+      rng = np.random.default_rng([self.seed, int(k), self.process_index, _AUGMENT_STREAM])
+      params = decode.sample_augment(rng, self.batch, self.augment)
+    writer = decode.RowWriter(self.image_size, self.augment)
+    wanted = np.flatnonzero(rows >= 0)
+    records = self.source.__getitems__(rows[wanted].tolist())
+    bad_paths, num_read = [], len(records)
+    for i, record in zip(wanted.tolist(), records):
+      ok = writer.write(batch['image'][i], record['jpeg'], params, i)
+      if not ok:
+        bad_paths.append(self.index.image_path(int(record['index'])))
+        if bounds is not None:  # training: substitute; evaluation: leave the row invalid
+          record, attempts = self._substitute(plan_rows, positions[i], bounds, writer,
+                                              batch['image'][i], params, i, bad_paths)
+          num_read, ok = num_read + attempts, True
+      if ok:
+        _set_labels(batch, i, record)
+    self.counter.add(num_read, bad_paths)
+    return batch
+
+  def _substitute(self, plan_rows, position, bounds, writer, out, params, i, bad_paths):
+    """(record, frames read): the next decodable frame after `position` in its phase segment
+    of the plan (wrapping), written to `out` with sample i's augmentation."""
+    segment = np.searchsorted(bounds, position, side='right') - 1
+    lo, hi = int(bounds[segment]), int(bounds[segment + 1])
+    for attempt in range(1, min(_MAX_SUBSTITUTES, hi - lo)):
+      record = self.source[int(plan_rows[lo + (int(position) - lo + attempt) % (hi - lo)])]
+      if writer.write(out, record['jpeg'], params, i):
+        return record, attempt
+      bad_paths.append(self.index.image_path(int(record['index'])))
+    raise DataError(f'no decodable frame among the substitutes for a bad frame; bad frames '
+                    f'here: {bad_paths}')
+
+  def _mask_tasks(self, batch: dict) -> None:
+    """Labels of tasks not requested become sentinels (the index may carry them)."""
+    sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
+    for task, sentinel in sentinels.items():
+      if task not in self.tasks:
+        batch[task][...] = sentinel
+
+
+def _set_labels(batch: dict, i: int, record: dict) -> None:
+  batch['expr'][i] = record['expr']
+  batch['au'][i] = record['au']
+  batch['va'][i] = record['va']
+  batch['index'][i] = record['index']
+  batch['valid'][i] = True
+
+
+def _augments(augment) -> bool:
+  return bool(augment.flip or decode.needs_warp(augment) or augment.color_jitter)
+
+
+class AffectIterator(grain.DatasetIterator):
+  """Wraps grain's iterator: counts steps (`epoch` of the latest batch), and for evaluation the
+  frames skipped as undecodable. `get_state()` / `set_state()` are JSON-compatible dicts, so
+  grain's Orbax handler (`grain.checkpoint.CheckpointSave/CheckpointRestore`) saves it."""
+
+  def __init__(self, inner, maker: BatchMaker, num_steps: int | None, frame_counts: dict,
+               expected_valid: np.ndarray | None = None):
+    super().__init__(inner)
+    self.steps_per_epoch = maker.steps_per_epoch
+    self.num_steps = num_steps  # None = endless
+    self.frame_counts = frame_counts
+    self.maker = maker
+    self.step = 0  # batches delivered, including before a restore
+    self.num_skipped = 0  # evaluation: frames dropped as undecodable
+    self._expected_valid = expected_valid  # evaluation: real (non-padding) rows per batch
+
+  @property
+  def epoch(self) -> int:
+    """Epoch of the latest batch returned (0-based)."""
+    return max(self.step - 1, 0) // self.steps_per_epoch
+
+  @property
+  def bad_frames(self) -> dict:
+    """This process's reading counts (worker processes keep their own, see module doc)."""
+    c = self.maker.counter
+    return {'read': c.read, 'bad': c.bad, 'last_path': c.last_path}
+
+  def __next__(self) -> dict:
+    batch = next(self._parent)
+    if self._expected_valid is not None:
+      self.num_skipped += int(self._expected_valid[self.step]) - int(batch['valid'].sum())
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'grain': self._parent.get_state(), 'step': self.step,
+            'num_skipped': self.num_skipped}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state['grain'])
+    self.step = int(state['step'])
+    self.num_skipped = int(state.get('num_skipped', 0))
+
+
+def _build(maker: BatchMaker, data_config, num_epochs: int | None):
+  """grain: range(steps) -> repeat -> BatchMaker -> threads -> optional worker processes."""
+  ds = grain.MapDataset.range(maker.steps_per_epoch).repeat(num_epochs)
+  ds = ds.map_with_index(maker)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(data_config.read_threads),
+      prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
+  if data_config.worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when starting workers; outside an absl app use defaults.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_config.worker_count),
+        per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))))
+  return iter(ds)
+
+
+def _check_batch(global_batch_size: int, process_index: int, process_count: int) -> None:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+
+
+def steps_per_epoch(index, data_config, global_batch_size: int) -> int:
+  """Training steps (global batches) per epoch for this index and sampling scheme."""
+  groups = sampling.make_groups(index, sampling.parse_tasks(data_config.tasks),
+                                data_config.sampling)
+  return sampling.steps_per_epoch(groups, global_batch_size)
+
+
+def _log_counts(what: str, counts: dict) -> None:
+  logging.info('%s frames: %s', what, counts)
+  print(f'{what} frames: ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
+
+
+def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1,
+                        num_epochs: int | None = None, source=None) -> AffectIterator:
+  """Endless (or `num_epochs`) training batches of this process: dicts of NumPy arrays
+  `image uint8 [B,H,W,3], expr int32 [B], au int32 [B,12], va float32 [B,2], valid bool [B],
+  phase int32 [B], index int32 [B]` with B = global_batch_size // process_count."""
+  _check_batch(global_batch_size, process_index, process_count)
+  tasks = sampling.parse_tasks(data_config.tasks)
+  groups = sampling.make_groups(index, tasks, data_config.sampling)
+  if sampling.steps_per_epoch(groups, global_batch_size) == 0:
+    raise ValueError(f'no complete batch of {global_batch_size} frames per epoch: frames per '
+                     f'phase {groups.counts()}')
+  maker = BatchMaker(source or make_source(index, data_config), index, data_config,
+                     global_batch_size=global_batch_size, process_index=process_index,
+                     process_count=process_count, seed=seed, groups=groups)
+  counts = sampling.frame_counts(index, tasks, groups)
+  counts['steps_per_epoch'] = maker.steps_per_epoch
+  _log_counts(f'train ({data_config.sampling})', counts)
+  num_steps = None if num_epochs is None else num_epochs * maker.steps_per_epoch
+  return AffectIterator(_build(maker, data_config, num_epochs), maker, num_steps, counts)
+
+
+def make_eval_iterator(index, data_config, *, global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1, source=None) -> AffectIterator:
+  """One pass over every labelled frame exactly once, in index order, padded with
+  `valid=False` rows to whole batches; `iterator.num_skipped` counts undecodable frames."""
+  _check_batch(global_batch_size, process_index, process_count)
+  tasks = sampling.parse_tasks(data_config.tasks)
+  rows = sampling.eval_plan(index, tasks, global_batch_size)
+  maker = BatchMaker(source or make_source(index, data_config), index, data_config,
+                     global_batch_size=global_batch_size, process_index=process_index,
+                     process_count=process_count, eval_rows=rows)
+  shares = rows.reshape(-1, process_count, maker.batch)[:, process_index]
+  expected_valid = (shares >= 0).sum(axis=1)
+  counts = sampling.frame_counts(index, tasks)
+  counts['steps'] = maker.steps_per_epoch
+  _log_counts('eval', counts)
+  return AffectIterator(_build(maker, data_config, 1), maker, maker.steps_per_epoch, counts,
+                        expected_valid)

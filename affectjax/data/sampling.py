@@ -1,0 +1,123 @@
+"""Which index rows an epoch visits, in which order and phase: the `joint`, `alternating` and
+`balanced` sampling schemes, and the padded evaluation order.
+
+An epoch plan is a flat sequence of global positions, `rows int64 [steps * G]` and
+`phases int32 [steps * G]` (G = global batch size): global batch b is positions [b*G, (b+1)*G)
+and process p of P takes its contiguous share [b*G + p*G/P, b*G + (p+1)*G/P). Each phase's
+segment is a whole number of global batches, so a batch never mixes phases.
+"""
+import dataclasses
+
+import numpy as np
+
+from affectjax import labels
+
+SAMPLING_SCHEMES = ('joint', 'alternating', 'balanced')
+PHASE_JOINT, PHASE_EXPR_ONLY, PHASE_AU_ONLY, PHASE_BOTH = 0, 1, 2, 3
+PHASE_NAMES = {PHASE_JOINT: 'joint', PHASE_EXPR_ONLY: 'expr_only', PHASE_AU_ONLY: 'au_only',
+               PHASE_BOTH: 'both'}
+_PLAN_STREAM = 0x5A4D  # separates plan randomness from augmentation randomness
+
+
+def parse_tasks(tasks) -> tuple:
+  """'expr,au' or ('expr', 'au') -> ('expr', 'au') in canonical order; validated."""
+  if isinstance(tasks, str):
+    tasks = [t.strip() for t in tasks.split(',') if t.strip()]
+  unknown = set(tasks) - set(labels.TASKS)
+  if not tasks or unknown:
+    raise ValueError(f'tasks must be a non-empty subset of {labels.TASKS}, got {tasks!r}')
+  return tuple(t for t in labels.TASKS if t in tasks)
+
+
+def label_presence(index, tasks: tuple) -> dict:
+  """task -> bool [N]: the row carries that task's label (only the requested tasks)."""
+  present = {'expr': index.has_expr, 'au': index.has_au, 'va': index.has_va}
+  return {t: np.asarray(present[t]()) for t in tasks}
+
+
+def labelled_rows(index, tasks: tuple) -> np.ndarray:
+  """int64 rows with a label for at least one of `tasks`, ascending."""
+  presence = label_presence(index, tasks)
+  return np.flatnonzero(np.logical_or.reduce(list(presence.values())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """The rows of each phase, and (balanced only) the sampling weight of every row."""
+  sampling: str
+  phases: tuple  # ((phase, rows int64 [n]), ...) in epoch order
+  weights: np.ndarray | None = None  # float64 [n] summing to 1, for the single balanced group
+
+  def counts(self) -> dict:
+    return {PHASE_NAMES[p]: int(r.size) for p, r in self.phases}
+
+
+def make_groups(index, tasks: tuple, sampling: str) -> Groups:
+  """Splits the labelled rows into the phases of `sampling`."""
+  if sampling not in SAMPLING_SCHEMES:
+    raise ValueError(f'sampling must be one of {SAMPLING_SCHEMES}, got {sampling!r}')
+  presence = label_presence(index, tasks)
+  if sampling == 'joint':
+    return Groups(sampling, ((PHASE_JOINT, labelled_rows(index, tasks)),))
+  if sampling == 'alternating':
+    if not {'expr', 'au'} <= set(tasks):
+      raise ValueError(f"sampling='alternating' needs tasks expr and au, got {tasks}")
+    e, a = presence['expr'], presence['au']
+    return Groups(sampling, ((PHASE_EXPR_ONLY, np.flatnonzero(e & ~a)),
+                             (PHASE_AU_ONLY, np.flatnonzero(a & ~e)),
+                             (PHASE_BOTH, np.flatnonzero(e & a))))
+  if 'expr' not in tasks:
+    raise ValueError(f"sampling='balanced' needs the expr task, got {tasks}")
+  rows = np.flatnonzero(presence['expr'])
+  classes = index.expr[rows].astype(np.int64)
+  frequency = np.bincount(classes)[classes].astype(np.float64)
+  weights = 1.0 / frequency
+  return Groups(sampling, ((PHASE_JOINT, rows),), weights / weights.sum())
+
+
+def steps_per_epoch(groups: Groups, global_batch_size: int) -> int:
+  """Global batches per epoch: each phase drops its remainder."""
+  return sum(r.size // global_batch_size for _, r in groups.phases)
+
+
+def epoch_plan(groups: Groups, seed: int, epoch: int, global_batch_size: int):
+  """(rows int64 [S*G], phases int32 [S*G]) of one training epoch, a function of (seed, epoch).
+
+  joint / alternating: each phase's rows in a fresh permutation, remainder dropped.
+  balanced: rows drawn with replacement with probability inversely proportional to their
+  EXPR class frequency, as many draws as EXPR rows.
+  """
+  rng = np.random.default_rng([int(seed), int(epoch), _PLAN_STREAM])
+  rows, phases = [], []
+  for phase, group in groups.phases:
+    if groups.weights is not None:
+      picked = rng.choice(group, size=group.size, replace=True, p=groups.weights)
+    else:
+      picked = rng.permutation(group)
+    picked = picked[:picked.size - picked.size % global_batch_size]
+    rows.append(picked)
+    phases.append(np.full(picked.size, phase, np.int32))
+  return np.concatenate(rows), np.concatenate(phases)
+
+
+def segment_bounds(phases: np.ndarray) -> np.ndarray:
+  """int64 [K+1]: start positions of the K phase segments of a plan, then its length."""
+  starts = np.flatnonzero(np.diff(phases)) + 1
+  return np.concatenate([[0], starts, [phases.size]]).astype(np.int64)
+
+
+def eval_plan(index, tasks: tuple, global_batch_size: int) -> np.ndarray:
+  """int64 [S*G]: every labelled row once, in index order, padded with -1 to whole batches."""
+  rows = labelled_rows(index, tasks)
+  padded = -(-rows.size // global_batch_size) * global_batch_size
+  return np.concatenate([rows, np.full(padded - rows.size, -1, np.int64)])
+
+
+def frame_counts(index, tasks: tuple, groups: Groups | None = None) -> dict:
+  """Frames per task label and per phase (of `groups`), for logging."""
+  presence = label_presence(index, tasks)
+  counts = {'frames': int(labelled_rows(index, tasks).size)}
+  counts.update({t: int(p.sum()) for t, p in presence.items()})
+  if groups is not None:
+    counts['phases'] = groups.counts()
+  return counts

@@ -1,0 +1,221 @@
+"""Random-access sources of Aff-Wild2 records (grain's `RandomAccessDataSource` protocol).
+
+Every source is indexed by the row of an `AffWild2Index` and returns the record
+`{'jpeg': bytes, 'expr': int32, 'au': int32 [12], 'va': float32 [2], 'index': int32}`:
+- `JpegTreeSource`: reads `cropped_aligned/<video>/<frame>.jpg`; labels come from the index.
+- `ArrayRecordSource`: shards written by `affectjax.data.pack` (record i = index row i); its
+  manifest names the index it was packed from, checked against the index it is used with.
+- `TfdsSource`: the `affwild2` TFDS dataset (`affectjax.data.tfds_builder`), read with
+  `tfds.data_source` (no TensorFlow needed to read).
+An unreadable image file gives `jpeg=b''`; the pipeline counts such records as bad frames.
+"""
+import hashlib
+import json
+import os
+import struct
+
+import numpy as np
+
+
+PACK_FORMAT = 'affectjax.arrayrecord'
+PACK_FORMAT_VERSION = 1
+# Packed record: index int32, expr int8, au int8 [12], va float32 [2], little-endian, then JPEG.
+_HEADER = struct.Struct('<ib12b2f')
+# Random access needs one record per chunk; JPEG bytes do not compress further.
+ARRAY_RECORD_WRITER_OPTIONS = 'group_size:1,uncompressed'
+
+
+class DataError(RuntimeError):
+  """Unusable input data: too many bad frames, or packed data that does not match the index."""
+
+
+def manifest_path(packed_dir: str, split: str) -> str:
+  return os.path.join(packed_dir, f'{split}_manifest.json')
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+  return f'{split}.array_record-{shard:05d}-of-{num_shards:05d}'
+
+
+def index_fingerprint(index) -> str:
+  """sha1 over the index's videos, frames and labels: identifies the rows a pack was made from."""
+  h = hashlib.sha1('\n'.join(index.video_names).encode())
+  for column in (index.video_id, index.frame, index.expr, index.au, index.va):
+    h.update(np.ascontiguousarray(column).tobytes())
+  return h.hexdigest()
+
+
+def make_record(jpeg: bytes, expr, au, va, row: int) -> dict:
+  """The record dict every source returns."""
+  return {'jpeg': jpeg, 'expr': np.int32(expr), 'au': np.asarray(au, np.int32),
+          'va': np.asarray(va, np.float32), 'index': np.int32(row)}
+
+
+def serialize_record(record: dict) -> bytes:
+  """Fixed 25-byte label header followed by the JPEG bytes as they are."""
+  return _HEADER.pack(int(record['index']), int(record['expr']),
+                      *np.asarray(record['au']).tolist(),
+                      *np.asarray(record['va'], np.float32).tolist()) + record['jpeg']
+
+
+def parse_record(data: bytes) -> dict:
+  """Inverse of `serialize_record`."""
+  fields = _HEADER.unpack_from(data)
+  return make_record(bytes(data[_HEADER.size:]), fields[1], fields[2:14], fields[14:16],
+                     fields[0])
+
+
+def read_bytes(path: str) -> bytes:
+  """The file's bytes, or b'' if it cannot be read (counted as a bad frame downstream)."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError:
+    return b''
+
+
+class JpegTreeSource:
+  """Records read from the Aff-Wild2 folder tree of `index.root`."""
+
+  def __init__(self, index):
+    self.index = index
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, row) -> dict:
+    row = int(row)
+    ix = self.index
+    return make_record(read_bytes(ix.image_path(row)), ix.expr[row], ix.au[row], ix.va[row], row)
+
+  def __getitems__(self, rows) -> list:
+    return [self[r] for r in rows]
+
+  def __repr__(self) -> str:
+    return f'JpegTreeSource(root={self.index.root!r}, split={self.index.split!r})'
+
+
+def read_manifest(packed_dir: str, split: str) -> dict:
+  path = manifest_path(packed_dir, split)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise DataError(f'{path} not found: pack the dataset first with\n  python -m '
+                    f'affectjax.data.pack --root <Aff-Wild2 root> --out {packed_dir}') from None
+  if manifest.get('format') != PACK_FORMAT or manifest.get('version') != PACK_FORMAT_VERSION:
+    raise DataError(f'{path}: format {manifest.get("format")!r} version '
+                    f'{manifest.get("version")!r}; this version of affectjax reads '
+                    f'{PACK_FORMAT!r} version {PACK_FORMAT_VERSION}. Re-pack the dataset.')
+  return manifest
+
+
+def check_manifest(manifest: dict, index, where: str) -> None:
+  """Raises DataError unless the pack was made from exactly this index's rows."""
+  if manifest['num_records'] != len(index) or manifest['index_fingerprint'] != (
+      index_fingerprint(index)):
+    packed = manifest.get('index_summary', {})
+    now = index.summary
+    raise DataError(
+        f'{where} was packed from a different index ({manifest["num_records"]} records, '
+        f'layout={packed.get("layout")}, tasks={packed.get("tasks")}, '
+        f'num_expr_classes={packed.get("num_expr_classes")}) than the one given '
+        f'({len(index)} rows, layout={now.get("layout")}, tasks={now.get("tasks")}, '
+        f'num_expr_classes={now.get("num_expr_classes")}). Build the index with the settings '
+        'used for packing, or re-pack.')
+
+
+def packed_index(packed_dir: str, split: str, root: str | None = None):
+  """The AffWild2Index a split was packed from (no raw Aff-Wild2 tree needed)."""
+  from affectjax.data import index as index_lib  # deferred: the index module is larger
+  manifest = read_manifest(packed_dir, split)
+  index = index_lib.AffWild2Index.load(os.path.join(packed_dir, f'{split}_index.npz'), root)
+  check_manifest(manifest, index, os.path.join(packed_dir, f'{split}_index.npz'))
+  return index
+
+
+class ArrayRecordSource:
+  """Records from packed ArrayRecord shards; validated against `index` when one is given."""
+
+  def __init__(self, packed_dir: str, split: str, index=None):
+    import grain  # deferred: keeps `import affectjax.data.sources` light
+    self.manifest = read_manifest(packed_dir, split)
+    if index is not None:
+      check_manifest(self.manifest, index, os.path.join(packed_dir, f'{split}_*'))
+    paths = [os.path.join(packed_dir, name) for name in self.manifest['shards']]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      raise DataError(f'packed shards missing: {missing[:3]} ({len(missing)} of {len(paths)})')
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+    if len(self._records) != self.manifest['num_records']:
+      raise DataError(f'{packed_dir}: shards hold {len(self._records)} records, manifest says '
+                      f'{self.manifest["num_records"]}; re-pack the dataset.')
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, row) -> dict:
+    return parse_record(self._records[int(row)])
+
+  def __getitems__(self, rows) -> list:
+    return [parse_record(r) for r in self._records.__getitems__([int(r) for r in rows])]
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({self._records!r}, {self.manifest["num_records"]} records)'
+
+
+def record_from_tfds_example(example: dict) -> dict:
+  """Maps an `affwild2` TFDS example (image left encoded) to the record dict."""
+  return make_record(bytes(example['image']), example['expr'], example['au'], example['va'],
+                     example['index'])
+
+
+class TfdsSource:
+  """Records of the `affwild2` TFDS dataset; its examples are in index order (no shuffling)."""
+
+  def __init__(self, data_dir: str, split: str, config_name: str, index=None,
+               data_source=None):
+    if data_source is None:
+      import tensorflow_datasets as tfds  # deferred: optional `tfds` extra
+      from affectjax.data import tfds_builder  # registers the `affwild2` builder
+      data_source = tfds.data_source(
+          f'{tfds_builder.Affwild2.name}/{config_name}', split=split, data_dir=data_dir,
+          decoders={'image': tfds.decode.SkipDecoding()}, download=False)
+    self._examples = data_source
+    if index is not None:
+      if len(data_source) != len(index):
+        raise DataError(f'TFDS affwild2/{config_name} {split} has {len(data_source)} examples, '
+                        f'the index {len(index)} rows: prepare it from the same settings.')
+      for row in {0, len(index) - 1} if len(index) else ():
+        record = self[row]
+        if (int(record['index']) != row or int(record['expr']) != int(index.expr[row])
+            or not np.array_equal(record['au'], index.au[row])):
+          raise DataError(f'TFDS affwild2/{config_name} {split} example {row} does not match '
+                          'the index row: prepare it from the same settings.')
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, row) -> dict:
+    return record_from_tfds_example(self._examples[int(row)])
+
+  def __getitems__(self, rows) -> list:
+    return [self[r] for r in rows]
+
+
+def make_source(index, data_config):
+  """The source named by `data_config.source` ('jpeg' | 'arrayrecord' | 'tfds') for `index`."""
+  kind = data_config.source
+  if kind == 'jpeg':
+    return JpegTreeSource(index)
+  if kind == 'arrayrecord':
+    if not data_config.packed_dir:
+      raise ValueError("data.source='arrayrecord' needs data.packed_dir")
+    return ArrayRecordSource(data_config.packed_dir, index.split, index)
+  if kind == 'tfds':
+    if not data_config.packed_dir:
+      raise ValueError("data.source='tfds' needs data.packed_dir (the TFDS data_dir)")
+    from affectjax.data import tfds_builder
+    name = tfds_builder.config_name(index.summary['layout'], index.summary['num_expr_classes'])
+    return TfdsSource(data_config.packed_dir, index.split, name, index)
+  raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
