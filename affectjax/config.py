@@ -94,3 +94,34 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     c.checkpoint_every_steps = 4
     c.progress_bar = False
   return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:variant]` the way `--config` does (for error reporting and tools)."""
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('affectjax_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override_message(argv: list) -> str | None:
+  """For `--config.a.b=v` naming no field of the config: which part is unknown, and the valid ones."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  config = load_config_file(spec)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node, walked = config, []
+    for part in arg[len('--config.'):].split('=', 1)[0].split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = 'config' + ''.join(f'.{w}' for w in walked)
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f'{arg.split("=", 1)[0]}: {where} has no field {part!r}. Valid fields of '
+                f'{where}: {", ".join(valid)}')
+      node = node[part]
+      walked.append(part)
+  return None

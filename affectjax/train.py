@@ -59,7 +59,7 @@ def keep_frozen_heads(new: Any, old: Any, frozen: jax.Array, tasks: tuple) -> An
 def prepare_images(images_uint8: jax.Array, config: ml_collections.ConfigDict,
                    rng: jax.Array | None) -> jax.Array:
   """Device-side input: normalise to the weights' preprocessing, augment."""
-  images = preprocess.normalize(images_uint8, config.preprocessing, jnp.float32)
+  images = preprocess.normalize(images_uint8, config.input_preprocessing, jnp.float32)
   aug = config.device_augment
   if rng is not None and (aug.flip or aug.rotate_deg or aug.scale or aug.translate):
     images = preprocess.augment(images, rng, flip=aug.flip, max_rotate_deg=aug.rotate_deg,
@@ -72,9 +72,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
   """One optimisation step on this device's share of the global batch.
 
-  Losses are global-batch means (sums and counts psum'd over DATA_AXIS inside
-  `multitask_loss`), so the gradient of the global loss is the psum of the per-device
-  gradients. A non-finite loss leaves the state unchanged and is reported in the metrics.
+  Losses are global-batch means (sums, counts and CCC moments psum'd over DATA_AXIS inside
+  `multitask_loss`). Under shard_map's replication checking the gradient of that
+  device-invariant loss with respect to the replicated parameters is already the global
+  gradient (the transpose of the replicated-to-varying cast is a psum), so the `pmean` below
+  is a no-op kept for clarity; a `psum` would scale the update by the device count.
+  A non-finite loss leaves the state unchanged and is reported in the metrics.
   """
   rng, step_rng = jax.random.split(state.rng)
   device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
@@ -89,7 +92,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     return total, (aux, new_vars['batch_stats'])
 
   (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.psum(grads, DATA_AXIS)
+  grads = jax.lax.pmean(grads, DATA_AXIS)
   if not config.model.sync_bn:
     # Per-device statistics (like DDP without SyncBatchNorm); averaged so the state stays
     # replicated. Averaging running variances is the usual approximation.
@@ -108,7 +111,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
   # The rng must advance even when the update is skipped.
   new_state = new_state.replace(rng=rng)
-  metrics = dict(aux, loss=total, grad_norm=optax.global_norm(grads),
+  metrics = dict(aux, loss=total, grad_norm=optax.tree.norm(grads),
                  finite=finite.astype(jnp.float32),
                  learning_rate=lr_schedule(state.step))
   return new_state, metrics

@@ -1,0 +1,96 @@
+"""Run records: `metrics.jsonl`, TensorBoard event files (tensorboardX, no TensorFlow), a progress bar.
+
+Only process 0 writes; other processes get a writer that does nothing.
+"""
+import json
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+from absl import logging
+
+
+def _scalar_items(metrics: Mapping) -> dict:
+  """The scalar entries of `metrics` as Python floats (lists such as confusion matrices skipped)."""
+  out = {}
+  for k, v in metrics.items():
+    if np.ndim(v) == 0:
+      out[k] = float(v)
+  return out
+
+
+class RunWriter:
+  """Writes `WORKDIR/metrics.jsonl` (every record, lists included) and TensorBoard scalars."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # deferred: heavy import
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: Mapping):
+    """Appends one record `{'step', 'split', 'time', **metrics}` and the scalars to TensorBoard."""
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'split': split, 'time': time.time()}
+    record.update({k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                   for k, v in metrics.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for k, v in _scalar_items(metrics).items():
+      self._tb.add_scalar(f'{split}/{k}', v, int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar over training steps showing loss, img/s and ETA; plain log lines when disabled."""
+
+  def __init__(self, total_steps: int, initial_step: int, batch_size: int, enabled: bool):
+    self.batch_size = batch_size
+    self._bar = None
+    self._last = (initial_step, time.perf_counter())
+    self.images_per_second = float('nan')
+    if enabled:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
+                       desc='train')
+
+  def update(self, step: int, summary: Mapping):
+    """Called at logging steps with the averaged metrics of the interval."""
+    last_step, last_time = self._last
+    now = time.perf_counter()
+    if step > last_step:
+      self.images_per_second = (step - last_step) * self.batch_size / (now - last_time)
+    self._last = (step, now)
+    text = {'loss': f"{summary.get('loss', float('nan')):.4f}",
+            'img/s': f'{self.images_per_second:.0f}'}
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(text, refresh=False)
+    else:
+      logging.info('step %d: %s', step, ', '.join(f'{k} {v}' for k, v in text.items()))
+
+  def write(self, line: str):
+    if self._bar is not None:
+      self._bar.write(line)
+    else:
+      print(line, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def format_metrics(metrics: Mapping, keys=None) -> str:
+  """'expr_f1 0.712  au_f1 0.603 ...' for the scalar metrics (all or `keys`)."""
+  scalars = _scalar_items(metrics)
+  keys = [k for k in (keys or scalars) if k in scalars]
+  return '  '.join(f'{k} {scalars[k]:.4f}' for k in keys)

@@ -1,0 +1,66 @@
+"""affectjax command line: `python -m affectjax.main --config=configs/mtl.py --workdir=DIR`.
+
+Modes (`--config.mode`): `train` (default; evaluates periodically, resumes from WORKDIR's
+checkpoints) and `eval` (restores a checkpoint of WORKDIR and evaluates `config.eval_split`).
+Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training config file (path[:variant]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Cluster launchers that jax.distributed.initialize() detects by itself.
+_CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
+
+
+def _maybe_initialize_distributed(config) -> None:
+  d = config.distributed
+  multi_task_slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  wanted = d.initialize == 'yes' or (d.initialize == 'auto' and (
+      d.coordinator_address or multi_task_slurm or
+      any(k in os.environ for k in _CLUSTER_ENV[1:])))
+  if not wanted:
+    return
+  import jax
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                  process_id=d.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = FLAGS.config
+  _maybe_initialize_distributed(config)
+  from affectjax import trainer  # after flags are parsed (grain workers read absl flags)
+  if config.mode == 'train':
+    trainer.train_and_evaluate(config, FLAGS.workdir)
+  elif config.mode == 'eval':
+    trainer.evaluate_checkpoint(config, FLAGS.workdir)
+  else:
+    raise app.UsageError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with an unknown --config.field reported with the valid fields."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    from affectjax import config as config_lib
+    message = config_lib.unknown_override_message(argv)
+    raise SystemExit(f'error: {message or e}') from None
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

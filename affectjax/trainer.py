@@ -1,0 +1,336 @@
+"""The training loop and checkpoint evaluation: `train_and_evaluate` and `evaluate_checkpoint`."""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import config as config_lib
+from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train
+from affectjax.data import index as index_lib
+from affectjax.data import pipeline, synthetic
+from affectjax.models import affect, preprocess
+
+HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
+                 'va_ccc', 'mtl_score')
+PREPROCESSING = {'unit': preprocess.UNIT, 'imagenet': preprocess.IMAGENET,
+                 'vggface2': preprocess.VGGFACE2}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run derives from its config before the first step."""
+  config: ml_collections.ConfigDict  # resolved: dtype and preprocessing filled in
+  tasks: tuple
+  mesh: Any
+  model: Any
+  state: train.TrainState
+  steps_per_epoch: int
+  total_steps: int
+  schedule: Any
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def resolve_dtype(name: str) -> str:
+  if name == 'auto':
+    return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+  return name
+
+
+def resolve_preprocessing(config: ml_collections.ConfigDict) -> dict:
+  """Input normalisation: from the init_from weights' metadata when 'auto', else the preset."""
+  name = config.preprocessing
+  if name == 'auto':
+    meta = read_weights_meta(config.init_from) if config.init_from else None
+    if meta is not None:
+      return dict(meta['preprocessing'])
+    name = 'unit'
+  if name not in PREPROCESSING:
+    raise ValueError(f'config.preprocessing={name!r}: expected auto or one of '
+                     f'{", ".join(PREPROCESSING)}')
+  return dict(PREPROCESSING[name])
+
+
+def read_weights_meta(path: str) -> dict | None:
+  from affectjax import convert  # deferred: conversion code is only needed with init_from
+  meta_path = os.path.join(path, convert.META_FILE)
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      return json.load(f)
+  return None
+
+
+def data_root(config: ml_collections.ConfigDict) -> str:
+  """The configured Aff-Wild2 root, or the synthetic Aff-Wild2 (generated once) when unset."""
+  if config.data.root:
+    return config.data.root
+  cache = config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'affectjax')
+  logging.info('config.data.root is unset: using the synthetic Aff-Wild2 in %s', cache)
+  print(f'config.data.root is unset: training on the built-in synthetic Aff-Wild2 ({cache})',
+        flush=True)
+  return synthetic.ensure_synthetic(os.path.join(cache, 'synthetic'),
+                                    **config.data.synthetic.to_dict())
+
+
+def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple):
+  index = index_lib.build_index(
+      data_root(config), split, layout=config.data.layout, tasks=tasks,
+      num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
+  if is_main_process():
+    print(index.describe(), flush=True)
+  return index
+
+
+def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
+  """Model, optimiser, mesh and the replicated initial state."""
+  config = config.copy_and_resolve_references()
+  tasks = config_lib.task_tuple(config.tasks)
+  config.model.dtype = resolve_dtype(config.dtype)
+  config.model.bn_axis_name = train.DATA_AXIS if config.model.sync_bn else None
+  with config.unlocked():
+    config.input_preprocessing = resolve_preprocessing(config)  # what the device applies
+  mesh = parallel.make_mesh(config.num_devices)
+  if config.global_batch_size % mesh.size or config.eval_batch_size % mesh.size:
+    raise ValueError(f'global_batch_size={config.global_batch_size} and eval_batch_size='
+                     f'{config.eval_batch_size} must be multiples of the {mesh.size} devices')
+  total_steps = max(int(round(config.num_epochs * steps_per_epoch)), 1)
+  schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
+  tx = optim.create_optimizer(config.optim, schedule)
+  model = affect.create_model(config.model, tasks, config.num_expr_classes)
+  size = config.data.image_size
+  state = train.create_train_state(model, tx, jax.random.PRNGKey(config.seed), (size, size, 3))
+  return Run(config, tasks, mesh, model, state, steps_per_epoch, total_steps, schedule)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean_metrics(pending: list) -> dict:
+  """Averages the fetched per-step metrics of a logging interval."""
+  host = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False):
+  """A full pass over `index` (every frame exactly once); returns (metrics, predictions)."""
+  config = run.config
+  accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes)
+  rows = [] if keep_predictions else None
+  iterator = pipeline.make_eval_iterator(
+      index, config.data, global_batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for local_batch in iterator:
+    outputs = eval_step(state, parallel.global_batch(local_batch, run.mesh))
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    batch = multihost_utils.process_allgather(
+        {k: v for k, v in local_batch.items() if k != 'image'}, tiled=True)
+    accumulator.update(outputs, batch)
+    if rows is not None:
+      rows.append((outputs, batch))
+  return accumulator.compute(), rows
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str):
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains with periodic evaluation and checkpoints; resumes from WORKDIR if it has any."""
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  tasks = config_lib.task_tuple(config.tasks)
+  train_index = load_index(config, 'train', tasks)
+  eval_index = load_index(config, config.eval_split, tasks)
+  train_iter = pipeline.make_train_iterator(
+      train_index, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  run = build_run(config, train_iter.steps_per_epoch)
+  config = run.config
+  writer = logs.RunWriter(workdir, enabled=is_main_process())
+  if is_main_process():
+    _save_config(config, workdir)
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                     keep_latest=config.keep_checkpoints,
+                                     keep_best=config.keep_best_checkpoints)
+  state = run.state
+  if checkpoints.latest_step() is not None:
+    state, input_state = checkpoints.restore(parallel.replicate(state, run.mesh))
+    train_iter.set_state(input_state)
+    print(f'Resumed from {checkpoints.directory} at step {int(state.step)}', flush=True)
+  else:
+    if config.init_from:
+      state, _ = ckpt_lib.init_from(state, config.init_from)
+    state = parallel.replicate(state, run.mesh)
+
+  step_fn = parallel.data_parallel(
+      functools.partial(train.train_step, config=config, lr_schedule=run.schedule), run.mesh,
+      donate_state=True)
+  eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=config), run.mesh,
+                                   batch_out=True)
+  step = int(state.step)
+  eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
+  progress = logs.Progress(run.total_steps, step, config.global_batch_size,
+                           enabled=config.progress_bar and is_main_process())
+  best = {'score': -np.inf, 'step': None, 'metrics': None}
+  pending, last_metrics, stop_reason = [], {}, 'finished'
+  throughput = []
+
+  def check_finite(consume: bool) -> dict | None:
+    """Fetches the pending step metrics (the only host sync: at logging and saving steps)."""
+    nonlocal pending
+    if not pending:
+      return None
+    summary = _mean_metrics(pending)
+    if summary['finite'] < 1.0:
+      raise FloatingPointError(
+          f'non-finite loss between steps {step - len(pending) + 1} and {step}: stopping. '
+          f'The updates of those steps were skipped; the last good checkpoint is step '
+          f'{checkpoints.latest_step()} in {checkpoints.directory}. Lower the learning '
+          'rate or enable optim.grad_clip_norm.')
+    if consume:
+      pending = []
+    return summary
+
+  with _Preemption() as preemption:
+    batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
+    for batch, input_state in batches:
+      if step >= run.total_steps:
+        break
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      for value in step_metrics.values():
+        value.copy_to_host_async()
+      pending.append(step_metrics)
+      epoch_end = step % run.steps_per_epoch == 0
+      last = step >= run.total_steps
+      if step % config.log_every_steps == 0 or last:
+        summary = check_finite(consume=True)
+        progress.update(step, summary)
+        summary.update(epoch=step / run.steps_per_epoch,
+                       images_per_second=progress.images_per_second)
+        throughput.append(progress.images_per_second)
+        writer.write(step, 'train', summary)
+      score = None
+      if step % eval_every == 0 or last:
+        eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
+        score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
+        eval_metrics['score'] = score
+        writer.write(step, config.eval_split, eval_metrics)
+        progress.write(f'[step {step}, epoch {step / run.steps_per_epoch:.2f}] '
+                       f'{config.eval_split}: score {score:.4f}  ' +
+                       logs.format_metrics(eval_metrics, HEADLINE_KEYS))
+        last_metrics = eval_metrics
+        if score > best['score']:
+          best = {'score': score, 'step': step, 'metrics': eval_metrics}
+      halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
+      if (step % config.checkpoint_every_steps == 0 or epoch_end or last or
+          preemption.requested or halt or score is not None):
+        check_finite(consume=False)
+        checkpoints.save(step, state, input_state, score=score)
+      if preemption.requested:
+        stop_reason = 'preempted (SIGTERM): checkpoint saved'
+        break
+      if halt:
+        stop_reason = f'halted after step {step} (config.halt_after_steps)'
+        break
+  checkpoints.wait()
+  checkpoints.close()
+  progress.close()
+  writer.close()
+  summary = {'stop_reason': stop_reason, 'steps': step, 'seconds': time.time() - t_start,
+             'best_score': best['score'], 'best_step': best['step'],
+             'final_metrics': last_metrics, 'workdir': workdir,
+             'images_per_second': float(np.median(throughput)) if throughput else None,
+             'state': state}
+  if is_main_process():
+    print(format_summary(summary, run), flush=True)
+  return summary
+
+
+def format_summary(summary: dict, run: Run) -> str:
+  lines = [f"Run {summary['stop_reason']} at step {summary['steps']}/{run.total_steps} in "
+           f"{summary['seconds']:.0f} s; workdir {summary['workdir']}"]
+  if summary['images_per_second']:
+    lines.append(f"  training throughput (median of logging intervals): "
+                 f"{summary['images_per_second']:.0f} images/s")
+  if summary['best_step'] is not None:
+    lines.append(f"  best validation score {summary['best_score']:.4f} at step "
+                 f"{summary['best_step']}")
+  if summary['final_metrics']:
+    lines.append('  final validation: ' + logs.format_metrics(summary['final_metrics'],
+                                                              HEADLINE_KEYS))
+  return '\n'.join(lines)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
+  workdir = os.path.abspath(workdir)
+  tasks = config_lib.task_tuple(config.tasks)
+  index = load_index(config, config.eval_split, tasks)
+  run = build_run(config, steps_per_epoch=1)
+  config = run.config
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  which = str(config.eval_checkpoint)
+  step = {'best': checkpoints.best_step() or checkpoints.latest_step(),
+          'latest': checkpoints.latest_step()}.get(which, None)
+  step = int(which) if which.isdigit() else step
+  state, _ = checkpoints.restore(parallel.replicate(run.state, run.mesh), step)
+  checkpoints.close()
+  eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=config), run.mesh,
+                                   batch_out=True)
+  eval_metrics, rows = evaluate(run, eval_fn, state, index,
+                                keep_predictions=config.write_predictions)
+  eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
+  step = int(state.step)
+  if is_main_process():
+    writer = logs.RunWriter(workdir)
+    writer.write(step, f'eval_{config.eval_split}', eval_metrics)
+    writer.close()
+    out = os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json')
+    with open(out, 'w') as f:
+      json.dump(eval_metrics, f, indent=2)
+    print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
+          f'score {eval_metrics["score"]:.4f}\n  ' +
+          logs.format_metrics(eval_metrics, HEADLINE_KEYS) + f'\n  wrote {out}',
+          flush=True)
+    if rows is not None:
+      path = predictions.write_predictions(
+          os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
+          index, run.tasks, config.num_expr_classes)
+      print(f'  wrote {path}', flush=True)
+  return eval_metrics

@@ -1,0 +1,171 @@
+"""The pure train step: data-parallel equivalence, frozen heads in the alternating scheme, optax."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from affectjax import config as config_lib
+from affectjax import optim, parallel, train
+from affectjax.models import affect, preprocess
+
+IMAGE = 16
+BATCH = 16
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.model.arch = 'resnet18'
+  c.model.width = 4
+  c.model.head_hidden = 8
+  c.model.sync_bn = True
+  c.input_preprocessing = dict(preprocess.UNIT)
+  c.optim.learning_rate = 1e-2
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def random_batch(seed: int, phase: int = train.PHASE_JOINT, n: int = BATCH):
+  rng = np.random.default_rng(seed)
+  expr = rng.integers(0, 7, n).astype(np.int32)
+  expr[rng.random(n) < 0.3] = -1
+  au = rng.integers(0, 2, (n, 12)).astype(np.int32)
+  au[rng.random(n) < 0.3] = -1
+  va = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+  va[rng.random(n) < 0.3] = -5.0
+  return {'image': rng.integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8), 'expr': expr,
+          'au': au, 'va': va, 'valid': np.ones(n, bool),
+          'phase': np.full(n, phase, np.int32), 'index': np.arange(n, dtype=np.int32)}
+
+
+def make_state_and_step(config, num_devices, tasks=('expr', 'au', 'va')):
+  config = config.copy_and_resolve_references()
+  config.model.bn_axis_name = train.DATA_AXIS if config.model.sync_bn else None
+  schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch=10, num_epochs=1)
+  model = affect.create_model(config.model, tasks, 7)
+  state = train.create_train_state(model, optim.create_optimizer(config.optim, schedule),
+                                   jax.random.PRNGKey(0), (IMAGE, IMAGE, 3))
+  mesh = parallel.make_mesh(num_devices)
+  step = parallel.data_parallel(
+      functools.partial(train.train_step, config=config, lr_schedule=schedule), mesh)
+  return parallel.replicate(state, mesh), step, mesh
+
+
+def run_steps(config, num_devices, batches, tasks=('expr', 'au', 'va')):
+  state, step, mesh = make_state_and_step(config, num_devices, tasks)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, parallel.global_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def assert_trees_close(a, b, rtol, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_eight_devices_give_the_single_device_update():
+  assert jax.device_count() == 8
+  config = tiny_config()
+  batches = [random_batch(s) for s in range(3)]
+  state1, metrics1 = run_steps(config, 1, batches)
+  state8, metrics8 = run_steps(config, 8, batches)
+  for m1, m8 in zip(metrics1, metrics8):
+    for k in ('loss', 'loss_expr', 'loss_au', 'loss_va', 'grad_norm', 'count_expr'):
+      np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  assert_trees_close(state8.params, state1.params, rtol=1e-4, atol=1e-6)
+  assert_trees_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-6)
+  # The update really moved the parameters (the comparison is not between two no-ops).
+  state0, _, _ = make_state_and_step(config, 1)
+  moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
+                                 state1.params, jax.device_get(state0.params))
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
+def test_single_device_step_matches_a_plain_jax_gradient():
+  """The shard_map step on 1 device equals optax applied to jax.grad of the loss."""
+  from affectjax import losses
+  config = tiny_config(**{'model.sync_bn': False, 'optim.optimizer': 'sgd',
+                          'optim.momentum': 0.0, 'optim.schedule': 'constant'})
+  batch = random_batch(7)
+  state, step, mesh = make_state_and_step(config, 1)
+  state = jax.device_get(state)
+  new_state, _ = step(parallel.replicate(state, mesh), parallel.global_batch(batch, mesh))
+  _, aug_rng = jax.random.split(state.rng)
+  del aug_rng  # no augmentation configured
+
+  def loss_fn(params):
+    images = preprocess.normalize(jnp.asarray(batch['image']), config.input_preprocessing)
+    outputs, _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, images,
+                                train=True, mutable=['batch_stats'])
+    return losses.multitask_loss(outputs, batch, config.loss)[0]
+
+  grads = jax.grad(loss_fn)(state.params)
+  expected = optax.apply_updates(state.params, jax.tree_util.tree_map(
+      lambda g: -config.optim.learning_rate * g, grads))
+  assert_trees_close(jax.device_get(new_state.params), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('phase,frozen,trained', [(train.PHASE_EXPR, 'au', 'expr'),
+                                                  (train.PHASE_AU, 'expr', 'au')])
+def test_alternating_phase_freezes_the_absent_head_and_its_optimizer_state(phase, frozen,
+                                                                           trained):
+  config = tiny_config(**{'optim.optimizer': 'adam'})
+  tasks = ('expr', 'au')
+  # A joint step first, so the frozen head has non-zero Adam moments that would move it.
+  batches = [random_batch(0, train.PHASE_BOTH), random_batch(1, phase)]
+  state, step, mesh = make_state_and_step(config, 2, tasks)
+  state, _ = step(state, parallel.global_batch(batches[0], mesh))
+  before = jax.device_get(state)
+  state, _ = step(state, parallel.global_batch(batches[1], mesh))
+  after = jax.device_get(state)
+  assert_trees_close(after.params['head'][frozen], before.params['head'][frozen], 0, 0)
+  mu_before = optax.tree_utils.tree_get(before.opt_state, 'mu')['head'][frozen]
+  mu_after = optax.tree_utils.tree_get(after.opt_state, 'mu')['head'][frozen]
+  assert_trees_close(mu_after, mu_before, 0, 0)
+  delta = np.abs(after.params['head'][trained]['kernel'] -
+                 before.params['head'][trained]['kernel']).max()
+  assert delta > 0
+  assert np.abs(after.params['head']['hidden']['kernel'] -
+                before.params['head']['hidden']['kernel']).max() > 0
+
+
+def test_non_finite_loss_leaves_the_state_unchanged():
+  config = tiny_config()
+  batch = random_batch(3)
+  batch['image'][:] = 0
+  state, step, mesh = make_state_and_step(config, 1)
+  before = jax.device_get(state)
+  config_bad = config.copy_and_resolve_references()
+  # (0 - mean) / 0 = -inf: the forward pass is not finite.
+  config_bad.input_preprocessing.std = (0.0, 0.0, 0.0)
+  _, step_bad, _ = make_state_and_step(config_bad, 1)
+  after, metrics = step_bad(state, parallel.global_batch(batch, mesh))
+  after = jax.device_get(after)
+  assert float(metrics['finite']) == 0.0
+  assert_trees_close(after.params, before.params, 0, 0)
+  assert int(after.step) == int(before.step)
+  assert not np.array_equal(after.rng, before.rng)
+
+
+def test_schedule_warmup_then_cosine_and_decay_mask():
+  c = config_lib.base_config().optim
+  c.learning_rate, c.warmup_epochs, c.end_lr_factor = 0.1, 1.0, 0.0
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=10, num_epochs=3)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(5)), 0.05, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(20)), 0.05, rtol=1e-5)  # cosine midpoint
+  np.testing.assert_allclose(float(schedule(30)), 0.0, atol=1e-7)
+  params = {'conv': {'kernel': 1.0}, 'bn': {'scale': 1.0, 'bias': 0.0}, 'dense': {'bias': 0.0}}
+  assert optim.decay_mask(params) == {'conv': {'kernel': True}, 'bn': {'scale': False,
+                                      'bias': False}, 'dense': {'bias': False}}
