@@ -1,0 +1,341 @@
+"""The Aff-Wild2 frame index: every usable frame with its EXPR, AU and VA labels, as NumPy columns.
+
+`build_index(root, split)` reads either annotation layout (see `EXPECTED_LAYOUT`), merges the tasks
+per frame, keeps frames that have at least one requested label and a face crop on disk, counts the
+others by reason in `summary`, and caches the result as a compressed `.npz` (no pickle).
+Rows are sorted by (video, frame). Missing labels: expr -1, au -1 (per AU), va -5 (per column).
+Pure NumPy: importing this module does not import jax.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from affectjax import labels
+from affectjax.data import annotations
+from affectjax.data import layout as layout_lib
+from affectjax.data.annotations import AnnotationError  # re-exported: part of the index API
+from affectjax.data.layout import DatasetLayoutError  # re-exported: part of the index API
+
+__all__ = ['AffWild2Index', 'AnnotationError', 'DatasetLayoutError', 'build_index',
+           'format_summary']
+
+_FORMAT_VERSION = 1
+_TWO_SUBJECT_SUFFIXES = ('_left', '_right')
+
+
+def source_video(video: str) -> str:
+  """The source video of a two-subject crop folder: 'v_left' -> 'v'; other names unchanged."""
+  for suffix in _TWO_SUBJECT_SUFFIXES:
+    if video.endswith(suffix):
+      return video[:-len(suffix)]
+  return video
+
+
+@dataclasses.dataclass(eq=False)
+class AffWild2Index:
+  """Columnar frame table. N rows sorted by (video_id, frame).
+
+  video_id int32[N] indexes `video_names`; frame int32[N] is 1-based; expr int8[N] (-1 missing);
+  au int8[N,12] (-1 missing, per AU); va float32[N,2] (valence, arousal; -5 missing, per column).
+  """
+  video_names: tuple
+  video_id: np.ndarray
+  frame: np.ndarray
+  expr: np.ndarray
+  au: np.ndarray
+  va: np.ndarray
+  root: str
+  split: str
+  summary: dict
+  source_videos: tuple = dataclasses.field(init=False)  # per video, '_left'/'_right' removed
+
+  def __post_init__(self):
+    self.video_names = tuple(self.video_names)
+    self.source_videos = tuple(source_video(v) for v in self.video_names)
+
+  def __len__(self) -> int:
+    return int(self.frame.shape[0])
+
+  @property
+  def image_dir(self) -> str:
+    return os.path.join(self.root, layout_lib.IMAGE_DIR)
+
+  def image_path(self, i: int) -> str:
+    """Path of row i's face crop: `<root>/cropped_aligned/<video>/<frame:05d>.jpg`."""
+    video = self.video_names[int(self.video_id[i])]
+    return os.path.join(self.image_dir, video, f'{int(self.frame[i]):05d}.jpg')
+
+  def image_paths(self, indices=None) -> list:
+    """Image paths of `indices` (all rows when None), in that order."""
+    rows = np.arange(len(self)) if indices is None else np.asarray(indices).reshape(-1)
+    prefixes = [os.path.join(self.image_dir, v, '') for v in self.video_names]
+    return [f'{prefixes[v]}{f:05d}.jpg'
+            for v, f in zip(self.video_id[rows].tolist(), self.frame[rows].tolist())]
+
+  def has_expr(self) -> np.ndarray:
+    """bool [N]: an expression label is present."""
+    return labels.expr_mask(self.expr)
+
+  def has_au(self) -> np.ndarray:
+    """bool [N]: at least one AU label is present."""
+    return labels.au_mask(self.au).any(axis=1)
+
+  def has_va(self) -> np.ndarray:
+    """bool [N]: valence or arousal (or both) is present."""
+    return labels.va_mask(self.va).any(axis=1)
+
+  def subset(self, selection) -> 'AffWild2Index':
+    """A new index of the rows picked by a bool [N] mask or an index array; ids unchanged."""
+    rows = np.asarray(selection)
+    if rows.dtype == bool and rows.shape != (len(self),):
+      raise ValueError(f'mask has shape {rows.shape}, expected ({len(self)},)')
+    summary = dict(self.summary, subset={'from': len(self), 'rows': int(
+        rows.sum() if rows.dtype == bool else rows.size)})
+    return AffWild2Index(self.video_names, self.video_id[rows], self.frame[rows], self.expr[rows],
+                         self.au[rows], self.va[rows], self.root, self.split, summary)
+
+  def describe(self) -> str:
+    """Human-readable multi-line summary: frames per task, kept/dropped by reason, videos."""
+    return format_summary(self.summary)
+
+  def save(self, path: str, fingerprint: str = '') -> None:
+    """Writes a compressed .npz (no pickled objects, readable by np.load), atomically."""
+    arrays = dict(
+        format_version=np.int32(_FORMAT_VERSION),
+        video_names=np.array(self.video_names, dtype=np.str_).reshape(-1),
+        video_id=self.video_id, frame=self.frame, expr=self.expr, au=self.au, va=self.va,
+        root=np.array(self.root), split=np.array(self.split),
+        summary=np.array(json.dumps(self.summary)), fingerprint=np.array(fingerprint))
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+      # Like np.savez_compressed, at zlib level 1: the labels compress about 8x either way and
+      # level 1 writes about 4x faster than the default.
+      with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, value in arrays.items():
+          with zf.open(name + '.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+  @classmethod
+  def load(cls, path: str, root: str | None = None) -> 'AffWild2Index':
+    """Reads a file written by `save`; `root` overrides the stored dataset root."""
+    return _load(path, root)[0]
+
+
+def _load(path, root=None):
+  """(index, fingerprint) from a saved index."""
+  with np.load(path, allow_pickle=False) as z:
+    if int(z['format_version']) != _FORMAT_VERSION:
+      raise ValueError(f'{path}: index format {int(z["format_version"])}, '
+                       f'this version reads {_FORMAT_VERSION}')
+    index = AffWild2Index(
+        tuple(z['video_names'].tolist()), z['video_id'], z['frame'], z['expr'], z['au'], z['va'],
+        root or str(z['root']), str(z['split']), json.loads(str(z['summary'])))
+    return index, str(z['fingerprint'])
+
+
+def format_summary(summary: dict) -> str:
+  """The text of `AffWild2Index.describe()`."""
+  s = summary
+  tasks = s['tasks']
+  lines = [
+      f"Aff-Wild2 index: split={s['split']}, layout={s['layout']}, tasks={','.join(tasks)}, "
+      f"EXPR classes={s['num_expr_classes']}, images checked={s['check_images']}",
+      '  annotation files: ' + ', '.join(f'{k} {v}' for k, v in s['annotation_files'].items()),
+      f"  frames seen: {s['frames_seen']} (union over the requested tasks' annotations)",
+      f"  kept: {s['kept']} frames in {s['videos']} videos "
+      f"({s['two_subject_videos']} of them _left/_right crops of two-subject videos)",
+      '  dropped: ' + ', '.join(f'{k} {v}' for k, v in s['dropped'].items()) +
+      f"; {s['videos_dropped']} videos had no kept frame, "
+      f"{s['videos_without_images']} had no image folder",
+      f"  {'task':<6}{'lines':>12}{'labelled':>12}{'kept':>12}",
+  ]
+  for t in tasks:
+    lines.append(f"  {t:<6}{s['annotation_lines'][t]:>12}{s['labelled'][t]:>12}"
+                 f"{s['kept_labels'][t]:>12}")
+  if 'subset' in s:
+    lines.append(f"  subset: {s['subset']['rows']} of {s['subset']['from']} rows selected")
+  return '\n'.join(lines)
+
+
+class _Collector:
+  """Accumulates the kept rows of each video and the counts behind `summary`."""
+
+  def __init__(self, tasks, image_dir):
+    self.tasks, self.image_dir = tasks, image_dir
+    self.counts = dict(frames_seen=0, no_requested_label=0, no_image=0,
+                       videos_dropped=0, videos_without_images=0)
+    self.lines = dict.fromkeys(tasks, 0)
+    self.labelled = dict.fromkeys(tasks, 0)
+    self.kept_labels = dict.fromkeys(tasks, 0)
+    self.videos, self.parts = [], []
+
+  def add(self, video, frame, expr, au, va, lines):
+    """One video's rows (labels of unrequested tasks already at their sentinels)."""
+    present = {'expr': labels.expr_mask(expr), 'au': labels.au_mask(au).any(axis=1),
+               'va': labels.va_mask(va).any(axis=1)}
+    keep = np.zeros(frame.shape, bool)
+    for t in self.tasks:
+      keep |= present[t]
+      self.lines[t] += lines[t]
+      self.labelled[t] += int(present[t].sum())
+    self.counts['frames_seen'] += frame.size
+    self.counts['no_requested_label'] += int((~keep).sum())
+    if self.image_dir is not None:
+      has_image = self._has_image(video, frame)
+      self.counts['no_image'] += int((keep & ~has_image).sum())
+      keep &= has_image
+    for t in self.tasks:
+      self.kept_labels[t] += int((present[t] & keep).sum())
+    if keep.any():
+      self.videos.append(video)
+      self.parts.append((frame[keep], expr[keep], au[keep], va[keep]))
+    else:
+      self.counts['videos_dropped'] += 1
+
+  def _has_image(self, video, frame):
+    """bool per frame: its crop exists. One scandir of the video folder."""
+    on_disk = layout_lib.image_frames(os.path.join(self.image_dir, video))
+    if on_disk is None:
+      self.counts['videos_without_images'] += 1
+      return np.zeros(frame.shape, bool)
+    table = np.zeros(int(frame.max(initial=0)) + 1, bool)
+    table[on_disk[on_disk < table.size]] = True
+    return table[frame]
+
+  def finish(self, root, split, summary):
+    """The AffWild2Index of everything added; `summary` holds the build settings."""
+    if self.parts:
+      frame, expr, au, va = (np.concatenate(column) for column in zip(*self.parts))
+    else:
+      frame, (expr, au, va) = np.zeros(0, np.int32), _empty_labels(0).values()
+    c = self.counts
+    summary = dict(
+        summary, frames_seen=c['frames_seen'], kept=int(frame.size),
+        dropped={'no_requested_label': c['no_requested_label'], 'no_image': c['no_image']},
+        videos=len(self.videos), videos_dropped=c['videos_dropped'],
+        videos_without_images=c['videos_without_images'],
+        two_subject_videos=sum(source_video(v) != v for v in self.videos),
+        annotation_lines=self.lines, labelled=self.labelled, kept_labels=self.kept_labels)
+    video_id = np.repeat(np.arange(len(self.parts), dtype=np.int32),
+                         [p[0].size for p in self.parts])
+    return AffWild2Index(tuple(self.videos), video_id, frame.astype(np.int32), expr, au, va,
+                         root, split, summary)
+
+
+def _empty_labels(n):
+  """Sentinel-filled (expr int8 [n], au int8 [n, 12], va float32 [n, 2])."""
+  return {'expr': np.full(n, labels.EXPR_MISSING, np.int8),
+          'au': np.full((n, labels.NUM_AUS), labels.AU_MISSING, np.int8),
+          'va': np.full((n, 2), labels.VA_MISSING, np.float32)}
+
+
+def _collect_per_task(sources, tasks, num_expr_classes, collector):
+  """Reads each video's per-task files and merges them: line k of every file is frame k."""
+  readers = {'expr': lambda p: annotations.read_expr_file(p, num_expr_classes),
+             'au': annotations.read_au_file, 'va': annotations.read_va_file}
+  for video in sorted(set().union(*(sources.files[t] for t in tasks))):
+    parsed = {t: readers[t](sources.files[t][video]) for t in tasks if video in sources.files[t]}
+    n = max(values.shape[0] for values in parsed.values())
+    merged = _empty_labels(n)
+    for t, values in parsed.items():
+      merged[t][:values.shape[0]] = values
+    lines = {t: parsed[t].shape[0] if t in parsed else 0 for t in tasks}
+    collector.add(video, np.arange(1, n + 1, dtype=np.int32), merged['expr'], merged['au'],
+                  merged['va'], lines)
+
+
+def _collect_mtl(sources, tasks, num_expr_classes, collector):
+  """Reads the s-Aff-Wild2 file; labels of tasks not requested become sentinels."""
+  rows = annotations.read_mtl_file(sources.mtl_file, num_expr_classes)
+  bounds = np.searchsorted(rows.video_id, np.arange(len(rows.video_names) + 1))
+  for v, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+    merged = _empty_labels(hi - lo)
+    for t in tasks:
+      merged[t] = getattr(rows, t)[lo:hi]
+    collector.add(rows.video_names[v], rows.frame[lo:hi], merged['expr'], merged['au'],
+                  merged['va'], dict.fromkeys(tasks, hi - lo))
+
+
+def _digest(value) -> str:
+  return hashlib.sha1(json.dumps(value).encode()).hexdigest()
+
+
+def _cache_paths(root, split, settings, cache_dir):
+  """Where to look for / write the cache, in order: cache_dir, else next to the data, else
+  the user cache folder (the dataset folder may be read-only)."""
+  name = f'{split}-{_digest(settings)[:12]}.npz'
+  shared_name = f'index-{_digest(root)[:12]}-{name}'  # several datasets share these folders
+  if cache_dir is not None:
+    return [os.path.join(os.fspath(cache_dir), shared_name)]
+  return [os.path.join(root, '.affectjax_cache', f'index-{name}'),
+          os.path.join(os.path.expanduser('~'), '.cache', 'affectjax', shared_name)]
+
+
+def _read_cache(paths, fingerprint, root):
+  for path in paths:
+    try:
+      index, stored = _load(path, root)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+      continue  # absent, partial or from another version: rebuild
+    if stored == fingerprint:
+      return index
+  return None
+
+
+def _write_cache(index, paths, fingerprint):
+  """Writes to the first writable location; a cache that cannot be written is not an error."""
+  for path in paths:
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      index.save(path, fingerprint)
+      return path
+    except OSError:
+      continue
+  return None
+
+
+def build_index(root, split: str, *, layout: str = 'auto', tasks=labels.TASKS,
+                num_expr_classes: int = 8, check_images: bool = True, cache_dir=None,
+                use_cache: bool = True) -> AffWild2Index:
+  """Indexes the frames of `split` ('train' or 'validation') under the dataset `root`.
+
+  Keeps frames with at least one label of `tasks` and (if `check_images`) a crop on disk; labels
+  of other tasks are set to their sentinels. The result is cached (see `_cache_paths`) and
+  rebuilt when an annotation file's size or mtime, the set of files, a crop folder's mtime or an
+  argument changes. Raises AnnotationError / DatasetLayoutError on bad input.
+  """
+  if split not in layout_lib.SPLIT_FOLDERS:
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  if layout not in layout_lib.LAYOUTS:
+    raise ValueError(f'layout must be one of {layout_lib.LAYOUTS}, got {layout!r}')
+  unknown = set(tasks) - set(labels.TASKS)
+  if unknown or not tasks or isinstance(tasks, str):
+    raise ValueError(f'tasks must be a non-empty subset of {labels.TASKS}, got {tasks!r}')
+  tasks = tuple(t for t in labels.TASKS if t in tasks)
+  labels.expr_classes(num_expr_classes)  # validates 7 or 8
+  root = os.path.abspath(os.fspath(root))
+  sources = layout_lib.find_sources(root, split, layout, tasks)
+  image_stats = layout_lib.image_folder_stats(root) if check_images else ()
+  settings = dict(version=_FORMAT_VERSION, layout=sources.layout, split=split, tasks=tasks,
+                  num_expr_classes=num_expr_classes, check_images=check_images)
+  fingerprint = _digest([settings, sources.stats, image_stats])
+  paths = _cache_paths(root, split, settings, cache_dir) if use_cache else []
+  cached = _read_cache(paths, fingerprint, root)
+  if cached is not None:
+    return cached
+  collector = _Collector(tasks, os.path.join(root, layout_lib.IMAGE_DIR) if check_images else None)
+  collect = _collect_per_task if sources.layout == 'per_task' else _collect_mtl
+  collect(sources, tasks, num_expr_classes, collector)
+  index = collector.finish(root, split, dict(
+      layout=sources.layout, split=split, tasks=list(tasks), num_expr_classes=num_expr_classes,
+      check_images=check_images, annotation_files=sources.file_counts()))
+  _write_cache(index, paths, fingerprint)
+  return index
