@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.preprocessing = 'auto'  # 'auto' | 'unit' | 'imagenet' | 'vggface2'
 
   c.data = pipeline.default_data_config()
+  # One setting each: the data pipeline follows the top-level fields.
+  c.data.tasks = c.get_ref('tasks')
+  c.data.num_expr_classes = c.get_ref('num_expr_classes')
   c.data.synthetic = ml_collections.ConfigDict({
       'num_videos': 40, 'frames_per_video': 150, 'seed': 0})
   c.model = affect.default_model_config()

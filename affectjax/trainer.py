@@ -226,52 +226,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = []
     return summary
 
-  with _Preemption() as preemption:
-    batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
-    for batch, input_state in batches:
-      if step >= run.total_steps:
-        break
-      state, step_metrics = step_fn(state, batch)
-      step += 1
-      for value in step_metrics.values():
-        value.copy_to_host_async()
-      pending.append(step_metrics)
-      epoch_end = step % run.steps_per_epoch == 0
-      last = step >= run.total_steps
-      if step % config.log_every_steps == 0 or last:
-        summary = check_finite(consume=True)
-        progress.update(step, summary)
-        summary.update(epoch=step / run.steps_per_epoch,
-                       images_per_second=progress.images_per_second)
-        throughput.append(progress.images_per_second)
-        writer.write(step, 'train', summary)
-      score = None
-      if step % eval_every == 0 or last:
-        eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
-        score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
-        eval_metrics['score'] = score
-        writer.write(step, config.eval_split, eval_metrics)
-        progress.write(f'[step {step}, epoch {step / run.steps_per_epoch:.2f}] '
-                       f'{config.eval_split}: score {score:.4f}  ' +
-                       logs.format_metrics(eval_metrics, HEADLINE_KEYS))
-        last_metrics = eval_metrics
-        if score > best['score']:
-          best = {'score': score, 'step': step, 'metrics': eval_metrics}
-      halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
-      if (step % config.checkpoint_every_steps == 0 or epoch_end or last or
-          preemption.requested or halt or score is not None):
-        check_finite(consume=False)
-        checkpoints.save(step, state, input_state, score=score)
-      if preemption.requested:
-        stop_reason = 'preempted (SIGTERM): checkpoint saved'
-        break
-      if halt:
-        stop_reason = f'halted after step {step} (config.halt_after_steps)'
-        break
-  checkpoints.wait()
-  checkpoints.close()
-  progress.close()
-  writer.close()
+  try:
+    with _Preemption() as preemption:
+      batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
+      for batch, input_state in batches:
+        if step >= run.total_steps:
+          break
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        for value in step_metrics.values():
+          value.copy_to_host_async()
+        pending.append(step_metrics)
+        epoch_end = step % run.steps_per_epoch == 0
+        last = step >= run.total_steps
+        if step % config.log_every_steps == 0 or last:
+          summary = check_finite(consume=True)
+          progress.update(step, summary)
+          summary.update(epoch=step / run.steps_per_epoch,
+                         images_per_second=progress.images_per_second)
+          throughput.append(progress.images_per_second)
+          writer.write(step, 'train', summary)
+        score = None
+        if step % eval_every == 0 or last:
+          eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
+          score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
+          eval_metrics['score'] = score
+          writer.write(step, config.eval_split, eval_metrics)
+          progress.write(f'[step {step}, epoch {step / run.steps_per_epoch:.2f}] '
+                         f'{config.eval_split}: score {score:.4f}  ' +
+                         logs.format_metrics(eval_metrics, HEADLINE_KEYS))
+          last_metrics = eval_metrics
+          if score > best['score']:
+            best = {'score': score, 'step': step, 'metrics': eval_metrics}
+        halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
+        if (step % config.checkpoint_every_steps == 0 or epoch_end or last or
+            preemption.requested or halt or score is not None):
+          check_finite(consume=False)
+          checkpoints.save(step, state, input_state, score=score)
+        if preemption.requested:
+          stop_reason = 'preempted (SIGTERM): checkpoint saved'
+          break
+        if halt:
+          stop_reason = f'halted after step {step} (config.halt_after_steps)'
+          break
+  finally:
+    # Also on errors (NaN stop): let the last good checkpoint finish writing.
+    checkpoints.wait()
+    checkpoints.close()
+    progress.close()
+    writer.close()
   summary = {'stop_reason': stop_reason, 'steps': step, 'seconds': time.time() - t_start,
              'best_score': best['score'], 'best_step': best['step'],
              'final_metrics': last_metrics, 'workdir': workdir,

@@ -1,0 +1,141 @@
+"""The training loop end to end on the synthetic Aff-Wild2: resume, preemption, NaN stop, eval, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import parallel, train, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name='mtl3', variant='test'):
+  from affectjax import config as config_lib
+  return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py:{variant}'))
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  c = load_config()
+  c.data.cache_dir = str(tmp_path_factory.mktemp('data_cache'))
+  c.num_devices = 2  # data-parallel, and cheaper to compile than 8 devices
+  c.eval_batch_size = 32
+  return c
+
+
+def params_of(summary_or_state):
+  state = summary_or_state['state'] if isinstance(summary_or_state, dict) else summary_or_state
+  return jax.device_get(state.params)
+
+
+def assert_same_params(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  return trainer.train_and_evaluate(config, str(workdir)), workdir
+
+
+def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
+  summary, workdir = uninterrupted
+  assert summary['stop_reason'] == 'finished'
+  assert summary['steps'] >= 4
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  evals = [r for r in records if r['split'] == 'validation']
+  trains = [r for r in records if r['split'] == 'train']
+  assert evals and trains
+  for key in ('expr_f1', 'au_f1', 'va_ccc', 'mtl_score', 'score'):
+    assert np.isfinite(evals[-1][key])
+  assert all(np.isfinite(r['loss']) for r in trains)
+  assert os.listdir(workdir / 'tensorboard')
+  assert json.load(open(workdir / 'config.json'))['tasks'] == 'expr,au,va'
+  checkpoints = ckpt_lib.Checkpoints(str(workdir / 'checkpoints'))
+  assert checkpoints.latest_step() == summary['steps']
+  assert checkpoints.best_step() is not None
+  checkpoints.close()
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(uninterrupted, config, tmp_path):
+  summary, _ = uninterrupted
+  c = config.copy_and_resolve_references()
+  c.halt_after_steps = 3  # between checkpoints and mid-epoch
+  first = trainer.train_and_evaluate(c, str(tmp_path))
+  assert first['steps'] == 3 and first['stop_reason'].startswith('halted')
+  c.halt_after_steps = 0
+  resumed = trainer.train_and_evaluate(c, str(tmp_path))
+  assert resumed['steps'] == summary['steps']
+  assert_same_params(params_of(resumed), params_of(summary))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(config, tmp_path, monkeypatch):
+  real_prefetch = parallel.prefetch_to_mesh
+
+  def prefetch_then_preempt(*args, **kwargs):
+    for i, item in enumerate(real_prefetch(*args, **kwargs)):
+      if i == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, as a scheduler would send
+      yield item
+
+  monkeypatch.setattr(parallel, 'prefetch_to_mesh', prefetch_then_preempt)
+  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert summary['stop_reason'].startswith('preempted')
+  assert summary['steps'] == 3
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert checkpoints.latest_step() == 3
+  checkpoints.close()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):
+  real_step = train.train_step
+
+  def poisoned_step(state, batch, **kwargs):
+    new_state, metrics = real_step(state, batch, **kwargs)
+    # From the 5th step on, report a non-finite loss (as an exploding model would).
+    metrics['finite'] = (state.step < 4).astype(metrics['finite'].dtype)
+    return new_state, metrics
+
+  monkeypatch.setattr(train, 'train_step', poisoned_step)
+  c = config.copy_and_resolve_references()
+  c.checkpoint_every_steps = 2
+  c.log_every_steps = 1
+  with pytest.raises(FloatingPointError, match='non-finite loss.*last good checkpoint is step 4'):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert checkpoints.latest_step() == 4
+  checkpoints.close()
+
+
+def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupted, config):
+  _, workdir = uninterrupted
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  base = [sys.executable, '-m', 'affectjax.main', '--config=configs/mtl3.py:test',
+          f'--workdir={workdir}', f'--config.data.cache_dir={config.data.cache_dir}']
+  bad = subprocess.run(base + ['--config.optim.learning_rat=0.1'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0
+  assert "config.optim has no field 'learning_rat'" in bad.stderr
+  assert 'learning_rate' in bad.stderr  # the valid fields are listed
+  done = subprocess.run(base + ['--config.mode=eval', '--config.eval_checkpoint=latest'],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'Evaluated checkpoint step' in done.stdout
+  out = [f for f in os.listdir(workdir) if f.startswith('eval_validation_step')]
+  metrics = json.load(open(workdir / out[0]))
+  # The same checkpoint evaluated in-process during training gives the same numbers.
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  last_eval = [r for r in records if r['split'] == 'validation'][-1]
+  for key in ('expr_f1', 'au_f1', 'va_ccc'):
+    np.testing.assert_allclose(metrics[key], last_eval[key], rtol=1e-5)
+  predictions = [f for f in os.listdir(workdir) if f.startswith('predictions_validation')]
+  lines = open(workdir / predictions[0]).read().splitlines()
+  assert lines[0] == 'image,valence,arousal,expression,aus'
+  assert len(lines) - 1 == metrics['count_frames'] if 'count_frames' in metrics else len(lines) > 1
