@@ -125,7 +125,7 @@ def flax_path(torch_name: str) -> Optional[tuple]:
   if len(parts) > 2 and parts[-3] == 'downsample':
     parts = parts[:-3] + [('downsample_conv', 'downsample_bn')[int(parts[-2])], parts[-1]]
   module, field = parts[:-1], parts[-1]
-  if module[-1].startswith('conv') and field == 'weight':
+  if field == 'weight' and (module[-1].startswith('conv') or module[-1] == 'downsample_conv'):
     return ('params', *module, 'kernel')
   if field in _BN_FIELDS:
     collection, leaf = _BN_FIELDS[field]
