@@ -9,6 +9,8 @@ from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
+from affectjax import weights
+
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 SCORE_KEY = 'score'
 
@@ -71,10 +73,9 @@ class Checkpoints:
 
 def read_variables(path: str) -> dict:
   """Loads {'params', 'batch_stats'} from converted weights or a run (workdir or step dir)."""
-  from affectjax import convert  # deferred: only init_from needs it
   path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, convert.META_FILE)):
-    variables, _ = convert.load_converted(path)
+  if os.path.exists(os.path.join(path, weights.META_FILE)):
+    variables, _ = weights.load_converted(path)
     return variables
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     path = os.path.join(path, 'checkpoints')

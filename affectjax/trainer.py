@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
-from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train
+from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train, weights
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline, synthetic
 from affectjax.models import affect, preprocess
@@ -66,8 +66,8 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> dict:
 
 
 def read_weights_meta(path: str) -> dict | None:
-  from affectjax import convert  # deferred: conversion code is only needed with init_from
-  meta_path = os.path.join(path, convert.META_FILE)
+  """The metadata of converted weights (python -m affectjax.convert), None for a run dir."""
+  meta_path = os.path.join(path, weights.META_FILE)
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       return json.load(f)
@@ -103,6 +103,13 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   config.model.bn_axis_name = train.DATA_AXIS if config.model.sync_bn else None
   with config.unlocked():
     config.input_preprocessing = resolve_preprocessing(config)  # what the device applies
+  meta = read_weights_meta(config.init_from) if config.init_from else None
+  if meta is not None:
+    # The block layout of the weights (VGGFace2: stride on the 1x1, ceil-mode pool) is part
+    # of the weights; depth and width must be chosen to match them.
+    config.model.stride_on, config.model.stem_pool = meta['stride_on'], meta['stem_pool']
+    config.model.bn_epsilon = meta.get('bn_epsilon', config.model.bn_epsilon)
+    weights.check_model_config(config.model, meta)
   mesh = parallel.make_mesh(config.num_devices)
   if config.global_batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise ValueError(f'global_batch_size={config.global_batch_size} and eval_batch_size='
