@@ -120,9 +120,10 @@ def _augment_params(**values):
   return decode.AugmentParams(**{k: np.array([v]) for k, v in fields.items()})
 
 
-def _write(image, warp=True, jitter=False, **values):
+def _write(image, warp=True, jitter=False, interpolation='bilinear', **values):
   config = decode.default_augment_config()
   config.rotate_deg = 1.0 if warp else 0.0
+  config.interpolation = interpolation
   config.color_jitter = 0.1 if jitter else 0.0
   jpeg = simplejpeg.encode_jpeg(image, 95, 'RGB')
   plain = decode.decode_jpeg(jpeg)
@@ -138,12 +139,15 @@ def test_geometric_augmentation_against_numpy():
     np.testing.assert_array_equal(out, plain)
     out, plain = _write(image, warp=warp, flip=True)
     np.testing.assert_array_equal(out, plain[:, ::-1])
-  out, plain = _write(image, angle=90.0)  # counter-clockwise, as np.rot90
-  np.testing.assert_array_equal(out, np.rot90(plain))
-  out, plain = _write(image, flip=True, angle=90.0)  # flip first, then rotate
-  np.testing.assert_array_equal(out, np.rot90(plain[:, ::-1]))
-  out, plain = _write(image, shift_x=2 / 16)  # content moves right by 2 pixels
-  np.testing.assert_array_equal(out[:, 2:], plain[:, :-2])
+  for interpolation in ('bilinear', 'nearest'):
+    out, plain = _write(image, angle=90.0, interpolation=interpolation)  # as np.rot90
+    np.testing.assert_array_equal(out, np.rot90(plain))
+    out, plain = _write(image, flip=True, angle=90.0, interpolation=interpolation)
+    np.testing.assert_array_equal(out, np.rot90(plain[:, ::-1]))  # flip first, then rotate
+    out, plain = _write(image, shift_x=2 / 16, interpolation=interpolation)  # 2 pixels right
+    np.testing.assert_array_equal(out[:, 2:], plain[:, :-2])
+  with pytest.raises(ValueError, match='interpolation'):
+    _write(image, interpolation='bicubic')
 
 
 def test_colour_jitter_against_torchvision_formulas():

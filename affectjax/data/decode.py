@@ -8,8 +8,8 @@ save a few percent of decode time for errors of up to 3 (DCT) and 14 (upsampling
 
 Augmentation is one affine warp (flip, rotation, scale, translation folded into one matrix) and
 one 3x4 colour matrix (brightness, saturation, contrast) applied with `cv2.transform`, all on
-uint8. The warp runs on 4-channel (RGBX) images: OpenCV's vectorised path makes it about twice
-as fast as on 3 channels. Normalisation is left to the device.
+uint8. A bilinear warp runs on 4-channel (RGBX) images: OpenCV's vectorised path makes it about
+1.6x faster than on 3 channels. Normalisation is left to the device.
 """
 import dataclasses
 
@@ -22,6 +22,7 @@ import simplejpeg
 # parallelism comes from grain threads and worker processes instead.
 cv2.setNumThreads(1)
 
+_INTERPOLATION = ('bilinear', 'nearest')
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as PIL's 'L'
 
 
@@ -33,6 +34,9 @@ def default_augment_config() -> ml_collections.ConfigDict:
       'scale': 0.0,  # zoom factor ~ U(1 - scale, 1 + scale)
       'translate': 0.0,  # shift ~ U(-translate, translate) x image size, per axis
       'color_jitter': 0.0,  # brightness, contrast, saturation factors ~ U(1 - c, 1 + c)
+      # Warp resampling: 'bilinear', or 'nearest' (torchvision RandomRotation's default,
+      # about 2.5x cheaper on the host).
+      'interpolation': 'bilinear',
   })
 
 
@@ -124,6 +128,10 @@ class RowWriter:
     self.size = image_size
     self.config = augment_config
     self.warp = augment_config is not None and needs_warp(augment_config)
+    if self.warp and augment_config.interpolation not in _INTERPOLATION:
+      raise ValueError(f"augment.interpolation must be 'bilinear' or 'nearest', got "
+                       f'{augment_config.interpolation!r}')
+    self.bilinear = self.warp and augment_config.interpolation == 'bilinear'
     self.jitter = augment_config is not None and bool(augment_config.color_jitter)
     self._rgbx = np.empty((image_size, image_size, 4), np.uint8)
 
@@ -136,14 +144,19 @@ class RowWriter:
       np.copyto(out, image)
       return True
     if self.warp:
-      image = decode_jpeg(jpeg, self.size, colorspace='RGBX')
+      image = decode_jpeg(jpeg, self.size, colorspace='RGBX' if self.bilinear else 'RGB')
       if image is None:
         return False
       matrix = affine_matrix(self.size, params.flip[i], params.angle[i], params.scale[i],
                              params.shift_x[i], params.shift_y[i])
-      cv2.warpAffine(image, matrix, (self.size, self.size), dst=self._rgbx,
-                     flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-      cv2.cvtColor(self._rgbx, cv2.COLOR_RGBA2RGB, dst=out)
+      size = (self.size, self.size)
+      if self.bilinear:
+        cv2.warpAffine(image, matrix, size, dst=self._rgbx, flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REFLECT_101)
+        cv2.cvtColor(self._rgbx, cv2.COLOR_RGBA2RGB, dst=out)
+      else:
+        cv2.warpAffine(image, matrix, size, dst=out, flags=cv2.INTER_NEAREST,
+                       borderMode=cv2.BORDER_REFLECT_101)
     else:
       image = decode_jpeg(jpeg, self.size)
       if image is None:

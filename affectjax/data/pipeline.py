@@ -108,10 +108,14 @@ class BadFrameCounter:
     self.__init__(state['max_fraction'])
 
 
-def _empty_batch(batch_size: int, image_size: int) -> dict:
-  """A batch of padding rows: zero images, sentinel labels, valid False, index -1."""
+def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> dict:
+  """A batch of padding rows: zero images, sentinel labels, valid False, index -1.
+
+  Without `zero_images` the images are uninitialised (for batches whose rows all get written).
+  """
+  allocate = np.zeros if zero_images else np.empty
   return {
-      'image': np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+      'image': allocate((batch_size, image_size, image_size, 3), np.uint8),
       'expr': np.full(batch_size, labels.EXPR_MISSING, np.int32),
       'au': np.full((batch_size, labels.NUM_AUS), labels.AU_MISSING, np.int32),
       'va': np.full((batch_size, 2), labels.VA_MISSING, np.float32),
@@ -173,7 +177,8 @@ class BatchMaker:
     return batch
 
   def _fill(self, plan_rows, positions, bounds, k) -> dict:
-    batch = _empty_batch(self.batch, self.image_size)
+    # Training writes every row (bad frames are substituted), evaluation may leave rows padding.
+    batch = _empty_batch(self.batch, self.image_size, zero_images=bounds is None)
     rows = plan_rows[positions]
     params = None
     if self.augment is not None:

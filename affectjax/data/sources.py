@@ -84,12 +84,15 @@ class JpegTreeSource:
     return len(self.index)
 
   def __getitem__(self, row) -> dict:
-    row = int(row)
-    ix = self.index
-    return make_record(read_bytes(ix.image_path(row)), ix.expr[row], ix.au[row], ix.va[row], row)
+    return self.__getitems__([row])[0]
 
   def __getitems__(self, rows) -> list:
-    return [self[r] for r in rows]
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    ix = self.index
+    expr, au = ix.expr[rows].astype(np.int32), ix.au[rows].astype(np.int32)
+    va, index = ix.va[rows], rows.astype(np.int32)
+    return [{'jpeg': read_bytes(path), 'expr': expr[i], 'au': au[i], 'va': va[i],
+             'index': index[i]} for i, path in enumerate(ix.image_paths(rows))]
 
   def __repr__(self) -> str:
     return f'JpegTreeSource(root={self.index.root!r}, split={self.index.split!r})'
@@ -158,7 +161,9 @@ class ArrayRecordSource:
     return parse_record(self._records[int(row)])
 
   def __getitems__(self, rows) -> list:
-    return [parse_record(r) for r in self._records.__getitems__([int(r) for r in rows])]
+    # One read per record: array_record's batched read starts a thread pool per call, which
+    # costs more than it saves for ~5 KB records (measured by benchmarks/bench_pipeline.py).
+    return [parse_record(self._records[int(r)]) for r in rows]
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({self._records!r}, {self.manifest["num_records"]} records)'
