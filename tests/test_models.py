@@ -8,7 +8,7 @@ import pytest
 import torch
 from jax.sharding import Mesh, PartitionSpec as P
 
-from affectjax import labels
+from affectjax import labels, losses
 from affectjax.models import affect, heads, resnet
 
 # torchvision's resnetN parameter counts minus the 1000-way fc (512 or 2048 inputs).
@@ -150,13 +150,30 @@ def test_heads_apply_dense_relu_dense_exactly():
     np.testing.assert_allclose(out[key], want, rtol=1e-5, atol=1e-6)
 
 
-def test_va5_target_order_and_range():
-  va = np.array([[0.2, -0.6], [1.0, -1.0], [-1.0, -1.0]], np.float32)  # (valence, arousal)
-  got = np.asarray(heads.va5_target(jnp.asarray(va)))
-  v, a = va[:, 0], va[:, 1]
-  m = (v + a) / 2
-  np.testing.assert_allclose(got, np.stack([a, v, m, a - m, v - m], -1), atol=1e-7)
-  assert np.all(np.abs(got) <= 1)
+def test_head_dropout_acts_in_training_only():
+  head = heads.MultiTaskHead(tasks=('au',), hidden=64, dropout=0.5)
+  f = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+  variables = random_variables(head, f)
+  evals = [head.apply(variables, f)['au'] for _ in range(2)]
+  np.testing.assert_array_equal(*evals)
+  train = head.apply(variables, f, train=True, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_array_equal(train['embedding'], head.apply(variables, f)['embedding'])
+  assert not np.allclose(train['au'], evals[0])
+  # Inverted dropout is unbiased: averaged over many masks, training logits equal eval logits.
+  keys = jax.random.split(jax.random.key(1), 4000)
+  sample = lambda k: head.apply(variables, f, train=True, rngs={'dropout': k})['au']
+  samples = jax.jit(jax.vmap(sample))(keys)
+  err = np.abs(np.mean(samples, 0) - evals[0])
+  assert np.all(err < 5 * np.std(samples, 0) / np.sqrt(len(keys)) + 1e-6)
+
+
+def test_va5_targets_fit_the_tanh_range():
+  """The losses' 5-vector (heads.VA5_NAMES order) stays in [-1, 1], the range of the va5 head."""
+  corners = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1], [0.2, -0.6]], np.float32)
+  got = np.asarray(losses.va5_targets(jnp.asarray(corners)))
+  v, a = corners[:, 0], corners[:, 1]
+  np.testing.assert_allclose(got[:, :2], np.stack([a, v], -1))
+  assert got.shape == (5, len(heads.VA5_NAMES)) and np.abs(got).max() == 1
 
 
 def test_invalid_configs_raise():

@@ -2,24 +2,14 @@
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from affectjax import labels
 
-# The temporal-statistical paper's 5-vector, in this order. Every entry lies in [-1, 1] when
-# valence and arousal do (the differences are (a - v) / 2 and (v - a) / 2), so tanh fits all five.
+# The temporal-statistical paper's 5-vector, in this order (targets: losses.va5_targets). Every
+# entry lies in [-1, 1] when valence and arousal do (the differences are (a - v) / 2 and
+# (v - a) / 2), so tanh fits all five.
 VA5_NAMES = ('arousal', 'valence', 'mean', 'arousal_minus_mean', 'valence_minus_mean')
-
-
-def va5_target(va: jax.Array) -> jax.Array:
-  """5-vector target [..., 5] (see VA5_NAMES) from va [..., 2] = (valence, arousal).
-
-  Rows with a missing column give garbage here; mask them with labels.va_mask as for 'va'.
-  """
-  valence, arousal = va[..., 0], va[..., 1]
-  mean = 0.5 * (valence + arousal)
-  return jnp.stack([arousal, valence, mean, arousal - mean, valence - mean], axis=-1)
 
 
 class MultiTaskHead(nn.Module):
