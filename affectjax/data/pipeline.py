@@ -187,7 +187,7 @@ class BatchMaker:
     writer = decode.RowWriter(self.image_size, self.augment)
     wanted = np.flatnonzero(rows >= 0)
     records = self.source.__getitems__(rows[wanted].tolist())
-    bad_paths, num_read = [], len(records)
+    bad_paths, num_read, filled = [], len(records), []
     for i, record in zip(wanted.tolist(), records):
       ok = writer.write(batch['image'][i], record['jpeg'], params, i)
       if not ok:
@@ -197,7 +197,8 @@ class BatchMaker:
                                               batch['image'][i], params, i, bad_paths)
           num_read, ok = num_read + attempts, True
       if ok:
-        _set_labels(batch, i, record)
+        filled.append((i, int(record['index'])))
+    self._set_labels(batch, filled)
     self.counter.add(num_read, bad_paths)
     return batch
 
@@ -214,20 +215,23 @@ class BatchMaker:
     raise DataError(f'no decodable frame among the substitutes for a bad frame; bad frames '
                     f'here: {bad_paths}')
 
+  def _set_labels(self, batch: dict, filled: list) -> None:
+    """Labels of the (batch row, index row) pairs, gathered from the index in one go (sources
+    carry the same labels: packed data is checked against the index's fingerprint)."""
+    if not filled:
+      return
+    rows, index_rows = (np.array(column) for column in zip(*filled))
+    for key in ('expr', 'au', 'va'):
+      batch[key][rows] = getattr(self.index, key)[index_rows]
+    batch['index'][rows] = index_rows
+    batch['valid'][rows] = True
+
   def _mask_tasks(self, batch: dict) -> None:
     """Labels of tasks not requested become sentinels (the index may carry them)."""
     sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
     for task, sentinel in sentinels.items():
       if task not in self.tasks:
         batch[task][...] = sentinel
-
-
-def _set_labels(batch: dict, i: int, record: dict) -> None:
-  batch['expr'][i] = record['expr']
-  batch['au'][i] = record['au']
-  batch['va'][i] = record['va']
-  batch['index'][i] = record['index']
-  batch['valid'][i] = True
 
 
 def _augments(augment) -> bool:
