@@ -22,7 +22,8 @@ _MINUS_ONE = b'm'  # stands for '-1' in the grid parser; any other byte but 0-9 
 _GRID_VALUE = np.full(256, 127, np.int8)  # byte -> value in the grid parser, 127 = not one
 _GRID_VALUE[ord('0'):ord('9') + 1] = np.arange(10)
 _GRID_VALUE[ord(_MINUS_ONE)] = -1
-_PATH_CHUNK_ROWS = 1 << 16  # bounds the [rows, path_width] temporaries of the path parser
+_PATH_CHUNK_ROWS = 1 << 14  # bounds the [rows, path_width] temporaries of the path parser
+MTL_CHUNK_BYTES = 1 << 22  # s-Aff-Wild2 files are parsed in pieces: bounds the temporaries
 _LOOKS_NUMERIC = re.compile(rb'[\s\d.,+\-]+')
 
 
@@ -35,23 +36,34 @@ def line_error(path: str, lineno: int, reason: str, text: bytes) -> AnnotationEr
   return AnnotationError(f'{path}, line {lineno}: {reason}\n    {shown!r}')
 
 
+def read_text(path: str):
+  """(header line, the text after it) of a file; '\r' removed, trailing blank lines stripped."""
+  with open(path, 'rb') as f:
+    data = f.read().replace(b'\r', b'')
+  header, _, text = data.partition(b'\n')
+  if header.strip() and _LOOKS_NUMERIC.fullmatch(header):
+    raise line_error(path, 1, 'expected a header line, found numbers (is the header missing?)',
+                     header)
+  return header, text.rstrip(b'\n \t')
+
+
 class Table:
-  """A comma-separated file after its header. Data row r (0-based) is line r + 2 of the file.
+  """Comma-separated rows of a file; row r (0-based) is line first_row + r + 2 of the file.
 
   `numeric_cols` (a slice) names the columns that must hold numbers, for error messages.
   """
 
-  def __init__(self, path: str, num_cols: int, numeric_cols: slice):
-    with open(path, 'rb') as f:
-      data = f.read().replace(b'\r', b'')
-    header, _, text = data.partition(b'\n')
-    if header.strip() and _LOOKS_NUMERIC.fullmatch(header):
-      raise line_error(path, 1, 'expected a header line, found numbers (is the header missing?)',
-                       header)
-    self.path, self.num_cols, self.numeric_cols = path, num_cols, numeric_cols
-    self.header, self.text = header, text.rstrip(b'\n \t')
-    self.num_rows = self.text.count(b'\n') + 1 if self.text else 0
+  def __init__(self, path: str, text: bytes, num_cols: int, numeric_cols: slice,
+               first_row: int = 0):
+    self.path, self.text, self.first_row = path, text, first_row
+    self.num_cols, self.numeric_cols = num_cols, numeric_cols
+    self.num_rows = text.count(b'\n') + 1 if text else 0
     self._seps = None
+
+  @classmethod
+  def read(cls, path: str, num_cols: int) -> 'Table':
+    """A per-task file: every column numeric."""
+    return cls(path, read_text(path)[1], num_cols, slice(0, num_cols))
 
   @property
   def body(self) -> np.ndarray:
@@ -79,30 +91,34 @@ class Table:
       raise self.explain()
     self._seps = seps
 
-  def field_bounds(self, cols: slice):
-    """(starts, ends) int64 [rows, n] byte offsets of the fields in `cols` (end exclusive)."""
-    bounds = np.empty(self.seps.size + 2, np.int64)
-    bounds[0], bounds[1:-1], bounds[-1] = -1, self.seps, self.body.size
-    starts = (bounds[:-1] + 1).reshape(self.num_rows, self.num_cols)
-    ends = bounds[1:].reshape(self.num_rows, self.num_cols)
-    return starts[:, cols], ends[:, cols]
+  def field_starts(self, col: int) -> np.ndarray:
+    """int64 [rows] byte offset where field `col` of each row starts."""
+    if col:
+      return self.seps[col - 1::self.num_cols] + 1
+    return np.concatenate([[0], self.seps[self.num_cols - 1::self.num_cols] + 1])
+
+  def field_ends(self, col: int) -> np.ndarray:
+    """int64 [rows] byte offset one past the end of field `col` of each row."""
+    if col < self.num_cols - 1:
+      return self.seps[col::self.num_cols]
+    return np.concatenate([self.seps[self.num_cols - 1::self.num_cols], [self.body.size]])
 
   def columns_text(self, cols: slice) -> bytes:
     """The text of columns `cols` only, rows still separated by newlines."""
     if cols.stop - cols.start == self.num_cols or not self.num_rows:
       return self.text
-    starts, ends = self.field_bounds(cols)
-    start, stop = starts[:, 0], np.minimum(ends[:, -1] + 1, self.body.size)  # with separator
+    start, end = self.field_starts(cols.start), self.field_ends(cols.stop - 1)
+    stop = np.minimum(end + 1, self.body.size)  # with the separator that follows
     marks = np.zeros(self.body.size + 1, np.int8)  # +1 where a row's part starts, -1 after it
     marks[start], marks[stop] = 1, -1
     text = self.body[np.cumsum(marks[:-1], dtype=np.int8) > 0]
-    row_ends = np.cumsum(stop - start) - 1
-    text[row_ends] = _NEWLINE
-    return text[:-1].tobytes() if stop[-1] > ends[-1, -1] else text.tobytes()
+    text[np.cumsum(stop - start)[:-1] - 1] = _NEWLINE  # the separator after each row's part
+    return text[:-1].tobytes() if stop[-1] > end[-1] else text.tobytes()
 
   def error(self, row: int, reason: str) -> AnnotationError:
-    """An AnnotationError for data row `row` (0-based), showing the line's text."""
-    return line_error(self.path, row + 2, reason, self.text.split(b'\n', row + 1)[row])
+    """An AnnotationError for row `row` (0-based) of this table, showing the line's text."""
+    return line_error(self.path, self.first_row + row + 2, reason,
+                      self.text.split(b'\n', row + 1)[row])
 
   def explain(self) -> AnnotationError:
     """Slow pass after a failed vectorised check: the error for the first bad line."""
@@ -177,9 +193,8 @@ def check_rows(table: Table, bad: np.ndarray, reason: str) -> None:
     raise table.error(int(np.argmax(bad)), reason)
 
 
-def expr_values(table: Table, cols: slice, num_classes: int) -> np.ndarray:
+def checked_expr(table: Table, expr: np.ndarray, num_classes: int) -> np.ndarray:
   """int8 [rows] expression labels, validated against -1..num_classes-1."""
-  expr = parse_ints(table, cols, 'expression labels')[:, 0]
   bad = (expr < labels.EXPR_MISSING) | (expr >= num_classes)
   if bad.any():
     row = int(np.argmax(bad))
@@ -188,17 +203,15 @@ def expr_values(table: Table, cols: slice, num_classes: int) -> np.ndarray:
   return expr.astype(np.int8, copy=False)
 
 
-def au_values(table: Table, cols: slice) -> np.ndarray:
+def checked_au(table: Table, au: np.ndarray) -> np.ndarray:
   """int8 [rows, 12] AU labels, validated to be -1, 0 or 1."""
-  au = parse_ints(table, cols, 'AU labels')
   check_rows(table, ((au < labels.AU_MISSING) | (au > 1)).any(axis=1),
              f'AU labels must be -1 (missing), 0 or 1 ({",".join(labels.AU_NAMES)})')
   return au.astype(np.int8, copy=False)
 
 
-def va_values(table: Table, cols: slice) -> np.ndarray:
+def checked_va(table: Table, va: np.ndarray) -> np.ndarray:
   """float32 [rows, 2] (valence, arousal), validated to lie in [-1, 1] or be -5."""
-  va = parse_numbers(table, cols)
   ok = ((va >= -1.0) & (va <= 1.0)) | (va == labels.VA_MISSING)  # NaN fails both
   check_rows(table, ~ok.all(axis=1), 'valence/arousal must lie in [-1, 1] or be -5 (missing)')
   return va.astype(np.float32)
@@ -206,18 +219,21 @@ def va_values(table: Table, cols: slice) -> np.ndarray:
 
 def read_expr_file(path: str, num_classes: int) -> np.ndarray:
   """Per-task EXPR file -> int8 [frames], -1 missing; row k is frame k + 1."""
-  return expr_values(Table(path, 1, slice(0, 1)), slice(0, 1), num_classes)
+  table = Table.read(path, 1)
+  return checked_expr(table, parse_ints(table, slice(0, 1), 'expression labels')[:, 0],
+                      num_classes)
 
 
 def read_au_file(path: str) -> np.ndarray:
   """Per-task AU file -> int8 [frames, 12], -1 missing."""
-  au_cols = slice(0, labels.NUM_AUS)
-  return au_values(Table(path, labels.NUM_AUS, au_cols), au_cols)
+  table = Table.read(path, labels.NUM_AUS)
+  return checked_au(table, parse_ints(table, slice(0, labels.NUM_AUS), 'AU labels'))
 
 
 def read_va_file(path: str) -> np.ndarray:
   """Per-task VA file -> float32 [frames, 2] (valence, arousal), -5 missing."""
-  return va_values(Table(path, 2, slice(0, 2)), slice(0, 2))
+  table = Table.read(path, 2)
+  return checked_va(table, parse_numbers(table, slice(0, 2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,38 +249,56 @@ class MtlRows:
 
 def read_mtl_file(path: str, num_classes: int) -> MtlRows:
   """Reads one s-Aff-Wild2 file (`training_set_annotations.txt` or the validation one)."""
-  num_cols = len(MTL_HEADER)
-  table = Table(path, num_cols, slice(1, num_cols))
-  header = table.header.split(b',')
-  if len(header) != num_cols or header[0].strip().lower().endswith(b'.jpg'):
-    raise line_error(path, 1, f'expected the {num_cols}-column header {",".join(MTL_HEADER)}',
-                     table.header)
-  va = va_values(table, slice(1, 3))
-  expr = expr_values(table, slice(3, 4), num_classes)
-  au = au_values(table, slice(4, num_cols))
-  video_names, video_id, frame = _parse_image_paths(table)
+  header, text = read_text(path)
+  if len(header.split(b',')) != len(MTL_HEADER) or b'.jpg' in header.lower():
+    raise line_error(path, 1, f'expected the {len(MTL_HEADER)}-column header '
+                     f'{",".join(MTL_HEADER)}', header)
+  tables = [Table(path, chunk, len(MTL_HEADER), slice(1, len(MTL_HEADER)), first_row)
+            for first_row, chunk in _row_chunks(text, MTL_CHUNK_BYTES)]
+  if not tables:
+    return MtlRows((), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int8),
+                   np.zeros((0, labels.NUM_AUS), np.int8), np.zeros((0, 2), np.float32))
+  parts = [_parse_mtl_table(t, num_classes) for t in tables]
+  names = np.unique(np.concatenate([p[0] for p in parts]))
+  video_id = np.concatenate([np.searchsorted(names, p[0])[p[1]] for p in parts])
+  frame, expr, au, va = (np.concatenate([p[k] for p in parts]) for k in range(2, 6))
   order = np.lexsort((frame, video_id))
   same = (np.diff(video_id[order]) == 0) & (np.diff(frame[order]) == 0)
   if same.any():
     k = int(np.argmax(same))
     first, again = sorted((int(order[k]), int(order[k + 1])))
-    raise table.error(again, f'duplicate image; the same image is on line {first + 2}')
-  return MtlRows(video_names, video_id[order].astype(np.int32), frame[order].astype(np.int32),
-                 expr[order], au[order], va[order])
+    table = tables[np.searchsorted([t.first_row for t in tables], again, side='right') - 1]
+    raise table.error(again - table.first_row,
+                      f'duplicate image; the same image is on line {first + 2}')
+  return MtlRows(tuple(n.decode('utf-8') for n in names), video_id[order].astype(np.int32),
+                 frame[order].astype(np.int32), expr[order], au[order], va[order])
 
 
-def _parse_image_paths(table: Table):
-  """Splits the `[prefix/]video/00001.jpg` column: (sorted names, video_id [n], frame [n])."""
-  if table.num_rows == 0:
-    return (), np.zeros(0, np.int64), np.zeros(0, np.int64)
-  starts, ends = table.field_bounds(slice(0, 1))
-  chunks = [_parse_path_chunk(table, starts[lo:lo + _PATH_CHUNK_ROWS, 0],
-                              ends[lo:lo + _PATH_CHUNK_ROWS, 0], lo)
+def _row_chunks(text: bytes, chunk_bytes: int):
+  """(first row, text) pieces of about chunk_bytes, cut at line ends."""
+  start, row = 0, 0
+  while start < len(text):
+    cut = text.find(b'\n', start + chunk_bytes)
+    cut = len(text) if cut < 0 else cut
+    chunk = text[start:cut]
+    yield row, chunk
+    row += chunk.count(b'\n') + 1
+    start = cut + 1
+
+
+def _parse_mtl_table(table: Table, num_classes: int):
+  """(video names S [v], video_id [n] into them, frame, expr, au, va) of one piece."""
+  va = checked_va(table, parse_numbers(table, slice(1, 3)))
+  ints = parse_ints(table, slice(3, len(MTL_HEADER)), 'expression and AU labels')
+  expr, au = checked_expr(table, ints[:, 0], num_classes), checked_au(table, ints[:, 1:])
+  starts, ends = table.field_starts(0), table.field_ends(0)
+  chunks = [_parse_path_chunk(table, starts[lo:lo + _PATH_CHUNK_ROWS],
+                              ends[lo:lo + _PATH_CHUNK_ROWS], lo)
             for lo in range(0, table.num_rows, _PATH_CHUNK_ROWS)]
   names = np.unique(np.concatenate([u for u, _, _ in chunks]))
   video_id = np.concatenate([np.searchsorted(names, u)[inv] for u, inv, _ in chunks])
   frame = np.concatenate([f for _, _, f in chunks])
-  return tuple(n.decode('utf-8') for n in names), video_id, frame
+  return names, video_id, frame, expr, au, va
 
 
 def _parse_path_chunk(table: Table, start, end, lo: int):

@@ -1,8 +1,8 @@
 """The Aff-Wild2 frame index: every usable frame with its EXPR, AU and VA labels, as NumPy columns.
 
-`build_index(root, split)` reads either annotation layout (see `EXPECTED_LAYOUT`), merges the tasks
-per frame, keeps frames that have at least one requested label and a face crop on disk, counts the
-others by reason in `summary`, and caches the result as a compressed `.npz` (no pickle).
+`build_index(root, split)` reads either annotation layout (`layout.EXPECTED_LAYOUT`), merges the
+tasks per frame, keeps frames that have at least one requested label and a face crop on disk,
+counts the others by reason in `summary`, and caches the result as a compressed `.npz` (no pickle).
 Rows are sorted by (video, frame). Missing labels: expr -1, au -1 (per AU), va -5 (per column).
 Pure NumPy: importing this module does not import jax.
 """
@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
 
 import numpy as np
@@ -110,7 +111,8 @@ class AffWild2Index:
         video_id=self.video_id, frame=self.frame, expr=self.expr, au=self.au, va=self.va,
         root=np.array(self.root), split=np.array(self.split),
         summary=np.array(json.dumps(self.summary)), fingerprint=np.array(fingerprint))
-    tmp = f'{path}.tmp{os.getpid()}'
+    fd, tmp = tempfile.mkstemp(suffix='.tmp', dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
     try:
       # Like np.savez_compressed, at zlib level 1: the labels compress about 8x either way and
       # level 1 writes about 4x faster than the default.
@@ -175,7 +177,7 @@ class _Collector:
     self.lines = dict.fromkeys(tasks, 0)
     self.labelled = dict.fromkeys(tasks, 0)
     self.kept_labels = dict.fromkeys(tasks, 0)
-    self.videos, self.parts = [], []
+    self.videos, self.parts = [], {'frame': [], 'expr': [], 'au': [], 'va': []}
 
   def add(self, video, frame, expr, au, va, lines):
     """One video's rows (labels of unrequested tasks already at their sentinels)."""
@@ -196,7 +198,8 @@ class _Collector:
       self.kept_labels[t] += int((present[t] & keep).sum())
     if keep.any():
       self.videos.append(video)
-      self.parts.append((frame[keep], expr[keep], au[keep], va[keep]))
+      for name, column in zip(self.parts, (frame, expr, au, va)):
+        self.parts[name].append(column[keep])
     else:
       self.counts['videos_dropped'] += 1
 
@@ -206,16 +209,17 @@ class _Collector:
     if on_disk is None:
       self.counts['videos_without_images'] += 1
       return np.zeros(frame.shape, bool)
-    table = np.zeros(int(frame.max(initial=0)) + 1, bool)
-    table[on_disk[on_disk < table.size]] = True
-    return table[frame]
+    return np.isin(frame, on_disk)
+
+  def _concatenate(self, name):
+    """One column of all kept rows; drops its parts at once so peak memory stays near one copy."""
+    parts, self.parts[name] = self.parts[name], None
+    return np.concatenate(parts) if parts else _empty_labels(0).get(name, np.zeros(0, np.int32))
 
   def finish(self, root, split, summary):
     """The AffWild2Index of everything added; `summary` holds the build settings."""
-    if self.parts:
-      frame, expr, au, va = (np.concatenate(column) for column in zip(*self.parts))
-    else:
-      frame, (expr, au, va) = np.zeros(0, np.int32), _empty_labels(0).values()
+    sizes = [part.size for part in self.parts['frame']]
+    frame, expr, au, va = (self._concatenate(name) for name in ('frame', 'expr', 'au', 'va'))
     c = self.counts
     summary = dict(
         summary, frames_seen=c['frames_seen'], kept=int(frame.size),
@@ -224,10 +228,9 @@ class _Collector:
         videos_without_images=c['videos_without_images'],
         two_subject_videos=sum(source_video(v) != v for v in self.videos),
         annotation_lines=self.lines, labelled=self.labelled, kept_labels=self.kept_labels)
-    video_id = np.repeat(np.arange(len(self.parts), dtype=np.int32),
-                         [p[0].size for p in self.parts])
-    return AffWild2Index(tuple(self.videos), video_id, frame.astype(np.int32), expr, au, va,
-                         root, split, summary)
+    video_id = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    return AffWild2Index(tuple(self.videos), video_id, frame.astype(np.int32, copy=False),
+                         expr, au, va, root, split, summary)
 
 
 def _empty_labels(n):

@@ -121,19 +121,20 @@ def find_sources(root: str, split: str, layout: str, tasks: tuple) -> Sources:
     layout = 'per_task' if not missing else 'mtl' if mtl_file else None
   if layout == 'mtl' and mtl_file:
     st = os.stat(mtl_file)
-    return Sources('mtl', {}, mtl_file, ((MTL_FILES[split], st.st_size, st.st_mtime_ns),))
+    return Sources('mtl', {}, mtl_file,
+                   ((os.path.relpath(mtl_file, root), st.st_size, st.st_mtime_ns),))
   if layout == 'per_task' and not missing:
     files, stats = {}, []
     for t in tasks:
       files[t], task_stats = _video_files(split_dirs[t], root)
       stats += task_stats
     return Sources('per_task', files, None, tuple(stats))
-  present = [t for t in labels.TASKS if split_dirs[t]]
+  present = tuple(t for t in labels.TASKS if split_dirs[t])
   if layout == 'mtl':
-    problem = f"no s-Aff-Wild2 file {MTL_FILES[split]} in {root}"
-  elif layout == 'per_task' or present:
+    problem = f'no s-Aff-Wild2 file {MTL_FILES[split]} in {root}'
+  elif present:
     problem = (f"per-task annotations for split '{split}' lack the folder of task(s) "
-               f"{', '.join(missing)}; pass tasks={tuple(present)} to use only the tasks found")
+               f"{', '.join(missing)}; pass tasks={present} to use only the tasks found")
   else:
     problem = f"no Aff-Wild2 annotations for split '{split}' found in {root}"
   raise DatasetLayoutError(f'{problem}.\n{_describe_found(root, root_entries, split_dirs)}\n'
