@@ -125,7 +125,10 @@ def test_resume_from_state(train_index, skip):
   resumed.set_state(state)
   _assert_same(_take(resumed, 4), expected)
   assert resumed.step == skip + 4 and resumed.steps_per_epoch == 17
-  assert resumed.epoch == (skip + 3) // resumed.steps_per_epoch
+  assert resumed.epoch == (skip + 3) // 17
+  larger = pipeline.make_train_iterator(train_index, config, global_batch_size=2 * BATCH, seed=5)
+  with pytest.raises(ValueError, match='cannot resume the input pipeline exactly'):
+    larger.set_state(state)
 
 
 def test_resume_through_orbax_grain_handler(train_index, tmp_path):
@@ -299,14 +302,21 @@ def test_too_many_corrupt_frames_fail_naming_the_path(dataset_root, train_index,
   assert it.maker.counter.read >= pipeline.minimum_sample(0.05)
 
 
-def test_worker_processes_give_the_same_batches(train_index):
+def test_worker_processes_give_the_same_batches_and_resume(train_index):
   config = _augmented()
-  in_process = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH,
-                                            seed=4)
-  expected = _take(in_process, 4)
-  config.worker_count = 2
-  workers = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=4)
+  def make(worker_count):
+    config.worker_count = worker_count
+    return pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=4)
+  expected = _take(make(0), 8)
+  in_process = make(0)
+  _take(in_process, 2)
+  workers = make(2)
   try:
-    _assert_same(_take(workers, 4), expected)
+    workers.set_state(in_process.get_state())  # the state does not depend on worker_count
+    _assert_same(_take(workers, 4), expected[2:6])
+    state = json.loads(json.dumps(workers.get_state()))
   finally:
     workers.close()
+  resumed = make(0)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 2), expected[6:8])

@@ -4,7 +4,8 @@ Design. A grain `MapDataset` over batch numbers k (`range(steps_per_epoch).repea
 mapped by `BatchMaker`, which builds this process's share of global batch k whole: it looks up
 the epoch plan (`sampling.py`), reads the records, decodes and augments each into a preallocated
 uint8 array. Everything is a pure function of (seed, k, process_index), so:
-- resume is exact: the iterator state is grain's next batch number (plus ours, the step);
+- resume is exact: the iterator state is the number of the next batch, independent of
+  `worker_count`, `read_threads` and `process_count`;
 - `worker_count` processes (grain `mp_prefetch`, worker w builds batches w, w + W, ...) give the
   same batches as in-process reading;
 - augmentation draws come from `default_rng([seed, k, process_index, stream])`: row i of
@@ -22,6 +23,7 @@ when bad frames exceed `max_bad_frame_fraction` of its frames read so far, once 
 Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
 `worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
 """
+import functools
 import threading
 
 import grain
@@ -240,14 +242,20 @@ def _augments(augment) -> bool:
 
 class AffectIterator(grain.DatasetIterator):
   """Wraps grain's iterator: counts steps (`epoch` of the latest batch), and for evaluation the
-  frames skipped as undecodable. `get_state()` / `set_state()` are JSON-compatible dicts, so
-  grain's Orbax handler (`grain.checkpoint.CheckpointSave/CheckpointRestore`) saves it."""
+  frames skipped as undecodable.
 
-  def __init__(self, inner, maker: BatchMaker, num_steps: int | None, frame_counts: dict,
-               expected_valid: np.ndarray | None = None):
-    super().__init__(inner)
+  The state is the number of batches delivered (`{'step', ...}`, JSON-compatible, so grain's
+  Orbax handler `grain.checkpoint.CheckpointSave/CheckpointRestore` saves it too): every batch
+  is a function of its number, so `set_state` restarts grain at that batch. The state thus
+  does not depend on `worker_count`, `read_threads` or `process_count`.
+  """
+
+  def __init__(self, maker: BatchMaker, data_config, num_epochs: int | None,
+               frame_counts: dict, expected_valid: np.ndarray | None = None):
+    self._start = functools.partial(_build, maker, data_config, num_epochs)
+    super().__init__(self._start(0))
     self.steps_per_epoch = maker.steps_per_epoch
-    self.num_steps = num_steps  # None = endless
+    self.num_steps = None if num_epochs is None else num_epochs * maker.steps_per_epoch
     self.frame_counts = frame_counts
     self.maker = maker
     self.step = 0  # batches delivered, including before a restore
@@ -273,19 +281,29 @@ class AffectIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict:
-    return {'grain': self._parent.get_state(), 'step': self.step,
-            'num_skipped': self.num_skipped}
+    return {'step': self.step, 'num_skipped': self.num_skipped,
+            'steps_per_epoch': self.steps_per_epoch, 'global_batch_size': self.maker.global_batch}
 
   def set_state(self, state: dict) -> None:
-    self._parent.set_state(state['grain'])
+    for key in ('steps_per_epoch', 'global_batch_size'):
+      now = self.get_state()[key]
+      if key in state and int(state[key]) != now:
+        raise ValueError(f'cannot resume the input pipeline exactly: the saved state has '
+                         f'{key}={state[key]}, this pipeline {now} (data, batch size or sampling '
+                         'changed)')
+    previous = self._parent
+    self._parents = (self._start(int(state['step'])),)
+    self._ctx = self._parent._ctx
+    previous.close()
     self.step = int(state['step'])
     self.num_skipped = int(state.get('num_skipped', 0))
 
 
-def _build(maker: BatchMaker, data_config, num_epochs: int | None):
-  """grain: range(steps) -> repeat -> BatchMaker -> threads -> optional worker processes."""
+def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
+  """grain: range(steps) -> repeat -> BatchMaker -> from batch `start` -> threads -> optional
+  worker processes."""
   ds = grain.MapDataset.range(maker.steps_per_epoch).repeat(num_epochs)
-  ds = ds.map_with_index(maker)
+  ds = ds.map_with_index(maker)[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=int(data_config.read_threads),
       prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
@@ -337,8 +355,7 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
   counts = sampling.frame_counts(index, tasks, groups)
   counts['steps_per_epoch'] = maker.steps_per_epoch
   _log_counts(f'train ({data_config.sampling})', counts)
-  num_steps = None if num_epochs is None else num_epochs * maker.steps_per_epoch
-  return AffectIterator(_build(maker, data_config, num_epochs), maker, num_steps, counts)
+  return AffectIterator(maker, data_config, num_epochs, counts)
 
 
 def make_eval_iterator(index, data_config, *, global_batch_size: int, process_index: int = 0,
@@ -356,5 +373,4 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   counts = sampling.frame_counts(index, tasks)
   counts['steps'] = maker.steps_per_epoch
   _log_counts('eval', counts)
-  return AffectIterator(_build(maker, data_config, 1), maker, maker.steps_per_epoch, counts,
-                        expected_valid)
+  return AffectIterator(maker, data_config, 1, counts, expected_valid)
