@@ -157,7 +157,8 @@ def test_process_shares_split_each_global_batch(train_index):
   for batch, part0, part1 in zip(whole, *shares):
     np.testing.assert_array_equal(batch['index'], np.concatenate([part0['index'],
                                                                   part1['index']]))
-    np.testing.assert_array_equal(batch['expr'], np.concatenate([part0['expr'], part1['expr']]))
+    for key in ('expr', 'image', 'phase'):  # augmentation too: drawn per global batch
+      np.testing.assert_array_equal(batch[key], np.concatenate([part0[key], part1[key]]))
     seen.extend(part0['index'].tolist() + part1['index'].tolist())
   assert len(seen) == len(set(seen)) == whole.steps_per_epoch * BATCH
   assert len(train_index) - len(seen) < BATCH  # only the remainder is dropped

@@ -75,6 +75,11 @@ class AugmentParams:
   contrast: np.ndarray
   saturation: np.ndarray
 
+  def rows(self, start: int, stop: int) -> 'AugmentParams':
+    """The draws of samples start..stop-1."""
+    return AugmentParams(**{f.name: getattr(self, f.name)[start:stop]
+                            for f in dataclasses.fields(self)})
+
 
 def sample_augment(rng: np.random.Generator, n: int, config) -> AugmentParams:
   """Draws the augmentation of n samples. Every field is always drawn, in a fixed order, so

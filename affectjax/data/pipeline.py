@@ -8,8 +8,8 @@ uint8 array. Everything is a pure function of (seed, k, process_index), so:
   `worker_count`, `read_threads` and `process_count`;
 - `worker_count` processes (grain `mp_prefetch`, worker w builds batches w, w + W, ...) give the
   same batches as in-process reading;
-- augmentation draws come from `default_rng([seed, k, process_index, stream])`: row i of
-  batch k gets draw i, deterministic per (seed, epoch, position).
+- augmentation draws come from `default_rng([seed, k, stream])`: row i of global batch k
+  gets draw i, deterministic per (seed, epoch, position) whatever the process layout.
 
 Bad frames (unreadable or undecodable JPEG). Training substitutes the next frame of the same
 phase segment in the epoch plan (same augmentation draw), so batch shapes, phases and
@@ -130,7 +130,8 @@ def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> 
 class BatchMaker:
   """Builds this process's share of global batch k (a grain `map_with_index` function).
 
-  Training: `plan_fn(epoch) -> (rows, phases)`; evaluation: `eval_rows` (padded with -1).
+  Training: `groups` (the sampling scheme's phases; epoch plans from `sampling.epoch_plan`);
+  evaluation: `eval_rows` (every labelled row once, padded with -1).
   """
 
   def __init__(self, source, index, data_config, *, global_batch_size, process_index,
@@ -183,9 +184,10 @@ class BatchMaker:
     batch = _empty_batch(self.batch, self.image_size, zero_images=bounds is None)
     rows = plan_rows[positions]
     params = None
-    if self.augment is not None:
-      rng = np.random.default_rng([self.seed, int(k), self.process_index, _AUGMENT_STREAM])
-      params = decode.sample_augment(rng, self.batch, self.augment)
+    if self.augment is not None:  # drawn for the global batch: independent of process_count
+      rng = np.random.default_rng([self.seed, int(k), _AUGMENT_STREAM])
+      params = decode.sample_augment(rng, self.global_batch, self.augment).rows(
+          self.offset, self.offset + self.batch)
     writer = decode.RowWriter(self.image_size, self.augment)
     wanted = np.flatnonzero(rows >= 0)
     records = self.source.__getitems__(rows[wanted].tolist())
