@@ -82,11 +82,29 @@ def test_pipeline_reads_packed_data_like_the_tree(packed):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_other_indexes_map_onto_the_pack(packed, dataset_root):
+  out, indexes = packed
+  index = indexes['train']
+  expr_only = index_lib.build_index(dataset_root, 'train', tasks=('expr',), num_expr_classes=7)
+  every_other = index.subset(np.arange(0, len(index), 2))
+  for other in (expr_only, every_other):
+    assert len(other) < len(index)
+    mapped, tree = sources.ArrayRecordSource(str(out), 'train', other), sources.JpegTreeSource(other)
+    assert len(mapped) == len(other)
+    rows = list(range(len(other)))
+    for a, b in zip(mapped.__getitems__(rows), tree.__getitems__(rows)):
+      _assert_records_equal(a, b)
+  relabelled = index.subset(np.arange(len(index)))
+  relabelled.expr[3] = (relabelled.expr[3] + 1) % 7
+  with pytest.raises(sources.DataError, match=r'1 frames have other .* labels.*re-pack'):
+    sources.ArrayRecordSource(str(out), 'train', relabelled)
+  with pytest.raises(sources.DataError, match=r'frames of the index are not in'):
+    sources.ArrayRecordSource(str(out), 'train', indexes['validation'])
+
+
 def test_manifest_is_validated(packed, tmp_path):
   out, indexes = packed
   index = indexes['train']
-  with pytest.raises(sources.DataError, match='packed from a different index'):
-    sources.ArrayRecordSource(str(out), 'train', index.subset(np.arange(len(index) - 1)))
   with pytest.raises(sources.DataError, match='pack the dataset first'):
     sources.ArrayRecordSource(str(tmp_path), 'train', index)
   manifest = json.loads((out / 'train_manifest.json').read_text())
@@ -95,6 +113,10 @@ def test_manifest_is_validated(packed, tmp_path):
     sources.ArrayRecordSource(str(tmp_path), 'train', index)
   loaded = sources.packed_index(str(out), 'train')
   assert sources.index_fingerprint(loaded) == sources.index_fingerprint(index)
+  index.subset(np.arange(len(index) - 1)).save(str(tmp_path / 'train_index.npz'))
+  (tmp_path / 'train_manifest.json').write_text(json.dumps(manifest))
+  with pytest.raises(sources.DataError, match='does not match its manifest'):
+    sources.packed_index(str(tmp_path), 'train')
 
 
 def test_decoder_matches_pil_and_rejects_corrupt_data(dataset_root):

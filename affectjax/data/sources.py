@@ -3,8 +3,9 @@
 Every source is indexed by the row of an `AffWild2Index` and returns the record
 `{'jpeg': bytes, 'expr': int32, 'au': int32 [12], 'va': float32 [2], 'index': int32}`:
 - `JpegTreeSource`: reads `cropped_aligned/<video>/<frame>.jpg`; labels come from the index.
-- `ArrayRecordSource`: shards written by `affectjax.data.pack` (record i = index row i); its
-  manifest names the index it was packed from, checked against the index it is used with.
+- `ArrayRecordSource`: shards written by `affectjax.data.pack`; the pack keeps the index it was
+  made from, so any index of packed frames (e.g. built for fewer tasks) maps onto it, with its
+  labels checked against the packed ones.
 - `TfdsSource`: the `affwild2` TFDS dataset (`affectjax.data.tfds_builder`), read with
   `tfds.data_source` (no TensorFlow needed to read).
 An unreadable image file gives `jpeg=b''`; the pipeline counts such records as bad frames.
@@ -15,6 +16,8 @@ import os
 import struct
 
 import numpy as np
+
+from affectjax import labels
 
 
 PACK_FORMAT = 'affectjax.arrayrecord'
@@ -114,37 +117,63 @@ def read_manifest(packed_dir: str, split: str) -> dict:
 
 
 def check_manifest(manifest: dict, index, where: str) -> None:
-  """Raises DataError unless the pack was made from exactly this index's rows."""
+  """Raises DataError unless `index` is exactly the index the pack was made from."""
   if manifest['num_records'] != len(index) or manifest['index_fingerprint'] != (
       index_fingerprint(index)):
-    packed = manifest.get('index_summary', {})
-    now = index.summary
-    raise DataError(
-        f'{where} was packed from a different index ({manifest["num_records"]} records, '
-        f'layout={packed.get("layout")}, tasks={packed.get("tasks")}, '
-        f'num_expr_classes={packed.get("num_expr_classes")}) than the one given '
-        f'({len(index)} rows, layout={now.get("layout")}, tasks={now.get("tasks")}, '
-        f'num_expr_classes={now.get("num_expr_classes")}). Build the index with the settings '
-        'used for packing, or re-pack.')
+    raise DataError(f'{where} ({len(index)} rows) does not match its manifest '
+                    f'({manifest["num_records"]} records): the pack is incomplete or was '
+                    'modified; re-pack the dataset.')
 
 
 def packed_index(packed_dir: str, split: str, root: str | None = None):
   """The AffWild2Index a split was packed from (no raw Aff-Wild2 tree needed)."""
   from affectjax.data import index as index_lib  # deferred: the index module is larger
   manifest = read_manifest(packed_dir, split)
-  index = index_lib.AffWild2Index.load(os.path.join(packed_dir, f'{split}_index.npz'), root)
-  check_manifest(manifest, index, os.path.join(packed_dir, f'{split}_index.npz'))
+  path = os.path.join(packed_dir, f'{split}_index.npz')
+  index = index_lib.AffWild2Index.load(path, root)
+  check_manifest(manifest, index, path)
   return index
 
 
+def record_numbers(packed, index, where: str) -> np.ndarray:
+  """int64 [len(index)]: the record holding each row of `index` (matched by video and frame)
+  in a pack made from the index `packed`. DataError if a row was not packed, or if its labels
+  of the tasks `index` was built with differ from the packed ones."""
+  position = {name: i for i, name in enumerate(packed.video_names)}
+  video_map = np.array([position.get(name, -1) for name in index.video_names], np.int64)
+  keys = (video_map[index.video_id] << 32) | index.frame.astype(np.int64)
+  packed_keys = (packed.video_id.astype(np.int64) << 32) | packed.frame.astype(np.int64)
+  order = np.argsort(packed_keys, kind='stable')
+  slot = np.minimum(np.searchsorted(packed_keys[order], keys), max(len(order) - 1, 0))
+  records = order[slot] if len(order) else np.zeros(len(index), np.int64)
+  missing = np.flatnonzero(packed_keys[records] != keys) if len(order) else np.arange(len(index))
+  if missing.size:
+    raise DataError(f'{missing.size} of {len(index)} frames of the index are not in {where}, '
+                    f'e.g. {index.image_path(missing[0])}: re-pack with the same data.')
+  tasks = index.summary.get('tasks', labels.TASKS)
+  differs = np.zeros(len(index), bool)
+  for task in tasks:
+    packed_values, values = getattr(packed, task)[records], getattr(index, task)
+    differs |= (packed_values != values).reshape(len(index), -1).any(axis=1)
+  if differs.any():
+    row = int(np.flatnonzero(differs)[0])
+    raise DataError(f'{int(differs.sum())} frames have other {"/".join(tasks)} labels in {where} '
+                    f'than in the index, e.g. {index.image_path(row)} (annotations changed, or '
+                    'packed with other tasks or EXPR classes): re-pack.')
+  return records
+
+
 class ArrayRecordSource:
-  """Records from packed ArrayRecord shards; validated against `index` when one is given."""
+  """Records from packed ArrayRecord shards.
+
+  With `index`, row i is the index's row i: directly when the pack was made from this very
+  index, else through `record_numbers` (any index of packed frames, e.g. built for fewer tasks;
+  labels then come from `index`). Without `index`, record i as packed.
+  """
 
   def __init__(self, packed_dir: str, split: str, index=None):
     import grain  # deferred: keeps `import affectjax.data.sources` light
     self.manifest = read_manifest(packed_dir, split)
-    if index is not None:
-      check_manifest(self.manifest, index, os.path.join(packed_dir, f'{split}_*'))
     paths = [os.path.join(packed_dir, name) for name in self.manifest['shards']]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -153,17 +182,24 @@ class ArrayRecordSource:
     if len(self._records) != self.manifest['num_records']:
       raise DataError(f'{packed_dir}: shards hold {len(self._records)} records, manifest says '
                       f'{self.manifest["num_records"]}; re-pack the dataset.')
+    self._index, self._record_of = index, None
+    if index is not None and self.manifest['index_fingerprint'] != index_fingerprint(index):
+      self._record_of = record_numbers(packed_index(packed_dir, split), index,
+                                       os.path.join(packed_dir, f'{split}_*'))
 
   def __len__(self) -> int:
-    return len(self._records)
+    return len(self._records) if self._record_of is None else len(self._record_of)
 
   def __getitem__(self, row) -> dict:
-    return parse_record(self._records[int(row)])
+    if self._record_of is None:
+      return parse_record(self._records[int(row)])
+    record, ix = parse_record(self._records[int(self._record_of[row])]), self._index
+    return make_record(record['jpeg'], ix.expr[row], ix.au[row], ix.va[row], row)
 
   def __getitems__(self, rows) -> list:
     # One read per record: array_record's batched read starts a thread pool per call, which
     # costs more than it saves for ~5 KB records (measured by benchmarks/bench_pipeline.py).
-    return [parse_record(self._records[int(r)]) for r in rows]
+    return [self[r] for r in rows]
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({self._records!r}, {self.manifest["num_records"]} records)'
