@@ -1,0 +1,135 @@
+"""Latent label tracks of synthetic videos: expression segments, smooth AU intensities, VA, nuisance.
+
+A video is a sequence of expression segments (some tens of frames). Each segment's AU targets are
+its expression's prototype AUs plus noise; intensities ramp smoothly between segments, and valence
+and arousal are a fixed linear function of the intensities plus a ramped per-expression offset and
+small smooth noise, so all three tasks are visible in the rendered face.
+"""
+import numpy as np
+
+from affectjax import labels
+from affectjax.data import faces
+
+_AU = {name: i for i, name in enumerate(labels.AU_NAMES)}
+OTHER = 7  # Index of 'Other' in labels.EXPR_CLASSES_8.
+# Prototype AUs per class of labels.EXPR_CLASSES_7.
+PROTOTYPES = (
+    (),  # Neutral
+    ('AU4', 'AU7', 'AU23', 'AU24'),  # Anger
+    ('AU4', 'AU10', 'AU15'),  # Disgust
+    ('AU1', 'AU2', 'AU4', 'AU7', 'AU25', 'AU26'),  # Fear
+    ('AU6', 'AU12'),  # Happiness
+    ('AU1', 'AU4', 'AU15'),  # Sadness
+    ('AU1', 'AU2', 'AU25', 'AU26'),  # Surprise
+)
+# Other: mixed signals that belong to no basic expression (e.g. a smile under a frown).
+OTHER_MIXES = (('AU1', 'AU2', 'AU12'), ('AU4', 'AU12'), ('AU2', 'AU24'), ('AU6', 'AU15'),
+               ('AU7', 'AU12', 'AU26'), ('AU23', 'AU26'), ('AU10', 'AU12'), ('AU1', 'AU25'))
+# Spurious AUs that may join any segment, so AU labels are not a function of the expression.
+SPURIOUS = ('AU2', 'AU7', 'AU24', 'AU25')
+# Segment class prior, imbalanced like the real set: Neutral and Happiness dominate.
+EXPR_PRIOR = np.array([0.30, 0.07, 0.07, 0.06, 0.24, 0.09, 0.09, 0.08])
+# Valence and arousal per unit of AU intensity (order of labels.AU_NAMES), and per class offsets.
+VALENCE_WEIGHTS = np.array([-0.15, 0.05, -0.3, 0.3, -0.15, -0.3, 0.55, -0.4, -0.2, -0.2, 0.0, 0.0])
+AROUSAL_WEIGHTS = np.array([0.15, 0.2, 0.15, 0.1, 0.2, 0.1, 0.15, -0.15, 0.15, 0.1, 0.25, 0.4])
+VA_OFFSETS = np.array([[0.0, -0.3], [-0.1, 0.0], [-0.1, -0.25], [-0.1, -0.2], [0.1, -0.2],
+                       [-0.1, -0.5], [0.1, -0.15], [0.0, -0.25]])
+
+
+def expr_for_classes(expr8: np.ndarray, num_classes: int) -> np.ndarray:
+  """Maps 8-class labels to the 7-class set (Other -> EXPR_MISSING) or keeps them; int [N]."""
+  expr8 = np.asarray(expr8)
+  if num_classes == 8:
+    return expr8
+  return np.where(expr8 == OTHER, labels.EXPR_MISSING, expr8)
+
+
+def smooth_noise(rng: np.random.Generator, n: int, dims: int, width: float) -> np.ndarray:
+  """Unit-variance noise [n, dims] correlated over about `width` frames."""
+  k = np.exp(-0.5 * (np.arange(-3 * width, 3 * width + 1) / width) ** 2)
+  pad = len(k)
+  white = rng.normal(size=(n + 2 * pad, dims))
+  out = np.stack([np.convolve(white[:, d], k, 'same')[pad:pad + n] for d in range(dims)], 1)
+  return out / np.sqrt(np.sum(k ** 2))
+
+
+def random_runs(rng: np.random.Generator, n: int, rate: float, max_len: int) -> np.ndarray:
+  """Bool [n], True on about rate * n short runs of 1..max_len frames."""
+  mask = np.zeros(n, bool)
+  for _ in range(rng.poisson(rate * n)):
+    start = rng.integers(n)
+    mask[start:start + rng.integers(1, max_len + 1)] = True
+  return mask
+
+
+def segment_targets(rng: np.random.Generator, expr: int) -> np.ndarray:
+  """AU intensity targets float [12] of one segment of class `expr` (8-class index)."""
+  target = rng.uniform(0.0, 0.15, labels.NUM_AUS)
+  active = list(OTHER_MIXES[rng.integers(len(OTHER_MIXES))] if expr == OTHER
+                else PROTOTYPES[expr])
+  if rng.uniform() < 0.12:
+    active.append(SPURIOUS[rng.integers(len(SPURIOUS))])
+  strength = rng.uniform(0.75, 1.0)
+  for name in active:
+    target[_AU[name]] = np.clip(strength + rng.normal(0, 0.07), 0.7, 1.0)
+  return target
+
+
+def _segments(rng: np.random.Generator, n: int, forced_expr: int) -> list:
+  """(start, class) of consecutive segments of 20..60 frames; one of class forced_expr if >= 0."""
+  starts, start = [], 0
+  while start < n:
+    starts.append(start)
+    start += int(rng.integers(20, 61))
+  classes = rng.choice(len(EXPR_PRIOR), len(starts), p=EXPR_PRIOR)
+  if forced_expr >= 0:
+    classes[rng.integers(len(starts))] = forced_expr
+  return list(zip(starts, classes.tolist()))
+
+
+def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1) -> dict:
+  """Per-frame latent labels of one video of n frames.
+
+  Returns expr int32 [n] (8-class), au_intensity float32 [n,12], va float32 [n,2] in [-1,1],
+  has_image bool [n], missing {task: bool [n]} (short sentinel runs inside annotated videos).
+  """
+  segs = _segments(rng, n, forced_expr)
+  expr = np.zeros(n, np.int32)
+  target = np.zeros((n, labels.NUM_AUS + 2))  # AU targets then the VA offsets.
+  prev = None
+  for i, (start, cls) in enumerate(segs):
+    stop = segs[i + 1][0] if i + 1 < len(segs) else n
+    cur = np.concatenate([segment_targets(rng, cls), VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
+    expr[start:stop] = cls
+    t = np.arange(stop - start)[:, None]
+    ramp = int(rng.integers(3, 7))
+    w = np.clip((t + 1) / ramp, 0, 1) ** 2 * (3 - 2 * np.clip((t + 1) / ramp, 0, 1))
+    target[start:stop] = cur if prev is None else prev * (1 - w) + cur * w
+    prev = cur
+  au = np.clip(target[:, :-2] + 0.04 * smooth_noise(rng, n, labels.NUM_AUS, 4), 0, 1)
+  va = au @ np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1) + target[:, -2:]
+  va = np.clip(va + 0.04 * smooth_noise(rng, n, 2, 6), -1, 1)
+  missing = {task: random_runs(rng, n, 1 / 80, 8) for task in labels.TASKS}
+  has_image = ~random_runs(rng, n, 1 / 100, 5)
+  return {'expr': expr, 'au_intensity': au.astype(np.float32), 'va': va.astype(np.float32),
+          'has_image': has_image, 'missing': missing}
+
+
+def sample_scenes(rng: np.random.Generator, n: int, image_size: int) -> tuple:
+  """Smoothly varying pose and lighting for n frames, and the video's JPEG quality."""
+  walk = smooth_noise(rng, n, 8, 12)
+  roll0, yaw0 = rng.uniform(-5, 5), rng.uniform(-0.12, 0.12)
+  scale0, shift0 = rng.uniform(0.94, 1.05), rng.uniform(-2.5, 2.5, 2)
+  light_angle, light_strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.35)
+  brightness = rng.uniform(0.82, 1.12)
+  blur = rng.uniform(0.3, 0.9) * image_size / 112 if rng.uniform() < 0.3 else 0.0
+  noise = rng.uniform(0, 3)
+  quality = int(rng.integers(70, 96))
+  scenes = [faces.Scene(roll=roll0 + 3 * w[0], yaw=yaw0 + 0.08 * w[1],
+                        scale=scale0 + 0.03 * w[2], shift=(shift0[0] + 1.5 * w[3],
+                                                           shift0[1] + 1.5 * w[4]),
+                        gaze=(1.5 * w[5], 0.8 * w[6]), light_angle=light_angle,
+                        light_strength=light_strength, brightness=brightness + 0.04 * w[7],
+                        blur_sigma=blur, noise_std=noise)
+            for w in walk]
+  return scenes, quality
