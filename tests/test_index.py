@@ -235,6 +235,13 @@ def test_mtl_file_parsed_in_pieces_keeps_rows_and_line_numbers(tmp_path, monkeyp
   for name in ('video_id', 'frame', 'expr', 'au', 'va'):
     np.testing.assert_array_equal(getattr(pieces, name), getattr(whole, name))
   assert whole.video_names == ('v0', 'v1', 'v2') and len(whole) == 60
+  write_lines(path, ','.join(annotations.MTL_HEADER), rows, newline='\r\n', trailer='\r\n' * 30)
+  crlf = build_index(str(tmp_path), 'train', check_images=False, use_cache=False)
+  np.testing.assert_array_equal(crlf.va, whole.va)
+  mtl(str(tmp_path), rows[:30] + [''] * 40 + rows[30:])  # blank lines inside are errors
+  with pytest.raises(AnnotationError) as e:
+    build_index(str(tmp_path), 'train', check_images=False, use_cache=False)
+  _assert_names_line(e, path, 32, 'expected 16 comma-separated fields, found 1')
   mtl(str(tmp_path), rows[:45] + ['v1/00002.jpg' + rows[45][12:]] + rows[46:])  # line 47
   with pytest.raises(AnnotationError) as e:
     build_index(str(tmp_path), 'train', check_images=False, use_cache=False)
@@ -307,6 +314,7 @@ def test_save_load_subset(merged_root, tmp_path):
   np.testing.assert_array_equal(sub.frame, [1, 4, 5])
   assert sub.video_names == index.video_names and sub.summary['subset'] == {'from': 5, 'rows': 3}
   assert 'subset: 3 of 5 rows' in sub.describe()
+  assert len(index.subset([])) == 0 and 'rows=5, videos=2' in repr(index)
   picked = index.subset([4, 0])
   assert picked.image_path(0) == index.image_path(4) and picked.expr.tolist() == [2, 0]
 

@@ -249,45 +249,71 @@ class MtlRows:
 
 def read_mtl_file(path: str, num_classes: int) -> MtlRows:
   """Reads one s-Aff-Wild2 file (`training_set_annotations.txt` or the validation one)."""
-  header, text = read_text(path)
+  # The file is read and parsed piece by piece, and each column is joined (then sorted) while
+  # the pieces are dropped, so memory stays near one copy of the parsed columns.
+  pieces = _read_pieces(path, MTL_CHUNK_BYTES)
+  header = next(pieces)
   if len(header.split(b',')) != len(MTL_HEADER) or b'.jpg' in header.lower():
     raise line_error(path, 1, f'expected the {len(MTL_HEADER)}-column header '
                      f'{",".join(MTL_HEADER)}', header)
-  tables = [Table(path, chunk, len(MTL_HEADER), slice(1, len(MTL_HEADER)), first_row)
-            for first_row, chunk in _row_chunks(text, MTL_CHUNK_BYTES)]
-  if not tables:
+  parts = [_parse_mtl_table(_mtl_table(path, piece, first_row), num_classes)
+           for first_row, piece in pieces]
+  if not parts:
     return MtlRows((), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int8),
                    np.zeros((0, labels.NUM_AUS), np.int8), np.zeros((0, 2), np.float32))
-  parts = [_parse_mtl_table(t, num_classes) for t in tables]
-  names = np.unique(np.concatenate([p[0] for p in parts]))
-  video_id = np.concatenate([np.searchsorted(names, p[0])[p[1]] for p in parts])
-  frame, expr, au, va = (np.concatenate([p[k] for p in parts]) for k in range(2, 6))
-  order = np.lexsort((frame, video_id))
-  same = (np.diff(video_id[order]) == 0) & (np.diff(frame[order]) == 0)
-  if same.any():
-    k = int(np.argmax(same))
-    first, again = sorted((int(order[k]), int(order[k + 1])))
-    table = tables[np.searchsorted([t.first_row for t in tables], again, side='right') - 1]
-    raise table.error(again - table.first_row,
-                      f'duplicate image; the same image is on line {first + 2}')
-  return MtlRows(tuple(n.decode('utf-8') for n in names), video_id[order].astype(np.int32),
-                 frame[order].astype(np.int32), expr[order], au[order], va[order])
+  local_names = [p.pop('names') for p in parts]
+  names = np.unique(np.concatenate(local_names))
+  for p, local in zip(parts, local_names):
+    p['video_id'] = np.searchsorted(names, local)[p['video_id']].astype(np.int32)
+  columns = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}
+  order = np.lexsort((columns['frame'], columns['video_id']))
+  same = np.flatnonzero((np.diff(columns['video_id'][order]) == 0) &
+                        (np.diff(columns['frame'][order]) == 0))
+  if same.size:
+    first, again = sorted(order[same[0]:same[0] + 2].tolist())
+    raise _row_error(path, again, f'duplicate image; the same image is on line {first + 2}')
+  for k in columns:
+    columns[k] = columns[k][order]
+  return MtlRows(tuple(n.decode('utf-8') for n in names), **columns)
 
 
-def _row_chunks(text: bytes, chunk_bytes: int):
-  """(first row, text) pieces of about chunk_bytes, cut at line ends."""
-  start, row = 0, 0
-  while start < len(text):
-    cut = text.find(b'\n', start + chunk_bytes)
-    cut = len(text) if cut < 0 else cut
-    chunk = text[start:cut]
-    yield row, chunk
-    row += chunk.count(b'\n') + 1
-    start = cut + 1
+def _mtl_table(path, piece, first_row):
+  return Table(path, piece, len(MTL_HEADER), slice(1, len(MTL_HEADER)), first_row)
 
 
-def _parse_mtl_table(table: Table, num_classes: int):
-  """(video names S [v], video_id [n] into them, frame, expr, au, va) of one piece."""
+def _row_error(path, row, reason):
+  """AnnotationError for data row `row` of an s-Aff-Wild2 file, found by reading it again."""
+  pieces = _read_pieces(path, MTL_CHUNK_BYTES)
+  next(pieces)
+  for first_row, piece in pieces:
+    if row <= first_row + piece.count(b'\n'):
+      return _mtl_table(path, piece, first_row).error(row - first_row, reason)
+  return AnnotationError(f'{path}: row {row + 1}: {reason}')
+
+
+def _read_pieces(path: str, chunk_bytes: int):
+  """Yields the header line, then (first row, text) pieces of about chunk_bytes cut at line ends.
+
+  '\r' is removed; blank lines are carried into the next piece, so that they are rows (errors)
+  unless they end the file.
+  """
+  with open(path, 'rb') as f:
+    yield f.readline().replace(b'\r', b'').rstrip(b'\n')
+    row, carry = 0, b''
+    while block := f.read(chunk_bytes):
+      data = carry + block.replace(b'\r', b'')
+      cut = data.rfind(b'\n')
+      piece = data[:max(cut, 0)].rstrip(b'\n')
+      carry = data[len(piece) + 1:] if piece else data
+      if piece:
+        yield row, piece
+        row += piece.count(b'\n') + 1
+    if carry.strip():
+      yield row, carry.rstrip(b'\n \t')
+
+
+def _parse_mtl_table(table: Table, num_classes: int) -> dict:
+  """The columns of MtlRows for one piece, video_id indexing the piece's own `names` (S [v])."""
   va = checked_va(table, parse_numbers(table, slice(1, 3)))
   ints = parse_ints(table, slice(3, len(MTL_HEADER)), 'expression and AU labels')
   expr, au = checked_expr(table, ints[:, 0], num_classes), checked_au(table, ints[:, 1:])
@@ -297,8 +323,9 @@ def _parse_mtl_table(table: Table, num_classes: int):
             for lo in range(0, table.num_rows, _PATH_CHUNK_ROWS)]
   names = np.unique(np.concatenate([u for u, _, _ in chunks]))
   video_id = np.concatenate([np.searchsorted(names, u)[inv] for u, inv, _ in chunks])
-  frame = np.concatenate([f for _, _, f in chunks])
-  return names, video_id, frame, expr, au, va
+  frame = np.concatenate([f for _, _, f in chunks]).astype(np.int32)
+  return dict(names=names, video_id=video_id, frame=frame, expr=expr,
+              au=np.ascontiguousarray(au), va=va)
 
 
 def _parse_path_chunk(table: Table, start, end, lo: int):

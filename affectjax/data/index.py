@@ -36,7 +36,7 @@ def source_video(video: str) -> str:
   return video
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class AffWild2Index:
   """Columnar frame table. N rows sorted by (video_id, frame).
 
@@ -60,6 +60,10 @@ class AffWild2Index:
 
   def __len__(self) -> int:
     return int(self.frame.shape[0])
+
+  def __repr__(self) -> str:
+    return (f'AffWild2Index(split={self.split!r}, rows={len(self)}, '
+            f'videos={len(self.video_names)}, root={self.root!r})')
 
   @property
   def image_dir(self) -> str:
@@ -91,7 +95,7 @@ class AffWild2Index:
 
   def subset(self, selection) -> 'AffWild2Index':
     """A new index of the rows picked by a bool [N] mask or an index array; ids unchanged."""
-    rows = np.asarray(selection)
+    rows = np.asarray(selection) if len(selection) else np.zeros(0, np.intp)
     if rows.dtype == bool and rows.shape != (len(self),):
       raise ValueError(f'mask has shape {rows.shape}, expected ({len(self)},)')
     summary = dict(self.summary, subset={'from': len(self), 'rows': int(
