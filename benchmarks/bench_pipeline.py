@@ -38,6 +38,8 @@ from affectjax.data import synthetic
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
+DECODER = 'decoder alone (simplejpeg, in memory)'
+TORCH = 'torchvision-style chain'
 
 
 def torchvision_style_sample(path: str, label_row: tuple, rotate_deg: float):
@@ -88,7 +90,7 @@ def decoder_table(jpegs: list, reps: int) -> list:
   }
   runs = {name: (lambda fn=fn: [fn(j, a) for j, a in zip(jpegs, arrays)])
           for name, fn in decoders.items()}
-  times = common.interleaved_times(runs, reps)
+  times, _ = common.interleaved_times(runs, reps)
   reference = [decoders['PIL'](j, a).astype(np.int16) for j, a in zip(jpegs[:200], arrays)]
   rows = []
   for name, fn in decoders.items():
@@ -125,8 +127,7 @@ def main():
   config.augment.rotate_deg = args.rotate_deg
   config.packed_dir = packed_dir
   decode_pool = (jpegs * (images // len(jpegs) + 1))[:images]
-  runs = {'decoder alone (simplejpeg, in memory)':
-              lambda: [simplejpeg.decode_jpeg(j, 'RGB') for j in decode_pool]}
+  runs = {DECODER: lambda: [simplejpeg.decode_jpeg(j, 'RGB') for j in decode_pool]}
   for source, source_name in (('jpeg', 'JPEG tree'), ('arrayrecord', 'ArrayRecord')):
     for interpolation in ('bilinear', 'nearest'):
       config.source, config.augment.interpolation = source, interpolation
@@ -138,18 +139,22 @@ def main():
   runs['grain, JPEG tree, flip only (rotate on device)'] = (
       lambda: [next(flip_only) for _ in range(steps)])
   torch_batches = torchvision_style_batches(index, args.batch, args.rotate_deg, seed=0)
-  runs['torchvision-style chain'] = lambda: [next(torch_batches) for _ in range(steps)]
-  times = common.interleaved_times(runs, args.reps)
+  runs[TORCH] = lambda: [next(torch_batches) for _ in range(steps)]
+  wall, cpu = common.interleaved_times(runs, args.reps)
   rows = []
   for name in runs:
-    rows.append((name, f'{images / statistics.median(times[name]):,.0f}',
-                 f'{common.paired_ratio(times, name, "torchvision-style chain"):.2f}',
-                 f'{common.paired_ratio(times, name, "decoder alone (simplejpeg, in memory)"):.2f}'))
+    rows.append((name, f'{images / statistics.median(cpu[name]):,.0f}',
+                 f'{common.paired_ratio(cpu, name, TORCH):.2f}',
+                 f'{common.paired_ratio(cpu, name, DECODER):.2f}',
+                 f'{images / statistics.median(wall[name]):,.0f}',
+                 f'{common.paired_ratio(wall, name, TORCH):.2f}'))
   print(f'\n{datetime.date.today()}  {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} cores; {len(index)} frames of 112x112, {images} images per run, '
-        f'batch {args.batch}, {args.reps} repetitions (medians)')
+        f'batch {args.batch}, {args.reps} repetitions (medians; per core = per CPU-second of '
+        'this single-threaded process)')
   print(common.format_table(
-      ('pipeline (one core)', 'img/s', 'x torchvision chain', 'x decoder alone'), rows))
+      ('pipeline', 'img/s per core', 'x torchvision', 'x decoder alone', 'img/s wall',
+       'x torchvision (wall)'), rows))
   print('\nDecoders on the same crops (difference to PIL over 200 images):')
   print(common.format_table(('decoder', 'img/s', 'mean |diff|', 'max |diff|'),
                             decoder_table(jpegs[:500], args.reps)))

@@ -253,14 +253,18 @@ def test_tasks_and_image_size(train_index):
   assert (batch['expr'] >= 0).all() and (batch['au'] == -1).all() and (batch['va'] == -5).all()
 
 
-def _copy_with_corrupt_frames(root, tmp_path, rows, index):
-  """A copy of the dataset whose frames at `rows` are replaced by garbage; returns its index."""
+def _copy_with_corrupt_frames(root, tmp_path, rows, index, remove=False):
+  """A copy of the dataset whose frames at `rows` are replaced by garbage (or deleted after
+  indexing: unreadable); returns its index."""
   copy = tmp_path / 'corrupt'
   shutil.copytree(root, copy)
   copied = index_lib.build_index(copy, index.split, num_expr_classes=7, use_cache=False)
   for row in rows:
-    with open(copied.image_path(row), 'wb') as f:
-      f.write(b'\xff\xd8 this is not a JPEG')
+    if remove:
+      os.remove(copied.image_path(row))
+    else:
+      with open(copied.image_path(row), 'wb') as f:
+        f.write(b'\xff\xd8 this is not a JPEG')
   return copied
 
 
@@ -284,7 +288,8 @@ def test_corrupt_frame_is_skipped_and_counted(dataset_root, train_index, val_ind
                                        num_epochs=3)
   _assert_same(list(again), batches)
 
-  val_copy = _copy_with_corrupt_frames(dataset_root, tmp_path / 'v', [bad_row], val_index)
+  val_copy = _copy_with_corrupt_frames(dataset_root, tmp_path / 'v', [bad_row], val_index,
+                                      remove=True)
   ev = pipeline.make_eval_iterator(val_copy, config, global_batch_size=BATCH)
   rows = np.concatenate([b['index'][b['valid']] for b in ev])
   assert ev.num_skipped == 1
