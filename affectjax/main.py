@@ -41,6 +41,9 @@ def _maybe_initialize_distributed(config) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    # Orbax and grain log every save and worker event at INFO; progress has its own output.
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   _maybe_initialize_distributed(config)
   from affectjax import trainer  # after flags are parsed (grain workers read absl flags)

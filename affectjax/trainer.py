@@ -22,8 +22,6 @@ from affectjax.models import affect, preprocess
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
                  'va_ccc', 'mtl_score')
-PREPROCESSING = {'unit': preprocess.UNIT, 'imagenet': preprocess.IMAGENET,
-                 'vggface2': preprocess.VGGFACE2}
 
 
 @dataclasses.dataclass
@@ -59,10 +57,10 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> dict:
     if meta is not None:
       return dict(meta['preprocessing'])
     name = 'unit'
-  if name not in PREPROCESSING:
+  if name not in preprocess.PRESETS:
     raise ValueError(f'config.preprocessing={name!r}: expected auto or one of '
-                     f'{", ".join(PREPROCESSING)}')
-  return dict(PREPROCESSING[name])
+                     f'{", ".join(preprocess.PRESETS)}')
+  return dict(preprocess.PRESETS[name])
 
 
 def read_weights_meta(path: str) -> dict | None:
@@ -119,7 +117,7 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   tx = optim.create_optimizer(config.optim, schedule)
   model = affect.create_model(config.model, tasks, config.num_expr_classes)
   size = config.data.image_size
-  state = train.create_train_state(model, tx, jax.random.PRNGKey(config.seed), (size, size, 3))
+  state = train.create_train_state(model, tx, config.seed, (size, size, 3))
   return Run(config, tasks, mesh, model, state, steps_per_epoch, total_steps, schedule)
 
 

@@ -51,7 +51,7 @@ def make_state_and_step(config, num_devices, tasks=('expr', 'au', 'va')):
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch=10, num_epochs=1)
   model = affect.create_model(config.model, tasks, 7)
   state = train.create_train_state(model, optim.create_optimizer(config.optim, schedule),
-                                   jax.random.PRNGKey(0), (IMAGE, IMAGE, 3))
+                                   0, (IMAGE, IMAGE, 3))
   mesh = parallel.make_mesh(num_devices)
   step = parallel.data_parallel(
       functools.partial(train.train_step, config=config, lr_schedule=schedule), mesh)
