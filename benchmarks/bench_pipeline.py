@@ -90,7 +90,7 @@ def decoder_table(jpegs: list, reps: int) -> list:
   }
   runs = {name: (lambda fn=fn: [fn(j, a) for j, a in zip(jpegs, arrays)])
           for name, fn in decoders.items()}
-  times, _ = common.interleaved_times(runs, reps)
+  _, times = common.interleaved_times(runs, reps)  # CPU seconds: per core
   reference = [decoders['PIL'](j, a).astype(np.int16) for j, a in zip(jpegs[:200], arrays)]
   rows = []
   for name, fn in decoders.items():
@@ -155,8 +155,8 @@ def main():
   print(common.format_table(
       ('pipeline', 'img/s per core', 'x torchvision', 'x decoder alone', 'img/s wall',
        'x torchvision (wall)'), rows))
-  print('\nDecoders on the same crops (difference to PIL over 200 images):')
-  print(common.format_table(('decoder', 'img/s', 'mean |diff|', 'max |diff|'),
+  print('\nDecoders on the same in-memory crops (difference to PIL over 200 images):')
+  print(common.format_table(('decoder', 'img/s per core', 'mean |diff|', 'max |diff|'),
                             decoder_table(jpegs[:500], args.reps)))
   print(f'\ncommand: {common.command_line()}')
 
