@@ -4,8 +4,10 @@ Preparing it needs TensorFlow (`pip install affectjax[tfds]`); reading it back w
 `tfds.data_source` (what `sources.TfdsSource` does) does not. This module imports
 tensorflow_datasets at import time, so nothing in affectjax imports it except on demand.
 
-  tfds build affectjax/data/tfds_builder.py --config per_task_7 \
+  tfds build affwild2 --imports affectjax.data.tfds_builder --config per_task_7 \
       --manual_dir /data/affwild2 --data_dir ~/tensorflow_datasets --file_format array_record
+
+then train with `data.source='tfds'`, `data.packed_dir=~/tensorflow_datasets`.
 
 Examples are written in index order (shuffling disabled): example i of a split is row i of
 `build_index(manual_dir, split, layout=..., num_expr_classes=...)` with all three tasks.
