@@ -207,6 +207,16 @@ def test_tfds_builder_examples_and_source(dataset_root):
   for row in range(len(index)):
     _assert_records_equal(source[row], tree[row])
     assert stored[row]['video'].decode() == index.video_names[index.video_id[row]]
+  au_only = index_lib.build_index(dataset_root, 'validation', layout='per_task', tasks=('au',),
+                                  num_expr_classes=7)
+  mapped = sources.TfdsSource('', 'validation', 'per_task_7', au_only, data_source=stored,
+                              prepared_index=index)
+  tree = sources.JpegTreeSource(au_only)
+  assert len(mapped) == len(au_only)
+  for row in range(len(au_only)):
+    _assert_records_equal(mapped[row], tree[row])
+  with pytest.raises(sources.DataError, match='examples'):
+    sources.TfdsSource('', 'validation', 'per_task_7', index, data_source=stored[:-1])
   assert tfds_builder.config_name(index.summary['layout'], 7) == 'per_task_7'
 
 

@@ -172,6 +172,11 @@ def record_numbers(packed, index, where: str) -> np.ndarray:
   return records
 
 
+def _relabel(record: dict, index, row: int) -> dict:
+  """A packed record as row `row` of another index of the same frames (labels from `index`)."""
+  return make_record(record['jpeg'], index.expr[row], index.au[row], index.va[row], row)
+
+
 class ArrayRecordSource:
   """Records from packed ArrayRecord shards.
 
@@ -202,8 +207,7 @@ class ArrayRecordSource:
   def __getitem__(self, row) -> dict:
     if self._record_of is None:
       return parse_record(self._records[int(row)])
-    record, ix = parse_record(self._records[int(self._record_of[row])]), self._index
-    return make_record(record['jpeg'], ix.expr[row], ix.au[row], ix.va[row], row)
+    return _relabel(parse_record(self._records[int(self._record_of[row])]), self._index, row)
 
   def __getitems__(self, rows) -> list:
     # One read per record: array_record's batched read starts a thread pool per call, which
@@ -221,33 +225,43 @@ def record_from_tfds_example(example: dict) -> dict:
 
 
 class TfdsSource:
-  """Records of the `affwild2` TFDS dataset; its examples are in index order (no shuffling)."""
+  """Records of the `affwild2` TFDS dataset, whose examples are the rows of `prepared_index`
+  in order (the builder's all-task index; shuffling disabled). `index` (default: the prepared
+  one) may be any index of its frames, as for `ArrayRecordSource`."""
 
   def __init__(self, data_dir: str, split: str, config_name: str, index=None,
-               data_source=None):
+               data_source=None, prepared_index=None):
     if data_source is None:
       import tensorflow_datasets as tfds  # deferred: optional `tfds` extra
       from affectjax.data import tfds_builder  # registers the `affwild2` builder
       data_source = tfds.data_source(
           f'{tfds_builder.Affwild2.name}/{config_name}', split=split, data_dir=data_dir,
           decoders={'image': tfds.decode.SkipDecoding()}, download=False)
-    self._examples = data_source
-    if index is not None:
-      if len(data_source) != len(index):
-        raise DataError(f'TFDS affwild2/{config_name} {split} has {len(data_source)} examples, '
-                        f'the index {len(index)} rows: prepare it from the same settings.')
-      for row in {0, len(index) - 1} if len(index) else ():
-        record = self[row]
-        if (int(record['index']) != row or int(record['expr']) != int(index.expr[row])
-            or not np.array_equal(record['au'], index.au[row])):
-          raise DataError(f'TFDS affwild2/{config_name} {split} example {row} does not match '
-                          'the index row: prepare it from the same settings.')
+    self._examples, self._index, self._record_of = data_source, index, None
+    prepared = index if prepared_index is None else prepared_index
+    if prepared is None:
+      return
+    where = f'TFDS affwild2/{config_name} {split}'
+    if len(data_source) != len(prepared):
+      raise DataError(f'{where} has {len(data_source)} examples, the index it should hold '
+                      f'{len(prepared)} rows: prepare it from the same data and settings.')
+    for row in {0, len(prepared) - 1} if len(prepared) else ():
+      record = record_from_tfds_example(data_source[row])
+      if (int(record['index']) != row or int(record['expr']) != int(prepared.expr[row])
+          or not np.array_equal(record['au'], prepared.au[row])):
+        raise DataError(f'{where} example {row} does not match the index row: prepare it from '
+                        'the same data and settings.')
+    if index is not None and prepared is not index:
+      self._record_of = record_numbers(prepared, index, where)
 
   def __len__(self) -> int:
-    return len(self._examples)
+    return len(self._examples) if self._record_of is None else len(self._record_of)
 
   def __getitem__(self, row) -> dict:
-    return record_from_tfds_example(self._examples[int(row)])
+    if self._record_of is None:
+      return record_from_tfds_example(self._examples[int(row)])
+    example = record_from_tfds_example(self._examples[int(self._record_of[row])])
+    return _relabel(example, self._index, row)
 
   def __getitems__(self, rows) -> list:
     return [self[r] for r in rows]
@@ -265,7 +279,14 @@ def make_source(index, data_config):
   if kind == 'tfds':
     if not data_config.packed_dir:
       raise ValueError("data.source='tfds' needs data.packed_dir (the TFDS data_dir)")
+    from affectjax.data import index as index_lib  # deferred: only TFDS needs to rebuild
     from affectjax.data import tfds_builder
-    name = tfds_builder.config_name(index.summary['layout'], index.summary['num_expr_classes'])
-    return TfdsSource(data_config.packed_dir, index.split, name, index)
+    summary = index.summary
+    prepared = index_lib.build_index(  # the builder's index: all tasks (cached, so cheap)
+        index.root, index.split, layout=summary['layout'], tasks=labels.TASKS,
+        num_expr_classes=summary['num_expr_classes'], check_images=summary['check_images'],
+        cache_dir=data_config.cache_dir or None)
+    name = tfds_builder.config_name(summary['layout'], summary['num_expr_classes'])
+    return TfdsSource(data_config.packed_dir, index.split, name, index,
+                      prepared_index=prepared)
   raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
