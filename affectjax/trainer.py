@@ -166,7 +166,11 @@ def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = Fals
     accumulator.update(outputs, batch)
     if rows is not None:
       rows.append((outputs, batch))
-  return accumulator.compute(), rows
+  results = accumulator.compute()
+  # Undecodable frames are padding rows; say how many (summed over processes).
+  results['skipped_frames'] = int(np.sum(multihost_utils.process_allgather(
+      np.asarray([iterator.num_skipped]))))
+  return results, rows
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str):
