@@ -17,7 +17,7 @@ from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
 from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train, weights
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, synthetic
+from affectjax.data import pipeline, sampling, sources, synthetic
 from affectjax.models import affect, preprocess
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
@@ -85,9 +85,15 @@ def data_root(config: ml_collections.ConfigDict) -> str:
 
 
 def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple):
-  index = index_lib.build_index(
-      data_root(config), split, layout=config.data.layout, tasks=tasks,
-      num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
+  """The frame index of `split`: from the Aff-Wild2 root, or from packed shards alone."""
+  if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
+    # Training from ArrayRecord shards without the raw tree: the pack carries its index.
+    index = sources.packed_index(config.data.packed_dir, split)
+    index = index.subset(sampling.labelled_rows(index, tasks))
+  else:
+    index = index_lib.build_index(
+        data_root(config), split, layout=config.data.layout, tasks=tasks,
+        num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
   if is_main_process():
     print(index.describe(), flush=True)
   return index
