@@ -82,7 +82,9 @@ def test_eight_devices_give_the_single_device_update():
   for m1, m8 in zip(metrics1, metrics8):
     for k in ('loss', 'loss_expr', 'loss_au', 'loss_va', 'grad_norm', 'count_expr'):
       np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  assert_trees_close(state8.params, state1.params, rtol=1e-4, atol=1e-6)
+  # Summation order differs across devices; Adam's m / sqrt(v) can amplify float32 rounding
+  # of near-zero gradients to a few 1e-6 after three steps (a learning-rate-sized step is 1e-2).
+  assert_trees_close(state8.params, state1.params, rtol=1e-4, atol=2e-5)
   assert_trees_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-6)
   # The update really moved the parameters (the comparison is not between two no-ops).
   state0, _, _ = make_state_and_step(config, 1)
