@@ -120,9 +120,9 @@ def init_from(state, path: str):
                                         loaded.get('batch_stats', {}))
   for k in report:
     report[k] += [f'batch_stats/{p}' for p in stats_report[k]]
-  logging.info('init_from %s: %d arrays loaded, %d missing, %d unexpected, %d mismatched',
-               path, len(report['loaded']), len(report['missing']),
-               len(report['unexpected']), len(report['mismatched']))
+  print(f"init_from {path}: {len(report['loaded'])} arrays loaded, {len(report['missing'])} "
+        f"missing (kept from initialisation), {len(report['unexpected'])} unexpected, "
+        f"{len(report['mismatched'])} with another shape", flush=True)
   for kind in ('missing', 'unexpected', 'mismatched'):
     if report[kind]:
       logging.warning('init_from %s keys: %s', kind, ', '.join(report[kind][:20]) +

@@ -1,0 +1,71 @@
+"""Checkpoints: weights-only initialisation from converted weights and from runs, key reports."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import config as config_lib
+from affectjax import train, weights
+from affectjax.models import affect
+
+IMAGE = (16, 16, 3)
+
+
+def tiny_state(seed: int, tasks=('expr', 'au'), width: int = 4):
+  c = config_lib.base_config().model
+  c.arch, c.width, c.head_hidden = 'resnet18', width, 8
+  model = affect.create_model(c, tasks, 7)
+  return train.create_train_state(model, optax.adam(1e-3), seed, IMAGE)
+
+
+def leaves_equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_merge_variables_reports_loaded_missing_unexpected_and_mismatched():
+  target = {'a': {'kernel': np.zeros((2, 3))}, 'b': {'bias': np.zeros(4)},
+            'c': {'scale': np.zeros(5)}}
+  loaded = {'a': {'kernel': np.ones((2, 3))}, 'b': {'bias': np.ones(7)},
+            'x': {'kernel': np.ones(1)}}
+  merged, report = ckpt_lib.merge_variables(target, loaded)
+  np.testing.assert_array_equal(merged['a']['kernel'], np.ones((2, 3)))
+  np.testing.assert_array_equal(merged['b']['bias'], np.zeros(4))  # shape differs: kept
+  assert report['loaded'] == ['a/kernel']
+  assert report['missing'] == ['c/scale']  # b/bias is in the file, with another shape
+  assert report['unexpected'] == ['x/kernel']
+  assert report['mismatched'] == ['b/bias: (7,) vs (4,)']
+
+
+def test_init_from_converted_backbone_weights_keeps_the_new_heads(tmp_path):
+  source, fresh = tiny_state(1), tiny_state(2)
+  variables = {'params': {'backbone': jax.device_get(source.params['backbone'])},
+               'batch_stats': {'backbone': jax.device_get(source.batch_stats['backbone'])}}
+  meta = {'arch': 'resnet18', 'width': 4, 'stride_on': '3x3', 'stem_pool': 'torch',
+          'preprocessing': {'channel_order': 'RGB', 'mean': [0, 0, 0], 'std': [1, 1, 1]}}
+  weights.save_converted(str(tmp_path), variables, meta)
+  state, report = ckpt_lib.init_from(fresh, str(tmp_path))
+  assert leaves_equal(state.params['backbone'], source.params['backbone'])
+  assert leaves_equal(state.batch_stats['backbone'], source.batch_stats['backbone'])
+  assert leaves_equal(state.params['head'], fresh.params['head'])
+  assert report['missing'] and all(k.startswith('head/') for k in report['missing'])
+  assert not report['unexpected'] and not report['mismatched']
+
+
+def test_init_from_a_run_restores_its_weights_not_its_optimizer(tmp_path):
+  source, fresh = tiny_state(3), tiny_state(4)
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
+  checkpoints.save(7, source, {'step': 7}, score=1.0)
+  checkpoints.close()
+  state, report = ckpt_lib.init_from(fresh, str(tmp_path))
+  assert leaves_equal(state.params, source.params)
+  assert int(state.step) == 0 and not report['missing']
+
+
+def test_init_from_rejects_weights_that_match_nothing(tmp_path):
+  source = tiny_state(5)
+  variables = {'params': {'other': jax.device_get(source.params['backbone'])}, 'batch_stats': {}}
+  weights.save_converted(str(tmp_path), variables, {'arch': 'resnet18'})
+  with pytest.raises(ValueError, match='no parameter matched'):
+    ckpt_lib.init_from(tiny_state(6), str(tmp_path))
