@@ -165,13 +165,13 @@ def test_default_size_has_every_class_in_both_splits():
       counts[plan.split] += np.bincount(track['expr'][~track['missing']['expr']], minlength=8)
   for split, c in counts.items():
     assert (c > 0).all(), (split, c)
-    assert c[[0, 4]].min() > c[[1, 2, 3, 5, 6]].max(), c  # Neutral and Happiness dominate
+    assert c[[0, 4]].sum() > 0.35 * c[:7].sum(), c  # Neutral and Happiness dominate (2/7 = 0.29)
 
 
 def test_tracks_are_smooth_and_segmented():
   track = sl.simulate_track(np.random.default_rng(0), 2000)
   changes = np.flatnonzero(np.diff(track['expr']) != 0)
-  assert len(changes) > 20 and np.diff(changes).min() >= 20  # segments of 20..60 frames
+  assert len(changes) > 20 and np.diff(changes).min() >= 15  # segments of 15..45 frames
   va_step = np.abs(np.diff(track['va'], axis=0)).mean(0)
   assert (va_step < 0.1 * track['va'].std(0)).all()
   au_step = np.abs(np.diff(track['au_intensity'], axis=0))
@@ -286,3 +286,19 @@ def test_index_reads_both_layouts_with_expected_counts(small):
     assert set(per_task.video_names) <= {v['name'] for v in videos}
   train = index_lib.build_index(root, 'train', num_expr_classes=8, use_cache=False)
   assert train.summary['two_subject_videos'] == 2
+
+
+def test_one_sided_au_moves_one_half():
+  """Other is drawn as one-sided AUs: [2, 12] intensities move only their half of the face."""
+  identity = faces.Identity()
+  base = faces.render_face(np.zeros(12), identity).astype(float)
+  for name in ('AU2', 'AU12'):
+    au = np.zeros((2, 12))
+    au[1, labels.AU_NAMES.index(name)] = 1.0  # image-right half
+    diff = np.abs(faces.render_face(au, identity).astype(float) - base).sum(-1)
+    centre = int(faces.FACE_CENTRE[0])
+    assert diff[:, centre:].sum() > 4 * diff[:, :centre].sum(), name
+    both = np.zeros(12)
+    both[labels.AU_NAMES.index(name)] = 1.0
+    np.testing.assert_array_equal(faces.render_face(np.stack([both, both]), identity),
+                                  faces.render_face(both, identity))
