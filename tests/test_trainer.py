@@ -159,3 +159,28 @@ def test_packed_shards_alone_serve_the_index(config, tmp_path):
   assert len(from_pack) == len(from_tree)
   for key in ('video_id', 'frame', 'expr', 'au', 'va'):
     np.testing.assert_array_equal(getattr(from_pack, key), getattr(from_tree, key))
+
+
+@pytest.mark.parametrize('name', ['mtl', 'mtl_va', 'expr', 'au', 'va', 'mtl3'])
+def test_every_config_has_demo_and_test_variants(name):
+  for variant in ('demo', 'test'):
+    c = load_config(name, variant)
+    assert c.data.root == '' and c.model.arch == 'resnet18'
+  full = load_config(name, '')
+  assert full.model.arch == 'resnet50' and full.data.image_size == 112
+
+
+@pytest.mark.parametrize('name,sampling', [('mtl', 'alternating'), ('mtl_va', 'balanced')])
+def test_published_system_configs_train(name, sampling, config, tmp_path):
+  c = load_config(name, 'test')
+  assert c.data.sampling == sampling
+  c.data.cache_dir = config.data.cache_dir
+  c.num_devices = 2
+  c.halt_after_steps = 4
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  assert summary['steps'] == 4
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_records = [r for r in records if r['split'] == 'train']
+  assert train_records and all(np.isfinite(r['loss']) for r in train_records)
+  if name == 'mtl_va':
+    assert all('loss_va5' in r for r in train_records)
