@@ -17,13 +17,16 @@ DESIGN_SIZE = 112.0
 FACE_CENTRE = (56.0, 58.0)  # Design pixels of the face centre in a frontal, unscaled crop.
 _SHIFT = 4  # Fixed-point bits for sub-pixel cv2 drawing.
 _AU = {name: i for i, name in enumerate(AU_NAMES)}
+# FACS AUs outside the ABAW twelve that the renderer can draw (never labelled): tongue show and
+# cheek puff, the 'Other' expressions of the synthetic set.
+OTHER_AU_NAMES = ('AU19', 'AU34')
 
 # Boxes (x0, y0, x1, y1) in pixels of a frontal, unscaled 112 crop where each part moves, and the
 # part each AU moves (tests check that an AU's pixel change stays in its box).
 FACE_REGIONS = {
     'brows': (20, 12, 92, 52),
     'eyes': (26, 40, 86, 60),
-    'cheeks': (18, 40, 94, 80),
+    'cheeks': (8, 40, 104, 84),
     'mouth': (16, 54, 96, 112),
 }
 AU_REGIONS = {'AU1': 'brows', 'AU2': 'brows', 'AU4': 'brows', 'AU6': 'cheeks', 'AU7': 'eyes',
@@ -173,16 +176,18 @@ def _background(size: int, ident: Identity) -> np.ndarray:
   return img
 
 
-def _head(cv: _Canvas, ident: Identity, a):
+def _head(cv: _Canvas, ident: Identity, a, puff: float):
   skin = ident.skin
   half_w, top, bottom = 36 * ident.face_width, 50 * ident.face_height, 46 * ident.face_height
-  bottom += 9 * a[:, _AU['AU26']].mean()  # Jaw drop lowers the chin.
+  bottom += 9 * a[_AU['AU26']]  # Jaw drop lowers the chin.
   cv.fill([[-70, 70], [-55, 48], [55, 48], [70, 70], [70, 120], [-70, 120]], ident.clothes)
   cv.fill([[-17, 20], [17, 20], [19, 70], [-19, 70]], _shade(skin, 0.72))
   t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
   sin = np.sin(t)
-  x = half_w * np.cos(t) * np.where(sin > 0, 1 - 0.22 * sin ** 2, 1.0)
   y = sin * np.where(sin > 0, bottom, top)
+  # AU34 puffs the cheeks out: the outline bulges at cheek height.
+  bulge = 1 + 0.16 * puff * np.exp(-0.5 * ((y - 16) / 12) ** 2)
+  x = half_w * np.cos(t) * np.where(sin > 0, 1 - 0.22 * sin ** 2, 1.0) * bulge
   outline = np.stack([x, y], 1)
   cv.fill(outline, skin)
   lower = outline[(sin > -0.1)]
@@ -196,23 +201,18 @@ def _head(cv: _Canvas, ident: Identity, a):
   cv.fill(np.concatenate([arc, front]), ident.hair)
 
 
-def _side(a, s: int) -> np.ndarray:
-  """AU intensities [12] of the image-left (s=-1) or image-right (s=+1) half of the face."""
-  return a[(s + 1) // 2]
-
-
 def _brows(cv: _Canvas, ident: Identity, a):
+  a1, a2, a4 = a[_AU['AU1']], a[_AU['AU2']], a[_AU['AU4']]
   es = ident.eye_spacing
   wrinkle = _shade(ident.skin, 0.6)
   for k, y in enumerate((-33.0, -38.0)):  # Forehead lines: centre from AU1, sides from AU2.
-    a1 = a[:, _AU['AU1']].mean()
     cv.line(_curve([-10, y + 1], [0, y - 1], [10, y + 1], 8), wrinkle, 1.0, 4, 0.9 * a1 - 0.1 * k)
     for s in (-1, 1):
       cv.line(_curve([s * 13, y], [s * 19, y - 1.5], [s * 25, y + 1], 6), wrinkle, 1.0, 4,
-              0.9 * _side(a, s)[_AU['AU2']] - 0.1 * k)
+              0.9 * a2 - 0.1 * k)
+  for s in (-1, 1):  # Glabella furrows from AU4.
+    cv.line([[s * 2.5, -22], [s * 2.0, -11]], wrinkle, 1.6, 6, a4)
   for s in (-1, 1):
-    a1, a2, a4 = (_side(a, s)[_AU[n]] for n in ('AU1', 'AU2', 'AU4'))
-    cv.line([[s * 2.5, -22], [s * 2.0, -11]], wrinkle, 1.6, 6, a4)  # Glabella furrow.
     inner = [s * (5.5 - 3.5 * a4) * es, -19 - 8 * a1 + 6.5 * a4]
     mid = [s * 15 * es, -23 - 3 * a1 - 4 * a2 + 4 * a4]
     outer = [s * 26 * es, -20 - 8.5 * a2 + 1.5 * a4]
@@ -222,12 +222,12 @@ def _brows(cv: _Canvas, ident: Identity, a):
 
 
 def _eyes(cv: _Canvas, ident: Identity, a, gaze):
+  a6, a7 = a[_AU['AU6']], a[_AU['AU7']]
   skin = ident.skin
   for s in (-1, 1):
-    a6, a7 = _side(a, s)[_AU['AU6']], _side(a, s)[_AU['AU7']]
     cx, cy, half = s * 16 * ident.eye_spacing, -6.0, 8.5
-    upper_h = 5.2 * (1 - 0.6 * a7) * (1 - 0.12 * a6)
-    lower_h = 3.4 * (1 - 0.6 * a6) * (1 - 0.65 * a7)
+    upper_h = 5.2 * (1 - 0.45 * a7) * (1 - 0.12 * a6)
+    lower_h = 3.4 * (1 - 0.6 * a6) * (1 - 0.55 * a7)
     u = np.linspace(-1, 1, 13)
     upper = np.stack([cx + half * u, cy - upper_h * (1 - u ** 2) ** 0.8], 1)
     lower = np.stack([cx + half * u, cy + lower_h * (1 - u ** 2)], 1)[::-1]
@@ -261,19 +261,19 @@ def _iris(cv: _Canvas, eye, centre, color):
   img[y0:y1, x0:x1] = (layer[y0:y1, x0:x1] * m + img[y0:y1, x0:x1] * (1 - m)).astype(np.uint8)
 
 
-def _nose_cheeks(cv: _Canvas, ident: Identity, a):
+def _nose_cheeks(cv: _Canvas, ident: Identity, a, puff: float):
+  a6, a10, a12 = a[_AU['AU6']], a[_AU['AU10']], a[_AU['AU12']]
   skin = ident.skin
   for s in (-1, 1):  # AU6: raised cheek apples.
-    a6 = _side(a, s)[_AU['AU6']]
     cv.fill(_ellipse(s * 20, 12 - 5 * a6, 9 + 1.5 * a6, 6 + 2 * a6, 20),
             _mix(skin, (205, 85, 90), 0.45), 4, 0.1 + 0.55 * a6)
+    # AU34: taut, shiny puffed cheeks.
+    cv.fill(_ellipse(s * 24, 17, 9, 8, 20), _mix(skin, (255, 255, 255), 0.35), 4, 0.8 * puff)
   cv.line([[2.0, -6], [3.5, 7]], _shade(skin, 0.7), 1.0, 14, 0.35)
   for y in (-1.0, 2.0, 5.0):  # AU10 wrinkles the nose as it lifts the upper lip.
-    cv.line(_curve([-4, y + 1], [0, y], [4, y + 1], 6), _shade(skin, 0.55), 1.0, 16,
-            a[:, _AU['AU10']].mean())
+    cv.line(_curve([-4, y + 1], [0, y], [4, y + 1], 6), _shade(skin, 0.55), 1.0, 16, a10)
   cv.line(_curve([-6, 9], [0, 12], [6, 9], 8), _shade(skin, 0.6), 1.0, 18, 0.5)
   for s in (-1, 1):
-    a10, a12 = _side(a, s)[_AU['AU10']], _side(a, s)[_AU['AU12']]
     cv.fill(_ellipse(s * 4.2, 10 - 1.5 * a10, 2.3 + 0.6 * a10, 1.4, 12), _shade(skin, 0.4), 16)
     # Nasolabial folds: deep with AU10, moderate and pushed out with AU12.
     fold = _curve([s * 6.5, 7 - 1.5 * a10], [s * (12.5 + 2 * a12), 16], [s * (15 + 3 * a12), 26],
@@ -281,18 +281,14 @@ def _nose_cheeks(cv: _Canvas, ident: Identity, a):
     cv.line(fold, _shade(skin, 0.58), 1.4, 8, min(1.0, 0.12 + 0.85 * a10 + 0.3 * a12))
 
 
-def _mouth(cv: _Canvas, ident: Identity, a):
-  u = np.linspace(-1, 1, 21)
-  # Each side's AUs shape its half of the mouth; the two blend smoothly across the middle.
-  w = np.clip((u + 1) / 2, 0, 1) ** 2 * (3 - 2 * np.clip((u + 1) / 2, 0, 1))
-  g = {n: a[0, _AU[n]] * (1 - w) + a[1, _AU[n]] * w
-       for n in ('AU10', 'AU12', 'AU15', 'AU23', 'AU24', 'AU25', 'AU26')}
-  mean = {n: float(v.mean()) for n, v in g.items()}
+def _mouth(cv: _Canvas, ident: Identity, a, tongue: float):
+  g = {n: a[_AU[n]] for n in ('AU10', 'AU12', 'AU15', 'AU23', 'AU24', 'AU25', 'AU26')}
   skin = ident.skin
   half = 14.5 * ident.mouth_width * (1 + 0.25 * g['AU12'] - 0.42 * g['AU23'] - 0.12 * g['AU26'])
   corner = -8 * g['AU12'] + 8 * g['AU15']
   thin = (1 - 0.45 * g['AU23']) * (1 - 0.65 * g['AU24']) * ident.lip_thickness
   gap = 5.5 * g['AU25'] + 9 * g['AU26']
+  u = np.linspace(-1, 1, 21)
   x = half * u
   line = 27 + corner * u ** 2
   open_profile = (1 - u ** 2) ** 0.6
@@ -304,37 +300,43 @@ def _mouth(cv: _Canvas, ident: Identity, a):
   lo_out = lo_in + 5.0 * thin * np.sqrt(1 - u ** 2)
   pts = lambda top, bot: np.concatenate([np.stack([x, top], 1), np.stack([x, bot], 1)[::-1]])
   # AU24: pressed lips push the skin below the lower lip out (a shaded bulge).
-  cv.fill(_ellipse(0, lo_out.max() + 4.5, half.mean() * 0.55, 3, 16), _shade(skin, 0.75), 8,
-          0.75 * mean['AU24'])
-  if (gap + raise10).max() > 0.4:
+  cv.fill(_ellipse(0, lo_out.max() + 4.5, half * 0.55, 3, 16), _shade(skin, 0.75), 8,
+          0.75 * g['AU24'])
+  if gap + raise10.max() > 0.4:
     cv.fill(pts(up_in, lo_in), (60, 18, 28), 8)
     cv.fill(pts(up_in, np.minimum(up_in + 3.2, lo_in)), (240, 238, 228), 8)
     cv.fill(pts(np.maximum(lo_in - 2.2, up_in + 3.2), lo_in), (225, 222, 210), 8,
-            float(np.clip(gap.max() / 6 - 0.3, 0, 1)))
+            float(np.clip(gap / 6 - 0.3, 0, 1)))
   cv.fill(pts(up_out, up_in), ident.lips, 8)
   cv.fill(pts(lo_in, lo_out), ident.lips, 8)
-  cv.line(np.stack([x, (up_in + lo_in) / 2], 1), _shade(ident.lips, 0.45), 1.0 + mean['AU24'],
-          8, 0.9 - min(gap.max(), 3) / 3.5)
-  cv.line(_curve([-7, 0], [0, 2.5], [7, 0], 8) + [0, lo_out.max() + 6 + 5 * mean['AU26']],
+  cv.line(np.stack([x, (up_in + lo_in) / 2], 1), _shade(ident.lips, 0.45), 1.0 + g['AU24'], 8,
+          0.9 - min(gap, 3) / 3.5)
+  if tongue > 0.02:  # AU19: the tongue out over the lower lip.
+    top = float(up_in[len(u) // 2]) + 1.5
+    tip = _ellipse(0, top + 2 + 5 * tongue, 6.5, 2 + 5 * tongue, 20, 0, np.pi)
+    shape = np.concatenate([[[-6.5, top]], tip, [[6.5, top]]])
+    cv.fill(shape, (212, 78, 98), 10, min(1.0, 2 * tongue))
+    cv.line(tip, (130, 35, 50), 1.0, 10, min(1.0, 2 * tongue))
+  cv.line(_curve([-7, 0], [0, 2.5], [7, 0], 8) + [0, lo_out.max() + 6 + 5 * g['AU26']],
           _shade(skin, 0.72), 1.0, 6, 0.5)
 
 
 def render_face(au_intensity, identity: Identity, scene: Scene = Scene(), size: int = 112,
-                rng: np.random.Generator | None = None) -> np.ndarray:
+                rng: np.random.Generator | None = None, other_aus=(0.0, 0.0)) -> np.ndarray:
   """Renders one face -> RGB uint8 [size, size, 3].
 
-  au_intensity: float in [0, 1], order of AU_NAMES: [12] for a symmetric face, or [2, 12] for the
-  image-left and image-right halves (asymmetric expressions).
+  au_intensity: float [12] in [0, 1], order of AU_NAMES. other_aus: float [2] in [0, 1], order of
+  OTHER_AU_NAMES. rng: only for the scene's pixel noise.
   """
   a = np.clip(np.asarray(au_intensity, float), 0, 1)
-  a = np.broadcast_to(a, (2, len(AU_NAMES)))
+  tongue, puff = np.clip(np.asarray(other_aus, float), 0, 1)
   img = _background(size, identity)
   cv = _Canvas(img, scene)
-  _head(cv, identity, a)
+  _head(cv, identity, a, puff)
   _brows(cv, identity, a)
   _eyes(cv, identity, a, scene.gaze)
-  _nose_cheeks(cv, identity, a)
-  _mouth(cv, identity, a)
+  _nose_cheeks(cv, identity, a, puff)
+  _mouth(cv, identity, a, tongue)
   out = img.astype(np.float32)
   if scene.light_strength or scene.brightness != 1.0:
     r = (np.arange(size, dtype=np.float32) - size / 2) / size

@@ -26,7 +26,7 @@ from affectjax import labels
 from affectjax.data import faces
 from affectjax.data import synthetic_labels as sl
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = 'synthetic_manifest.json'
 SPLIT_DIRS = {'train': 'Train_Set', 'validation': 'Validation_Set'}
 MTL_FILES = {'train': 'training_set_annotations.txt',
@@ -150,7 +150,8 @@ def _write_video(root: pathlib.Path, plan: VideoPlan, params: dict, bar) -> tupl
   frame_dir.mkdir(parents=True, exist_ok=True)
   for k in range(plan.num_frames):
     if track['has_image'][k]:
-      rgb = faces.render_face(track['au_sides'][k], identity, scenes[k], params['image_size'], rng)
+      rgb = faces.render_face(track['au_intensity'][k], identity, scenes[k], params['image_size'],
+                              rng, track['other_aus'][k])
       ok, jpeg = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                               [cv2.IMWRITE_JPEG_QUALITY, quality])
       assert ok, plan.name

@@ -10,7 +10,7 @@ import numpy as np
 from affectjax import labels
 from affectjax.data import faces
 
-_AU = {name: i for i, name in enumerate(labels.AU_NAMES)}
+_TARGET = {name: i for i, name in enumerate(labels.AU_NAMES + faces.OTHER_AU_NAMES)}
 OTHER = 7  # Index of 'Other' in labels.EXPR_CLASSES_8.
 # Prototype AUs per class of labels.EXPR_CLASSES_7.
 PROTOTYPES = (
@@ -22,12 +22,14 @@ PROTOTYPES = (
     ('AU1', 'AU4', 'AU15'),  # Sadness
     ('AU1', 'AU2', 'AU25', 'AU26'),  # Surprise
 )
-# Other: one-sided expressions (smirk, sneer, a single raised brow), as in contempt or scepticism.
-OTHER_MIXES = (('AU12',), ('AU2', 'AU12'), ('AU2',), ('AU10', 'AU12'))
+# Other: a gesture outside the basic expressions (faces.OTHER_AU_NAMES: tongue show, cheek puff)
+# with ABAW AUs in a combination no basic expression has (mouth open without raised brows, cheeks
+# raised without a smile), so the class is visible both as itself and through the AUs.
+OTHER_MIXES = ((('AU19',), ('AU25', 'AU26')), (('AU34',), ('AU6', 'AU24')))
 # Spurious AUs that may join any segment, so AU labels are not a function of the expression.
 SPURIOUS = ('AU2', 'AU24', 'AU25')
 # Segment class prior, imbalanced like the real set: Neutral and Happiness dominate.
-EXPR_PRIOR = np.array([0.23, 0.09, 0.09, 0.09, 0.19, 0.11, 0.11, 0.09])
+EXPR_PRIOR = np.array([0.22, 0.09, 0.09, 0.09, 0.19, 0.11, 0.11, 0.10])
 # Valence and arousal per unit of AU intensity (order of labels.AU_NAMES), and per class offsets.
 VALENCE_WEIGHTS = np.array([-0.15, 0.05, -0.3, 0.3, -0.15, -0.3, 0.55, -0.4, -0.2, -0.2, 0.0, 0.0])
 AROUSAL_WEIGHTS = np.array([0.15, 0.2, 0.15, 0.1, 0.2, 0.1, 0.15, -0.15, 0.15, 0.1, 0.25, 0.4])
@@ -62,28 +64,27 @@ def random_runs(rng: np.random.Generator, n: int, rate: float, max_len: int) -> 
 
 
 def segment_targets(rng: np.random.Generator, expr: int) -> np.ndarray:
-  """AU intensity targets float [2, 12] (image-left, image-right half) of a segment of `expr`.
-
-  Basic expressions are symmetric; Other acts on one side only.
-  """
-  target = np.tile(rng.uniform(0.0, 0.15, labels.NUM_AUS), (2, 1))
-  active = list(OTHER_MIXES[rng.integers(len(OTHER_MIXES))] if expr == OTHER
-                else PROTOTYPES[expr])
+  """Targets float [12 + 2] of a segment of `expr`: AU_NAMES then faces.OTHER_AU_NAMES."""
+  target = np.concatenate([rng.uniform(0.0, 0.15, labels.NUM_AUS), np.zeros(2)])
+  if expr == OTHER:
+    gesture, active = OTHER_MIXES[rng.integers(len(OTHER_MIXES))]
+    active = list(gesture + active)
+  else:
+    active = list(PROTOTYPES[expr])
   if rng.uniform() < 0.1:
     active.append(SPURIOUS[rng.integers(len(SPURIOUS))])
   strength = rng.uniform(0.75, 1.0)
-  sides = [rng.integers(2)] if expr == OTHER else [0, 1]
   for name in active:
-    target[sides, _AU[name]] = np.clip(strength + rng.normal(0, 0.07), 0.7, 1.0)
+    target[_TARGET[name]] = np.clip(strength + rng.normal(0, 0.07), 0.7, 1.0)
   return target
 
 
 def _segments(rng: np.random.Generator, n: int, forced_expr: int) -> list:
-  """(start, class) of consecutive segments of 15..45 frames; one of class forced_expr if >= 0."""
+  """(start, class) of consecutive segments of 12..36 frames; one of class forced_expr if >= 0."""
   starts, start = [], 0
   while start < n:
     starts.append(start)
-    start += int(rng.integers(15, 46))
+    start += int(rng.integers(12, 37))
   classes = rng.choice(len(EXPR_PRIOR), len(starts), p=EXPR_PRIOR)
   if forced_expr >= 0:
     classes[rng.integers(len(starts))] = forced_expr
@@ -93,34 +94,32 @@ def _segments(rng: np.random.Generator, n: int, forced_expr: int) -> list:
 def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1) -> dict:
   """Per-frame latent labels of one video of n frames.
 
-  Returns expr int32 [n] (8-class), au_sides float32 [n,2,12] (per face half, what is drawn),
-  au_intensity float32 [n,12] (the larger side: AU present above 0.5), va float32 [n,2] in
+  Returns expr int32 [n] (8-class), au_intensity float32 [n,12] (AU present above 0.5),
+  other_aus float32 [n,2] (faces.OTHER_AU_NAMES, drawn, not labelled), va float32 [n,2] in
   [-1,1], has_image bool [n], missing {task: bool [n]} (short sentinel runs inside annotated
   videos).
   """
   segs = _segments(rng, n, forced_expr)
   expr = np.zeros(n, np.int32)
-  num = 2 * labels.NUM_AUS
-  target = np.zeros((n, num + 2))  # Both sides' AU targets, then the VA offsets.
+  num = len(_TARGET)
+  target = np.zeros((n, num + 2))  # AU targets (labelled, then drawn only), then VA offsets.
   prev = None
   for i, (start, cls) in enumerate(segs):
     stop = segs[i + 1][0] if i + 1 < len(segs) else n
-    cur = np.concatenate([segment_targets(rng, cls).ravel(),
-                          VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
+    cur = np.concatenate([segment_targets(rng, cls), VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
     expr[start:stop] = cls
     t = np.arange(stop - start)[:, None]
     ramp = int(rng.integers(3, 7))
     w = np.clip((t + 1) / ramp, 0, 1) ** 2 * (3 - 2 * np.clip((t + 1) / ramp, 0, 1))
     target[start:stop] = cur if prev is None else prev * (1 - w) + cur * w
     prev = cur
-  noise = 0.04 * smooth_noise(rng, n, labels.NUM_AUS, 4)[:, None]
-  sides = np.clip(target[:, :num].reshape(n, 2, labels.NUM_AUS) + noise, 0, 1)
-  va = sides.mean(1) @ np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1) + target[:, num:]
+  au = np.clip(target[:, :num] + 0.04 * smooth_noise(rng, n, num, 4), 0, 1)
+  va = au[:, :labels.NUM_AUS] @ np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1) + target[:, num:]
   va = np.clip(va + 0.04 * smooth_noise(rng, n, 2, 6), -1, 1)
   missing = {task: random_runs(rng, n, 1 / 80, 8) for task in labels.TASKS}
   has_image = ~random_runs(rng, n, 1 / 100, 5)
-  return {'expr': expr, 'au_sides': sides.astype(np.float32),
-          'au_intensity': sides.max(1).astype(np.float32), 'va': va.astype(np.float32),
+  return {'expr': expr, 'au_intensity': au[:, :labels.NUM_AUS].astype(np.float32),
+          'other_aus': au[:, labels.NUM_AUS:].astype(np.float32), 'va': va.astype(np.float32),
           'has_image': has_image, 'missing': missing}
 
 
