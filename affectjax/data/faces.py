@@ -186,7 +186,7 @@ def _head(cv: _Canvas, ident: Identity, a, puff: float):
   sin = np.sin(t)
   y = sin * np.where(sin > 0, bottom, top)
   # AU34 puffs the cheeks out: the outline bulges at cheek height.
-  bulge = 1 + 0.16 * puff * np.exp(-0.5 * ((y - 16) / 12) ** 2)
+  bulge = 1 + 0.16 * puff * np.exp(-0.5 * ((y - 14) / 9) ** 2)
   x = half_w * np.cos(t) * np.where(sin > 0, 1 - 0.22 * sin ** 2, 1.0) * bulge
   outline = np.stack([x, y], 1)
   cv.fill(outline, skin)
