@@ -26,7 +26,7 @@ from affectjax import labels
 from affectjax.data import faces
 from affectjax.data import synthetic_labels as sl
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MANIFEST = 'synthetic_manifest.json'
 SPLIT_DIRS = {'train': 'Train_Set', 'validation': 'Validation_Set'}
 MTL_FILES = {'train': 'training_set_annotations.txt',
