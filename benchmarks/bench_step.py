@@ -197,6 +197,9 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=1, help='train steps per timed call')
   p.add_argument('--torch-threads', type=int, default=2)
   p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--torch-omp-passive', action='store_true',
+                 help='OMP_WAIT_POLICY=PASSIVE for PyTorch: its OpenMP threads spin while they '
+                      'wait, which collapses its throughput when other processes share the cores')
   p.add_argument('--flops-archs', default='resnet18,resnet50',
                  help='archs whose multi-task step is also compiled for its FLOPs')
   p.add_argument('--quick', action='store_true',
@@ -219,6 +222,10 @@ def main(argv=None):
   runs = {'multi-task': jax_runner(mt_exe, mt_state, mt_batch, args.steps),
           'plain': jax_runner(plain_exe, plain_state, plain_batch, args.steps)}
   if not args.no_torch:
+    if args.torch_omp_passive:
+      if 'torch' in sys.modules:  # libgomp reads the variable when torch loads it
+        raise RuntimeError('torch was imported before OMP_WAIT_POLICY could be set')
+      os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'
     runs['pytorch'] = torch_runner(*shape, args.steps, args.torch_threads)
   print(f'timing {", ".join(runs)}: {args.reps} interleaved rounds of {args.steps} step(s) '
         'after one warm-up call each ...', flush=True)
