@@ -10,8 +10,8 @@ Three training steps on the same ResNet, batch and image size, float32, timed in
 Training FLOPs per image come from XLA's cost analysis of the compiled steps (forward, backward
 and optimizer), also for the extra `--flops-archs` (compiled only, not run).
 
-  python benchmarks/bench_step.py           # ResNet50, 112x112, batch 32 (about 10 min on 2 cores)
-  python benchmarks/bench_step.py --quick   # ResNet18, 64x64
+  python benchmarks/bench_step.py --torch-omp-passive  # ResNet50 112x112 b32, ~10 min on 2 cores
+  python benchmarks/bench_step.py --quick              # ResNet18 at 64x64: a smoke test
 """
 import argparse
 import datetime
