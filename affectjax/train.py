@@ -102,18 +102,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     # Per-device statistics (like DDP without SyncBatchNorm); averaged so the state stays
     # replicated. Averaging running variances is the usual approximation.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, rng=rng)
+  phase = jax.lax.pmax(batch['phase'][0], DATA_AXIS)  # same on every row and device
 
-  phase = batch['phase'][0]
-  for frozen_phase, tasks in FROZEN_HEADS_BY_PHASE.items():
-    # The phase is the same on every row and every device (batches never mix phases).
-    frozen = jax.lax.pmax(phase, DATA_AXIS) == frozen_phase
-    new_state = new_state.replace(
-        params=keep_frozen_heads(new_state.params, state.params, frozen, tasks),
-        opt_state=keep_frozen_heads(new_state.opt_state, state.opt_state, frozen, tasks))
+  def update(old: TrainState) -> TrainState:
+    new = old.apply_gradients(grads=grads, batch_stats=batch_stats)
+    for frozen_phase, tasks in FROZEN_HEADS_BY_PHASE.items():
+      frozen = phase == frozen_phase
+      new = new.replace(
+          params=keep_frozen_heads(new.params, old.params, frozen, tasks),
+          opt_state=keep_frozen_heads(new.opt_state, old.opt_state, frozen, tasks))
+    return new
 
+  # A non-finite loss (identical on every device: it is psum'd) skips the update. lax.cond
+  # rather than a tree-wide where, so XLA updates the donated state in place.
   finite = jnp.isfinite(total)
-  new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+  new_state = jax.lax.cond(finite, update, lambda old: old, state)
   # The rng must advance even when the update is skipped.
   new_state = new_state.replace(rng=rng)
   metrics = dict(aux, loss=total, grad_norm=optax.tree.norm(grads),
