@@ -42,46 +42,46 @@ def max_pool_3x3_s2(x: jax.Array, mode: str) -> jax.Array:
   raise ValueError(f'stem_pool must be one of {STEM_POOL}, got {mode!r}')
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet18/34); the stride sits on the first (stride_on is moot)."""
+class _Block(nn.Module):
+  """Fields and the shared tail (last BN, projection shortcut, add, ReLU) of both blocks."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
   stride_on: str = '3x3'
   zero_init_last_bn: bool = False
+
+  def _residual_tail(self, x, y, last_bn: str, out_filters: int):
+    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    y = self.norm(name=last_bn, scale_init=last_init)(y)
+    if x.shape != y.shape:
+      x = self.conv(out_filters, (1, 1), (self.strides, self.strides),
+                    name='downsample_conv')(x)
+      x = self.norm(name='downsample_bn')(x)
+    return nn.relu(x + y)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet18/34); the stride sits on the first (stride_on is moot)."""
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     s = (self.strides, self.strides)
     y = self.conv(self.filters, (3, 3), s, padding=conv_padding(3), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), padding=conv_padding(3), name='conv2')(y)
-    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(name='bn2', scale_init=last_init)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), s, name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(residual + y)
+    return self._residual_tail(x, y, 'bn2', self.filters)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
   """1x1 -> 3x3 -> 1x1 (x4 filters); stride on the 3x3 (v1.5) or on the first 1x1 (v1)."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  stride_on: str = '3x3'
-  zero_init_last_bn: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     if self.stride_on not in STRIDE_ON:
       raise ValueError(f'stride_on must be one of {STRIDE_ON}, got {self.stride_on!r}')
-    residual = x
     s = (self.strides, self.strides)
     s1, s3 = ((1, 1), s) if self.stride_on == '3x3' else (s, (1, 1))
     y = self.conv(self.filters, (1, 1), s1, name='conv1')(x)
@@ -89,12 +89,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), s3, padding=conv_padding(3), name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
-    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(name='bn3', scale_init=last_init)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), s, name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(residual + y)
+    return self._residual_tail(x, y, 'bn3', self.filters * 4)
 
 
 class ResNet(nn.Module):
