@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0  # also evaluates at the end
   c.eval_split = 'validation'
-  c.checkpoint_every_steps = 1000  # and at the end of every epoch
+  c.checkpoint_every_steps = 1000
+  # Also every this many epochs (0 = only every checkpoint_every_steps). Runs also save
+  # after each evaluation, at the end, on SIGTERM and at halt_after_steps.
+  c.checkpoint_every_epochs = 1.0
   c.keep_checkpoints = 2
   c.keep_best_checkpoints = 1
   c.halt_after_steps = 0  # stop early as if interrupted (tests, debugging); 0 = never

@@ -219,27 +219,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    batch_out=True)
   step = int(state.step)
   eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
+  save_every = (max(int(round(config.checkpoint_every_epochs * run.steps_per_epoch)), 1)
+                if config.checkpoint_every_epochs > 0 else run.total_steps + 1)
   progress = logs.Progress(run.total_steps, step, config.global_batch_size,
                            enabled=config.progress_bar and is_main_process())
   best = {'score': -np.inf, 'step': None, 'metrics': None}
-  pending, last_metrics, stop_reason = [], {}, 'finished'
-  throughput = []
+  last_metrics, stop_reason, throughput = {}, 'finished', []
+  # Step metrics are copied to the host asynchronously. A finished logging interval is read
+  # one step later, after the next step is dispatched, so the device never waits for the host's
+  # logging; evaluations and checkpoint saves read everything first (they sync anyway).
+  pending = []  # metrics of the steps since the last logging step
+  interval = None  # (last step, its metrics list): a logging interval not yet read
 
-  def check_finite(consume: bool) -> dict | None:
-    """Fetches the pending step metrics (the only host sync: at logging and saving steps)."""
-    nonlocal pending
-    if not pending:
-      return None
-    summary = _mean_metrics(pending)
+  def read_interval(end: int, interval_metrics: list) -> dict:
+    """Averages an interval's step metrics; stops the run if any loss was non-finite."""
+    summary = _mean_metrics(interval_metrics)
     if summary['finite'] < 1.0:
       raise FloatingPointError(
-          f'non-finite loss between steps {step - len(pending) + 1} and {step}: stopping. '
-          f'The updates of those steps were skipped; the last good checkpoint is step '
-          f'{checkpoints.latest_step()} in {checkpoints.directory}. Lower the learning '
+          f'non-finite loss between steps {end - len(interval_metrics) + 1} and {end}: '
+          f'stopping. The updates of those steps were skipped; the last good checkpoint is '
+          f'step {checkpoints.latest_step()} in {checkpoints.directory}. Lower the learning '
           'rate or enable optim.grad_clip_norm.')
-    if consume:
-      pending = []
     return summary
+
+  def write_interval():
+    nonlocal interval
+    if interval is None:
+      return
+    end, interval_metrics = interval
+    interval = None
+    summary = read_interval(end, interval_metrics)
+    progress.update(end, summary)
+    summary.update(epoch=end / run.steps_per_epoch,
+                   images_per_second=progress.images_per_second)
+    throughput.append(progress.images_per_second)
+    writer.write(end, 'train', summary)
 
   try:
     with _Preemption() as preemption:
@@ -252,17 +266,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for value in step_metrics.values():
           value.copy_to_host_async()
         pending.append(step_metrics)
-        epoch_end = step % run.steps_per_epoch == 0
+        write_interval()  # the previous interval, while this step runs
         last = step >= run.total_steps
         if step % config.log_every_steps == 0 or last:
-          summary = check_finite(consume=True)
-          progress.update(step, summary)
-          summary.update(epoch=step / run.steps_per_epoch,
-                         images_per_second=progress.images_per_second)
-          throughput.append(progress.images_per_second)
-          writer.write(step, 'train', summary)
+          interval, pending = (step, pending), []
         score = None
         if step % eval_every == 0 or last:
+          write_interval()
           eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
           score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
           eval_metrics['score'] = score
@@ -274,9 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if score > best['score']:
             best = {'score': score, 'step': step, 'metrics': eval_metrics}
         halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
-        if (step % config.checkpoint_every_steps == 0 or epoch_end or last or
+        if (step % config.checkpoint_every_steps == 0 or step % save_every == 0 or last or
             preemption.requested or halt or score is not None):
-          check_finite(consume=False)
+          write_interval()
+          if pending:  # never save after a non-finite loss
+            read_interval(step, pending)
           checkpoints.save(step, state, input_state, score=score)
         if preemption.requested:
           stop_reason = 'preempted (SIGTERM): checkpoint saved'
@@ -284,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if halt:
           stop_reason = f'halted after step {step} (config.halt_after_steps)'
           break
+      write_interval()
   finally:
     # Also on errors (NaN stop): let the last good checkpoint finish writing.
     checkpoints.wait()

@@ -184,3 +184,20 @@ def test_published_system_configs_train(name, sampling, config, tmp_path):
   assert train_records and all(np.isfinite(r['loss']) for r in train_records)
   if name == 'mtl_va':
     assert all('loss_va5' in r for r in train_records)
+
+
+def test_checkpoint_policy_saves_every_n_steps_every_epoch_and_at_the_end(config, tmp_path):
+  c = config.copy_and_resolve_references()
+  c.checkpoint_every_steps, c.checkpoint_every_epochs = 3, 1.0
+  c.eval_every_epochs = 100.0  # only the final evaluation (which also saves)
+  c.keep_checkpoints, c.keep_best_checkpoints = 100, 0
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  total = summary['steps']
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_record = next(r for r in records if r['split'] == 'train')
+  steps_per_epoch = int(round(train_record['step'] / train_record['epoch']))
+  assert steps_per_epoch % 3 and total > steps_per_epoch  # the two rules differ here
+  expected = {s for s in range(1, total + 1) if s % 3 == 0 or s % steps_per_epoch == 0}
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert set(checkpoints.manager.all_steps()) == expected | {total}
+  checkpoints.close()

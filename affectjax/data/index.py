@@ -7,6 +7,7 @@ Rows are sorted by (video, frame). Missing labels: expr -1, au -1 (per AU), va -
 Pure NumPy: importing this module does not import jax.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -77,9 +78,14 @@ class AffWild2Index:
   def image_paths(self, indices=None) -> list:
     """Image paths of `indices` (all rows when None), in that order."""
     rows = np.arange(len(self)) if indices is None else np.asarray(indices).reshape(-1)
-    prefixes = [os.path.join(self.image_dir, v, '') for v in self.video_names]
+    prefixes = self._video_prefixes
     return [f'{prefixes[v]}{f:05d}.jpg'
             for v, f in zip(self.video_id[rows].tolist(), self.frame[rows].tolist())]
+
+  @functools.cached_property
+  def _video_prefixes(self) -> list:
+    """'<root>/cropped_aligned/<video>/' per video (built once: image_paths runs per batch)."""
+    return [os.path.join(self.image_dir, v, '') for v in self.video_names]
 
   def has_expr(self) -> np.ndarray:
     """bool [N]: an expression label is present."""
