@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -217,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       donate_state=True)
   eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=config), run.mesh,
                                    batch_out=True)
+  snapshot_fn = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
   step = int(state.step)
   eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
   save_every = (max(int(round(config.checkpoint_every_epochs * run.steps_per_epoch)), 1)
@@ -227,9 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_metrics, stop_reason, throughput = {}, 'finished', []
   # Step metrics are copied to the host asynchronously. A finished logging interval is read
   # one step later, after the next step is dispatched, so the device never waits for the host's
-  # logging; evaluations and checkpoint saves read everything first (they sync anyway).
+  # logging. Periodic saves likewise: the state is copied on the device (the next step donates
+  # it) and handed to Orbax after the next step is dispatched, so the device keeps working
+  # while Orbax copies it to the host. Evaluations and final saves read everything first.
   pending = []  # metrics of the steps since the last logging step
   interval = None  # (last step, its metrics list): a logging interval not yet read
+  deferred_save = None  # (step, state copy, input state, metrics to check first)
 
   def read_interval(end: int, interval_metrics: list) -> dict:
     """Averages an interval's step metrics; stops the run if any loss was non-finite."""
@@ -255,6 +260,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     throughput.append(progress.images_per_second)
     writer.write(end, 'train', summary)
 
+  def save_deferred():
+    nonlocal deferred_save
+    if deferred_save is None:
+      return
+    saved_step, snapshot, saved_input, to_check = deferred_save
+    deferred_save = None
+    write_interval()
+    if to_check:  # never save after a non-finite loss
+      read_interval(saved_step, to_check)
+    checkpoints.save(saved_step, snapshot, saved_input)
+
   try:
     with _Preemption() as preemption:
       batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
@@ -267,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           value.copy_to_host_async()
         pending.append(step_metrics)
         write_interval()  # the previous interval, while this step runs
+        save_deferred()
         last = step >= run.total_steps
         if step % config.log_every_steps == 0 or last:
           interval, pending = (step, pending), []
@@ -284,12 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if score > best['score']:
             best = {'score': score, 'step': step, 'metrics': eval_metrics}
         halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
-        if (step % config.checkpoint_every_steps == 0 or step % save_every == 0 or last or
-            preemption.requested or halt or score is not None):
+        if last or preemption.requested or halt or score is not None:
           write_interval()
           if pending:  # never save after a non-finite loss
             read_interval(step, pending)
           checkpoints.save(step, state, input_state, score=score)
+        elif step % config.checkpoint_every_steps == 0 or step % save_every == 0:
+          to_check = list(pending) + (interval[1] if interval is not None else [])
+          deferred_save = (step, snapshot_fn(state), input_state, to_check)
         if preemption.requested:
           stop_reason = 'preempted (SIGTERM): checkpoint saved'
           break
@@ -297,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           stop_reason = f'halted after step {step} (config.halt_after_steps)'
           break
       write_interval()
+      save_deferred()
   finally:
     # Also on errors (NaN stop): let the last good checkpoint finish writing.
     checkpoints.wait()
