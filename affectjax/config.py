@@ -88,8 +88,9 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   c.optim.warmup_epochs = 0.5 if arg == 'demo' else 0.0
   if arg == 'demo':
     # Many short videos (many identities) and light augmentation: the demo model must
-    # generalise to unseen synthetic faces, not memorise a few.
-    c.data.synthetic.num_videos = 240
+    # generalise to unseen synthetic faces, not memorise a few. With 240 videos the final
+    # EXPR F1 depended on the seed (0.56 to 0.82 over seeds 0-2); 480 videos: 0.87-0.89.
+    c.data.synthetic.num_videos = 480
     c.data.synthetic.frames_per_video = 25
     c.device_augment.flip = True
     c.device_augment.rotate_deg = 10.0
@@ -97,7 +98,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     c.device_augment.translate = 0.08
     c.model.dropout = 0.2
     c.global_batch_size = c.eval_batch_size = 64
-    c.num_epochs = 12.0
+    c.num_epochs = 10.0
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200
   else:

@@ -78,6 +78,11 @@ class Progress:
     else:
       logging.info('step %d: %s', step, ', '.join(f'{k} {v}' for k, v in text.items()))
 
+  def exclude(self, seconds: float):
+    """Leaves `seconds` (an evaluation) out of the current interval's images/s."""
+    last_step, last_time = self._last
+    self._last = (last_step, last_time + seconds)
+
   def write(self, line: str):
     if self._bar is not None:
       self._bar.write(line)

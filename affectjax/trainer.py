@@ -290,7 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         score = None
         if step % eval_every == 0 or last:
           write_interval()
+          eval_start = time.perf_counter()
           eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
+          progress.exclude(time.perf_counter() - eval_start)  # img/s counts training only
           score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
           eval_metrics['score'] = score
           writer.write(step, config.eval_split, eval_metrics)
