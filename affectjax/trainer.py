@@ -128,6 +128,17 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   return Run(config, tasks, mesh, model, state, steps_per_epoch, total_steps, schedule)
 
 
+def is_periodic_save(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
+  """Whether the policy saves at `step`: every checkpoint_every_steps and every
+  checkpoint_every_epochs (0 = never by epochs). Runs also save after evaluations, at the end,
+  on SIGTERM and at halt_after_steps."""
+  if step % config.checkpoint_every_steps == 0:
+    return True
+  if config.checkpoint_every_epochs <= 0:
+    return False
+  return step % max(int(round(config.checkpoint_every_epochs * steps_per_epoch)), 1) == 0
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
 
@@ -221,8 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   snapshot_fn = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
   step = int(state.step)
   eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
-  save_every = (max(int(round(config.checkpoint_every_epochs * run.steps_per_epoch)), 1)
-                if config.checkpoint_every_epochs > 0 else run.total_steps + 1)
   progress = logs.Progress(run.total_steps, step, config.global_batch_size,
                            enabled=config.progress_bar and is_main_process())
   best = {'score': -np.inf, 'step': None, 'metrics': None}
@@ -308,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if pending:  # never save after a non-finite loss
             read_interval(step, pending)
           checkpoints.save(step, state, input_state, score=score)
-        elif step % config.checkpoint_every_steps == 0 or step % save_every == 0:
+        elif is_periodic_save(config, step, run.steps_per_epoch):
           to_check = list(pending) + (interval[1] if interval is not None else [])
           deferred_save = (step, snapshot_fn(state), input_state, to_check)
         if preemption.requested:

@@ -56,11 +56,8 @@ def bench_config(args):
 
 def save_steps(config, steps_per_epoch: int, steps: int) -> set:
   """Steps at which the loop saves a checkpoint (the trainer's policy)."""
-  every_epochs = config.checkpoint_every_epochs
-  epoch_steps = (max(int(round(every_epochs * steps_per_epoch)), 1) if every_epochs > 0
-                 else steps + 1)
   return {s for s in range(1, steps + 1)
-          if s % epoch_steps == 0 or s % config.checkpoint_every_steps == 0}
+          if trainer.is_periodic_save(config, s, steps_per_epoch)}
 
 
 def loop_images_per_second(config, steps: int) -> dict:
