@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # while Orbax copies it to the host. Evaluations and final saves read everything first.
   pending = []  # metrics of the steps since the last logging step
   interval = None  # (last step, its metrics list): a logging interval not yet read
-  deferred_save = None  # (step, state copy, input state, metrics to check first)
+  deferred_save = None  # (step, state copy, input state, metrics since the last logging step)
 
   def read_interval(end: int, interval_metrics: list) -> dict:
     """Averages an interval's step metrics; stops the run if any loss was non-finite."""
@@ -269,16 +269,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     throughput.append(progress.images_per_second)
     writer.write(end, 'train', summary)
 
+  def save(saved_step, saved_state, saved_input, unlogged: list, score=None):
+    """Saves after checking every step up to `saved_step` had a finite loss: the logging
+    intervals (written here) and `unlogged`, the steps since the last logging step."""
+    write_interval()
+    if unlogged:
+      read_interval(saved_step, unlogged)
+    checkpoints.save(saved_step, saved_state, saved_input, score=score)
+
   def save_deferred():
     nonlocal deferred_save
-    if deferred_save is None:
-      return
-    saved_step, snapshot, saved_input, to_check = deferred_save
-    deferred_save = None
-    write_interval()
-    if to_check:  # never save after a non-finite loss
-      read_interval(saved_step, to_check)
-    checkpoints.save(saved_step, snapshot, saved_input)
+    if deferred_save is not None:
+      args, deferred_save = deferred_save, None
+      save(*args)
 
   try:
     with _Preemption() as preemption:
@@ -313,13 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best = {'score': score, 'step': step, 'metrics': eval_metrics}
         halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
         if last or preemption.requested or halt or score is not None:
-          write_interval()
-          if pending:  # never save after a non-finite loss
-            read_interval(step, pending)
-          checkpoints.save(step, state, input_state, score=score)
+          save(step, state, input_state, pending, score=score)
         elif is_periodic_save(config, step, run.steps_per_epoch):
-          to_check = list(pending) + (interval[1] if interval is not None else [])
-          deferred_save = (step, snapshot_fn(state), input_state, to_check)
+          deferred_save = (step, snapshot_fn(state), input_state, list(pending))
         if preemption.requested:
           stop_reason = 'preempted (SIGTERM): checkpoint saved'
           break
