@@ -18,6 +18,10 @@ policy (a save every 62 steps). The loop's logging intervals are also split into
 without a save, which separates the input pipeline and logging from the saves (reported as
 wall time added per save).
 
+Two loop variants per repetition: `jpeg` decodes the crops every epoch (the default input
+path) and `cached` reads them from the decoded-frame cache (`data.decoded_cache`, built before
+timing), which takes the JPEG decoding off the two cores the XLA step runs on.
+
   python benchmarks/bench_loop.py            # demo model (ResNet18/16, 64x64), 200 steps
   python benchmarks/bench_loop.py --reps 5 --steps 300
   python benchmarks/bench_loop.py --checkpoint-every-epochs 1 --checkpoint-every 200
@@ -110,6 +114,16 @@ def bare_step_images_per_second(config, batches: list, steps: int) -> float:
   return steps * config.global_batch_size / (time.perf_counter() - start)
 
 
+def summarise(name: str, loops: list, bare: list) -> list:
+  rate = statistics.median(r['rate'] for r in loops)
+  clean = statistics.median(r['clean_rate'] for r in loops)
+  b = statistics.median(bare)
+  return [f'| full loop, {name}: data, step, logging, checkpoint saves | {rate:.1f} | '
+          f'{rate / b:.3f} (target >= 0.95) |',
+          f'| full loop, {name}, logging intervals without a save | {clean:.1f} | '
+          f'{clean / b:.3f} |']
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=200)
@@ -121,6 +135,8 @@ def main():
                       help='checkpoint_every_epochs (the demo config saves every epoch, i.e. '
                       'every 62 steps: pass 1)')
   parser.add_argument('--workers', type=int, default=0)
+  parser.add_argument('--inputs', default='jpeg,cached',
+                      help='loop variants: jpeg (decode every epoch), cached (data.decoded_cache)')
   args = parser.parse_args()
   config = bench_config(args)
   tasks = config_lib.task_tuple(config.tasks)
@@ -129,27 +145,35 @@ def main():
                                           global_batch_size=config.global_batch_size,
                                           seed=config.seed)
   batches = [next(iterator) for _ in range(min(args.steps, 60))]
-  bare, loop = [], []
+  variants = {}
+  for name in args.inputs.split(','):
+    c = config.copy_and_resolve_references()
+    c.data.decoded_cache = name == 'cached'
+    if c.data.decoded_cache:  # built (or found) before timing, as a previous run would have
+      pipeline.make_source(index, c.data)
+    variants[name] = c
+  bare, loops = [], {name: [] for name in variants}
   for rep in range(args.reps):
     bare.append(bare_step_images_per_second(config, batches, args.steps))
-    loop.append(loop_images_per_second(config, args.steps))
-    print(f'rep {rep}: bare step {bare[-1]:.1f} img/s, full loop {loop[-1]["rate"]:.1f} img/s '
-          f'({loop[-1]["clean_rate"]:.1f} in intervals without a save; '
-          f'{loop[-1]["saves"]} saves, {1e3 * loop[-1]["seconds_per_save"]:.0f} ms each)',
-          flush=True)
+    line = f'rep {rep}: bare step {bare[-1]:.1f} img/s'
+    for name, c in variants.items():
+      r = loop_images_per_second(c, args.steps)
+      loops[name].append(r)
+      line += (f'; loop ({name}) {r["rate"]:.1f} img/s ({r["clean_rate"]:.1f} without a save; '
+               f'{r["saves"]} saves, {1e3 * r["seconds_per_save"]:.0f} ms each)')
+    print(line, flush=True)
   b = statistics.median(bare)
-  rate = statistics.median(r['rate'] for r in loop)
-  clean = statistics.median(r['clean_rate'] for r in loop)
-  per_save = statistics.median(r['seconds_per_save'] for r in loop)
   print('\n| what | images/s (median) | of bare |\n|---|---|---|')
   print(f'| bare jitted step, batches in memory | {b:.1f} | 1.000 |')
-  print(f'| full loop: data, step, logging, checkpoint saves | {rate:.1f} | {rate / b:.3f} '
-        f'(target >= 0.95) |')
-  print(f'| full loop, logging intervals without a save | {clean:.1f} | {clean / b:.3f} |')
-  print(f'\nwall time added per checkpoint save: {1e3 * per_save:.0f} ms (median; '
-        f'{loop[0]["saves"]} saves in the {args.steps - args.log_every}-step window)')
-  ratios = ', '.join(f'{r["rate"] / x:.3f}' for r, x in zip(loop, bare))
-  print(f'per-rep ratios loop / bare: {ratios}')
+  for name, results in loops.items():
+    print('\n'.join(summarise(
+        'JPEG decoded every epoch' if name == 'jpeg' else 'decoded-frame cache', results, bare)))
+  for name, results in loops.items():
+    per_save = statistics.median(r['seconds_per_save'] for r in results)
+    ratios = ', '.join(f'{r["rate"] / x:.3f}' for r, x in zip(results, bare))
+    print(f'\n{name}: wall time added per checkpoint save {1e3 * per_save:.0f} ms (median; '
+          f'{results[0]["saves"]} saves in the {args.steps - args.log_every}-step window); '
+          f'per-rep ratios loop / bare: {ratios}')
   print(f'\ndevices: {jax.device_count()} x {jax.devices()[0].platform}; model '
         f'{config.model.arch}/{config.model.width} at {config.data.image_size}px, batch '
         f'{config.global_batch_size}, {args.steps} loop steps, {args.reps} reps; log every '

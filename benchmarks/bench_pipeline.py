@@ -7,6 +7,8 @@ Candidates, timed in turn within each repetition on the same frames (a synthetic
   read_threads=0, augment flip + rotation up to 10 degrees (bilinear, or nearest as
   torchvision's RandomRotation), uint8 batches of 256; and flip only, leaving rotation to the
   device (affectjax.models.preprocess.augment);
+- `grain, decoded cache`: the same iterator reading pixels decoded once into a memory map
+  (`data.decoded_cache`, affectjax.data.decoded), with the rotation or flip only;
 - `torchvision-style chain`: per sample PIL open + convert, Resize(112) (a no-op at 112, as in
   torchvision), RandomHorizontalFlip, RandomRotation(10) (PIL NEAREST), ToTensor, Normalize
   (float32), default collate (torch.stack), torch.set_num_threads(1).
@@ -138,6 +140,12 @@ def main():
   flip_only = pipeline.make_train_iterator(index, config, global_batch_size=args.batch, seed=0)
   runs['grain, JPEG tree, flip only (rotate on device)'] = (
       lambda: [next(flip_only) for _ in range(steps)])
+  # The decoded-frame cache (built once here, before timing): pixels read from a memory map.
+  config.decoded_cache, config.decoded_cache_dir = True, os.path.join(args.work_dir, 'decoded')
+  for rotate_deg, name in ((args.rotate_deg, 'bilinear rotation'), (0.0, 'flip only')):
+    config.augment.rotate_deg, config.augment.interpolation = rotate_deg, 'bilinear'
+    it = pipeline.make_train_iterator(index, config, global_batch_size=args.batch, seed=0)
+    runs[f'grain, decoded cache, {name}'] = lambda it=it: [next(it) for _ in range(steps)]
   torch_batches = torchvision_style_batches(index, args.batch, args.rotate_deg, seed=0)
   runs[TORCH] = lambda: [next(torch_batches) for _ in range(steps)]
   wall, cpu = common.interleaved_times(runs, args.reps)

@@ -326,3 +326,77 @@ def test_worker_processes_give_the_same_batches_and_resume(train_index):
   resumed = make(0)
   resumed.set_state(state)
   _assert_same(_take(resumed, 2), expected[6:8])
+
+
+def _cached(config, tmp_path):
+  config.decoded_cache = True
+  config.decoded_cache_dir = str(tmp_path / 'decoded')
+  return config
+
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'nearest'])
+def test_decoded_cache_gives_the_same_batches(train_index, val_index, tmp_path, interpolation,
+                                              capsys):
+  config = _augmented()
+  config.augment.interpolation = interpolation
+  config.image_size = 48  # decoded at the training size (DCT scaling + resize), as on the fly
+  def batches(cfg, n=6):
+    it = pipeline.make_train_iterator(train_index, cfg, global_batch_size=BATCH, seed=3)
+    ev = pipeline.make_eval_iterator(val_index, cfg, global_batch_size=BATCH)
+    return _take(it, n) + list(ev)
+  expected = batches(config)
+  cached_config = _cached(config.copy_and_resolve_references(), tmp_path)
+  _assert_same(batches(cached_config), expected)
+  built = capsys.readouterr().out
+  assert built.count('Decoded cache ready') == 2  # train and validation, each built once
+  folders = sorted(os.listdir(tmp_path / 'decoded' / 'decoded'))
+  assert [f.split('-')[:2] for f in folders] == [['train', '48px'], ['validation', '48px']]
+  images = np.load(tmp_path / 'decoded' / 'decoded' / folders[0] / 'images.npy', mmap_mode='r')
+  assert images.shape == (len(train_index), 48, 48, 3)
+  _assert_same(batches(cached_config), expected)  # reopened, not rebuilt
+  assert 'Decoding' not in capsys.readouterr().out
+  cached_config.image_size = 32  # another size: another cache
+  assert next(pipeline.make_train_iterator(train_index, cached_config, global_batch_size=BATCH,
+                                           seed=3))['image'].shape == (BATCH, 32, 32, 3)
+  assert len(os.listdir(tmp_path / 'decoded' / 'decoded')) == 3
+
+
+def test_decoded_cache_bad_frames_and_workers(dataset_root, train_index, tmp_path):
+  bad_row = 5
+  index = _copy_with_corrupt_frames(dataset_root, tmp_path, [bad_row], train_index)
+  config = _config(flip=True)
+  config.max_bad_frame_fraction = 0.05
+  expected = list(pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
+                                               num_epochs=2))
+  cached = _cached(config.copy_and_resolve_references(), tmp_path)
+  source = pipeline.make_source(index, cached)
+  assert source.meta['bad_frames'] == 1 and not source.ok[bad_row] and source.ok.sum() == (
+      len(index) - 1)
+  it = pipeline.make_train_iterator(index, cached, global_batch_size=BATCH, seed=0,
+                                    num_epochs=2)
+  _assert_same(list(it), expected)  # the bad frame substituted exactly as without the cache
+  assert it.bad_frames['last_path'] == index.image_path(bad_row)
+  cached.worker_count = 2  # workers reopen the memory map by path
+  workers = pipeline.make_train_iterator(index, cached, global_batch_size=BATCH, seed=0,
+                                         num_epochs=2)
+  try:
+    _assert_same(list(workers), expected)
+  finally:
+    workers.close()
+
+
+def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, tmp_path,
+                                                                     monkeypatch):
+  from affectjax.data import decoded
+  config = _cached(_config(), tmp_path)
+  source = pipeline.make_source(train_index, config)
+  with open(os.path.join(source.path, 'meta.json'), 'w') as f:
+    f.write('{"format": "affectjax.decoded", "trunc')  # an interrupted write
+  again = pipeline.make_source(train_index, config)
+  assert again.path == source.path and again.meta['num_frames'] == len(train_index)
+  np.testing.assert_array_equal(again.images, source.images)
+  monkeypatch.setattr(decoded.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(
+      10**9, 10**9 - 1000, 1000))
+  config.image_size = 40
+  with pytest.raises(OSError, match=r'needs 0\.0 GB in .*decoded_cache_dir'):
+    pipeline.make_source(train_index, config)

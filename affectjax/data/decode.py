@@ -147,37 +147,50 @@ class RowWriter:
 
   def write(self, out: np.ndarray, jpeg: bytes, params: AugmentParams | None, i: int) -> bool:
     """Fills out (uint8 [S, S, 3]) from `jpeg`; False (out untouched) if it does not decode."""
+    # A bilinear warp is faster on 4 channels, so decode straight to RGBX for it.
+    image = decode_jpeg(jpeg, self.size,
+                        colorspace='RGBX' if params is not None and self.bilinear else 'RGB')
+    if image is None:
+      return False
+    self.place(out, image, params, i)
+    return True
+
+  def write_record(self, out: np.ndarray, record: dict, params: AugmentParams | None,
+                   i: int) -> bool:
+    """`write` for a source record: JPEG bytes (`'jpeg'`) or already decoded pixels
+    (`'image'`, uint8 [S, S, 3], None for a bad frame; see affectjax.data.decoded)."""
+    if 'jpeg' in record:
+      return self.write(out, record['jpeg'], params, i)
+    if record['image'] is None:
+      return False
+    self.place(out, record['image'], params, i)
+    return True
+
+  def place(self, out: np.ndarray, image: np.ndarray, params: AugmentParams | None,
+            i: int) -> None:
+    """Writes decoded pixels (uint8 [S, S, 3 or 4]) to out with sample i's augmentation. The
+    warp gives the same pixels from 3 or 4 channels (OpenCV interpolates each channel alike)."""
     if params is None:
-      image = decode_jpeg(jpeg, self.size)
-      if image is None:
-        return False
-      np.copyto(out, image)
-      return True
+      np.copyto(out, image[..., :3])
+      return
     if self.warp:
-      image = decode_jpeg(jpeg, self.size, colorspace='RGBX' if self.bilinear else 'RGB')
-      if image is None:
-        return False
       matrix = affine_matrix(self.size, params.flip[i], params.angle[i], params.scale[i],
                              params.shift_x[i], params.shift_y[i])
       size = (self.size, self.size)
-      if self.bilinear:
+      if self.bilinear and image.shape[-1] == 4:
         cv2.warpAffine(image, matrix, size, dst=self._rgbx, flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REFLECT_101)
         cv2.cvtColor(self._rgbx, cv2.COLOR_RGBA2RGB, dst=out)
       else:
-        cv2.warpAffine(image, matrix, size, dst=out, flags=cv2.INTER_NEAREST,
+        cv2.warpAffine(np.ascontiguousarray(image[..., :3]), matrix, size, dst=out,
+                       flags=cv2.INTER_LINEAR if self.bilinear else cv2.INTER_NEAREST,
                        borderMode=cv2.BORDER_REFLECT_101)
+    elif params.flip[i]:
+      cv2.flip(image[..., :3], 1, dst=out)
     else:
-      image = decode_jpeg(jpeg, self.size)
-      if image is None:
-        return False
-      if params.flip[i]:
-        cv2.flip(image, 1, dst=out)
-      else:
-        np.copyto(out, image)
+      np.copyto(out, image[..., :3])
     if self.jitter:
       mean_rgb = np.array(cv2.mean(out)[:3], np.float32)
       matrix = colour_matrix(params.brightness[i], params.contrast[i], params.saturation[i],
                              mean_rgb)
       cv2.transform(out, matrix, dst=out)
-    return True

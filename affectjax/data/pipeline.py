@@ -58,6 +58,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       'source': 'jpeg',  # 'jpeg' (folder tree) | 'arrayrecord' (packed) | 'tfds'
       'packed_dir': '',  # arrayrecord: affectjax.data.pack --out; tfds: the TFDS data_dir
       'cache_dir': '',  # where build_index caches the frame index ('' = next to the data)
+      # Decode every frame once into a uint8 memory map and read pixels from it afterwards
+      # (affectjax.data.decoded): ~10x less host CPU per frame, 37.6 KB of disk per 112px frame.
+      'decoded_cache': False,
+      'decoded_cache_dir': '',  # '' = cache_dir, else ~/.cache/affectjax (+ /decoded)
       'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
       'worker_count': 0,  # 0 = read in this process; n > 0 = n grain worker processes
       'read_threads': 1,  # threads per process building batches ahead (0 = on demand)
@@ -193,7 +197,7 @@ class BatchMaker:
     records = self.source.__getitems__(rows[wanted].tolist())
     bad_paths, num_read, filled = [], len(records), []
     for i, record in zip(wanted.tolist(), records):
-      ok = writer.write(batch['image'][i], record['jpeg'], params, i)
+      ok = writer.write_record(batch['image'][i], record, params, i)
       if not ok:
         bad_paths.append(self.index.image_path(int(record['index'])))
         if bounds is not None:  # training: substitute; evaluation: leave the row invalid
@@ -213,7 +217,7 @@ class BatchMaker:
     lo, hi = int(bounds[segment]), int(bounds[segment + 1])
     for attempt in range(1, min(_MAX_SUBSTITUTES, hi - lo)):
       record = self.source[int(plan_rows[lo + (int(position) - lo + attempt) % (hi - lo)])]
-      if writer.write(out, record['jpeg'], params, i):
+      if writer.write_record(out, record, params, i):
         return record, attempt
       bad_paths.append(self.index.image_path(int(record['index'])))
     raise DataError(f'no decodable frame among the substitutes for a bad frame; bad frames '

@@ -268,25 +268,34 @@ class TfdsSource:
 
 
 def make_source(index, data_config):
-  """The source named by `data_config.source` ('jpeg' | 'arrayrecord' | 'tfds') for `index`."""
+  """The source named by `data_config.source` ('jpeg' | 'arrayrecord' | 'tfds') for `index`;
+  with `data_config.decoded_cache`, the decoded-frame cache built from it (on first use)."""
   kind = data_config.source
   if kind == 'jpeg':
-    return JpegTreeSource(index)
-  if kind == 'arrayrecord':
+    source, origin = JpegTreeSource(index), f'jpeg:{os.path.abspath(index.root)}'
+  elif kind in ('arrayrecord', 'tfds'):
     if not data_config.packed_dir:
-      raise ValueError("data.source='arrayrecord' needs data.packed_dir")
-    return ArrayRecordSource(data_config.packed_dir, index.split, index)
-  if kind == 'tfds':
-    if not data_config.packed_dir:
-      raise ValueError("data.source='tfds' needs data.packed_dir (the TFDS data_dir)")
-    from affectjax.data import index as index_lib  # deferred: only TFDS needs to rebuild
-    from affectjax.data import tfds_builder
-    summary = index.summary
-    prepared = index_lib.build_index(  # the builder's index: all tasks (cached, so cheap)
-        index.root, index.split, layout=summary['layout'], tasks=labels.TASKS,
-        num_expr_classes=summary['num_expr_classes'], check_images=summary['check_images'],
-        cache_dir=data_config.cache_dir or None)
-    name = tfds_builder.config_name(summary['layout'], summary['num_expr_classes'])
-    return TfdsSource(data_config.packed_dir, index.split, name, index,
-                      prepared_index=prepared)
-  raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
+      raise ValueError(f"data.source={kind!r} needs data.packed_dir"
+                       + (' (the TFDS data_dir)' if kind == 'tfds' else ''))
+    source = (ArrayRecordSource(data_config.packed_dir, index.split, index)
+              if kind == 'arrayrecord' else _tfds_source(index, data_config))
+    origin = f'{kind}:{os.path.abspath(data_config.packed_dir)}'
+  else:
+    raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
+  if not data_config.get('decoded_cache', False):
+    return source
+  from affectjax.data import decoded  # deferred: only the cache needs it
+  return decoded.build(source, index, int(data_config.image_size),
+                       decoded.cache_folder(data_config), origin)
+
+
+def _tfds_source(index, data_config) -> TfdsSource:
+  from affectjax.data import index as index_lib  # deferred: only TFDS needs to rebuild
+  from affectjax.data import tfds_builder
+  summary = index.summary
+  prepared = index_lib.build_index(  # the builder's index: all tasks (cached, so cheap)
+      index.root, index.split, layout=summary['layout'], tasks=labels.TASKS,
+      num_expr_classes=summary['num_expr_classes'], check_images=summary['check_images'],
+      cache_dir=data_config.cache_dir or None)
+  name = tfds_builder.config_name(summary['layout'], summary['num_expr_classes'])
+  return TfdsSource(data_config.packed_dir, index.split, name, index, prepared_index=prepared)
