@@ -206,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = pipeline.make_train_iterator(
       train_index, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.decoded_cache:  # decode the evaluation frames now, not mid-training
+    pipeline.make_source(eval_index, config.data)
   run = build_run(config, train_iter.steps_per_epoch)
   config = run.config
   writer = logs.RunWriter(workdir, enabled=is_main_process())

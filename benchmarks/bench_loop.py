@@ -12,9 +12,9 @@ images/s).
 Checkpoint policy: by default a save every 100 steps (12 s of training here) and none at
 epoch ends. An Orbax save has a fixed cost (about 1 ms of CPU per array, some 250 ms for the
 demo state's 248 arrays) that competes with the XLA step for this machine's two cores, so the
-overhead depends on how often the run saves; the demo's small synthetic set has 62-step
+overhead depends on how often the run saves; the demo's small synthetic set has 123-step
 epochs, and `--checkpoint-every-epochs 1 --checkpoint-every 200` measures the demo config's own
-policy (a save every 62 steps). The loop's logging intervals are also split into those with and
+policy (a save at each epoch end and every 200 steps). The loop's logging intervals are also split into those with and
 without a save, which separates the input pipeline and logging from the saves (reported as
 wall time added per save).
 
@@ -133,7 +133,7 @@ def main():
                       help='checkpoint_every_steps (0 = the demo config\'s, 200)')
   parser.add_argument('--checkpoint-every-epochs', type=float, default=0.0,
                       help='checkpoint_every_epochs (the demo config saves every epoch, i.e. '
-                      'every 62 steps: pass 1)')
+                      'every 123 steps: pass 1)')
   parser.add_argument('--workers', type=int, default=0)
   parser.add_argument('--inputs', default='jpeg,cached',
                       help='loop variants: jpeg (decode every epoch), cached (data.decoded_cache)')

@@ -82,12 +82,22 @@ def test_eight_devices_give_the_single_device_update():
   for m1, m8 in zip(metrics1, metrics8):
     for k in ('loss', 'loss_expr', 'loss_au', 'loss_va', 'grad_norm', 'count_expr'):
       np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  # Summation order differs across devices; Adam's m / sqrt(v) can amplify float32 rounding
-  # of near-zero gradients to a few 1e-6 after three steps (a learning-rate-sized step is 1e-2).
-  assert_trees_close(state8.params, state1.params, rtol=1e-4, atol=2e-5)
+  # The summation order differs across devices, and float32 rounding differs with it (and
+  # with the CPU: Adam's m / (sqrt(v) + eps) amplifies it for gradients near eps, so single
+  # elements differ by up to a few 1e-5 after three 1e-2 steps). So each parameter's total
+  # update is compared as a vector: 8 devices must give the 1-device update to within 0.1 %
+  # of its norm (measured: at most 6e-5, with Adam and with SGD + momentum).
+  state0, _, _ = make_state_and_step(config, 1)
+  params0 = jax.device_get(state0.params)
+  for (path, p8), p1, p0 in zip(jax.tree_util.tree_leaves_with_path(state8.params),
+                                jax.tree_util.tree_leaves(state1.params),
+                                jax.tree_util.tree_leaves(params0)):
+    p8, p1, p0 = (np.asarray(x, np.float64) for x in (p8, p1, p0))
+    update = np.linalg.norm(p1 - p0)
+    assert update > 0, jax.tree_util.keystr(path)
+    assert np.linalg.norm(p8 - p1) <= 1e-3 * update, jax.tree_util.keystr(path)
   assert_trees_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-6)
   # The update really moved the parameters (the comparison is not between two no-ops).
-  state0, _, _ = make_state_and_step(config, 1)
   moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
                                  state1.params, jax.device_get(state0.params))
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-4

@@ -64,16 +64,20 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
   checkpoints.close()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(uninterrupted, config, tmp_path):
+def test_resumed_run_reproduces_the_uninterrupted_run_also_from_decoded_frames(uninterrupted, config, tmp_path):
   summary, _ = uninterrupted
   c = config.copy_and_resolve_references()
   c.halt_after_steps = 3  # between checkpoints and mid-epoch
-  first = trainer.train_and_evaluate(c, str(tmp_path))
+  first = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   assert first['steps'] == 3 and first['stop_reason'].startswith('halted')
   c.halt_after_steps = 0
-  resumed = trainer.train_and_evaluate(c, str(tmp_path))
+  # Resumed reading decoded pixels (data.decoded_cache): the same batches, the same run.
+  c.data.decoded_cache, c.data.decoded_cache_dir = True, str(tmp_path / 'decoded')
+  resumed = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   assert resumed['steps'] == summary['steps']
   assert_same_params(params_of(resumed), params_of(summary))
+  built = sorted(f.split('-')[0] for f in os.listdir(tmp_path / 'decoded' / 'decoded'))
+  assert built == ['train', 'validation']
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(config, tmp_path, monkeypatch):
