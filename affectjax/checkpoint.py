@@ -20,6 +20,10 @@ def state_tree(state) -> dict:
   return {k: getattr(state, k) for k in STATE_FIELDS}
 
 
+def _score(metrics: dict) -> float:
+  return float(metrics.get(SCORE_KEY, -np.inf))
+
+
 class Checkpoints:
   """`WORKDIR/checkpoints`: asynchronous saves; keeps the latest N and the best K by score."""
 
@@ -28,11 +32,13 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     keep = [policies.LatestN(n=keep_latest)]
     if keep_best:
-      keep.append(policies.BestN(get_metric_fn=lambda m: m[SCORE_KEY], reverse=False,
-                                 n=keep_best, keep_checkpoints_without_metrics=False))
+      keep.append(policies.BestN(get_metric_fn=_score, reverse=False, n=keep_best,
+                                 keep_checkpoints_without_metrics=False))
+    # best_fn makes Orbax write each save's metrics next to it, so the best-K policy and
+    # best_step() still see the scores of earlier runs' checkpoints after a resume.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=async_save, create=True,
+        preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=_score,
+        best_mode='max', enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'input'))
@@ -41,7 +47,14 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The kept step with the highest score (the later one on a tie); None if no kept step
+    has a score (Orbax's own `best_step` would also return unscored periodic saves)."""
+    scored = []
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and SCORE_KEY in metrics:
+        scored.append((float(metrics[SCORE_KEY]), step))
+    return max(scored)[1] if scored else None
 
   def save(self, step: int, state, input_state: dict | None, score: float | None = None,
            force: bool = False) -> bool:
@@ -50,7 +63,8 @@ class Checkpoints:
       return False
     args = {'state': ocp.args.StandardSave(state_tree(state))}
     args['input'] = ocp.args.JsonSave(input_state if input_state is not None else {})
-    metrics = {SCORE_KEY: float(score)} if score is not None else None
+    # Saves without an evaluation carry empty metrics (ranked last), not None (Orbax warns).
+    metrics = {SCORE_KEY: float(score)} if score is not None else {}
     return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
                              force=force)
 

@@ -13,7 +13,7 @@ from affectjax.models import affect
 def base_config() -> ml_collections.ConfigDict:
   """Every knob of a run, with defaults; configs/*.py change a few of them."""
   c = ml_collections.ConfigDict()
-  c.mode = 'train'  # 'train' | 'eval'
+  c.mode = 'train'  # 'train' | 'eval' | 'predict'
   c.tasks = 'expr,au,va'  # comma-separated subset of expr, au, va
   c.num_expr_classes = 7  # 7 (ABAW1/2) or 8 (ABAW3+, with Other)
   c.edition = 'abaw2'  # metric definitions for the validation score: 'abaw2' | 'abaw3'
@@ -53,6 +53,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.eval_checkpoint = 'best'  # mode=eval: 'best' | 'latest' | a step number
   c.write_predictions = True  # mode=eval: per-frame prediction CSV next to the metrics
+  # mode=predict: a checkpoint's predictions for an unlabelled test list (affectjax.predictions)
+  c.predict = ml_collections.ConfigDict({
+      'videos': '',  # file: one test video per line (every crop of each is predicted)
+      'images': '',  # or file: one <video>/<frame>.jpg per line (the ABAW3/4 MTL test list)
+      'root': '',  # Aff-Wild2 root holding the test crops ('' = data.root / the synthetic set)
+      # 'auto' (images -> mtl, videos -> per_video) | 'mtl' (ABAW3/4) | 'per_task' (ABAW5+) |
+      # 'per_video' (ABAW1/2: one txt per video and task, a line for every frame)
+      'format': 'auto',
+      'frame_counts': '',  # per_video: file of <video>,<frames> lines (default: last crop)
+      'out': '',  # output file / folder ('' = WORKDIR/predictions_<list name>_step<N>)
+  })
 
   c.distributed = ml_collections.ConfigDict({
       'initialize': 'auto',  # 'auto' (cluster detected) | 'yes' | 'no'

@@ -1,7 +1,9 @@
 """affectjax command line: `python -m affectjax.main --config=configs/mtl.py --workdir=DIR`.
 
 Modes (`--config.mode`): `train` (default; evaluates periodically, resumes from WORKDIR's
-checkpoints) and `eval` (restores a checkpoint of WORKDIR and evaluates `config.eval_split`).
+checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eval_split`) and
+`predict` (restores a checkpoint and writes ABAW submission files for the unlabelled test list
+`config.predict.videos` or `config.predict.images`).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
 """
 import os
@@ -51,8 +53,11 @@ def main(argv):
     trainer.train_and_evaluate(config, FLAGS.workdir)
   elif config.mode == 'eval':
     trainer.evaluate_checkpoint(config, FLAGS.workdir)
+  elif config.mode == 'predict':
+    trainer.predict_checkpoint(config, FLAGS.workdir)
   else:
-    raise app.UsageError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+    raise app.UsageError(f"config.mode must be 'train', 'eval' or 'predict', got "
+                         f"{config.mode!r}")
 
 
 def _parse_flags(argv):

@@ -1,9 +1,28 @@
-"""Per-frame prediction files in the ABAW3/4 multi-task submission format."""
+"""Per-frame prediction files in the ABAW submission formats.
+
+- `mtl` (ABAW3/4 multi-task): one CSV, header `image,valence,arousal,expression,aus`, rows
+  `video/00001.jpg,v,a,e,au1,...,au12`.
+- `per_task` (ABAW5 onwards): one CSV per trained task, `VA.csv` (`image_location,valence,
+  arousal`), `EXPR.csv` (`image_location,Neutral,...`; one class index per row) and `AU.csv`
+  (`image_location,AU1,...,AU26`; twelve 0/1 columns).
+- `per_video` (ABAW1/2): per trained task a folder (`VA/`, `EXPR/`, `AU/`) with one `<video>.txt`
+  per video: the training files' header, then one line per video frame 1..N. Frames without a
+  prediction (no face crop, or an unreadable one) take the nearest predicted frame's decision
+  (the earlier one on a tie), as the organisers ask. N is the video's frame count when given,
+  else its last frame with a crop.
+
+In every format a listed frame whose crop could not be read is filled the same way, so each
+listed frame gets a line. Untrained tasks get the missing-label sentinels in the `mtl` file.
+"""
+import os
+
 import numpy as np
 
 from affectjax import labels
 
 MTL_HEADER = 'image,valence,arousal,expression,aus'
+FORMATS = ('mtl', 'per_task', 'per_video')
+_TASK_NAMES = {'va': 'VA', 'expr': 'EXPR', 'au': 'AU'}
 
 
 def decode_outputs(outputs: dict, tasks: tuple, au_threshold: float = 0.5) -> dict:
@@ -24,21 +43,141 @@ def decode_outputs(outputs: dict, tasks: tuple, au_threshold: float = 0.5) -> di
   return {'expr': expr, 'au': au, 'va': va}
 
 
-def write_predictions(path: str, rows: list, index, tasks: tuple, num_expr_classes: int) -> str:
-  """Writes `video/00001.jpg,v,a,e,au1..au12` for every evaluated frame (padding skipped).
+def gather_decisions(rows: list, num_frames: int, tasks: tuple) -> tuple:
+  """(decisions per index row, predicted bool [num_frames]) from the evaluation loop's
+  (outputs, batch) pairs; `batch['index']` maps each valid row to its index row."""
+  decided = {'expr': np.full(num_frames, labels.EXPR_MISSING, np.int64),
+             'au': np.full((num_frames, labels.NUM_AUS), labels.AU_MISSING, np.int64),
+             'va': np.full((num_frames, 2), labels.VA_MISSING, np.float64)}
+  predicted = np.zeros(num_frames, bool)
+  for outputs, batch in rows:
+    keep = np.asarray(batch['valid'], bool)
+    where = np.asarray(batch['index'])[keep]
+    batch_decided = decode_outputs({k: np.asarray(v)[keep] for k, v in outputs.items()}, tasks)
+    for key, values in batch_decided.items():
+      decided[key][where] = values
+    predicted[where] = True
+  return decided, predicted
 
-  `rows` is a list of (outputs, batch) pairs from the evaluation loop; `batch['index']` maps
-  each row to the frame index.
-  """
-  del num_expr_classes  # the class index is written as is
+
+def nearest_predicted(frames: np.ndarray, predicted_frames: np.ndarray) -> np.ndarray:
+  """Per frame of `frames`, the position in the sorted `predicted_frames` of the nearest one
+  (the earlier one on a tie)."""
+  after = np.clip(np.searchsorted(predicted_frames, frames), 0, predicted_frames.size - 1)
+  before = np.clip(after - 1, 0, predicted_frames.size - 1)
+  take_before = np.abs(frames - predicted_frames[before]) <= np.abs(
+      predicted_frames[after] - frames)
+  return np.where(take_before, before, after)
+
+
+def fill_rows(index, predicted: np.ndarray) -> np.ndarray:
+  """int64 [N]: per index row, the row whose decision it gets (itself when predicted, else the
+  nearest predicted frame of its video). ValueError if a video has no predicted frame."""
+  source = np.arange(len(index), dtype=np.int64)
+  for video in np.unique(index.video_id[~predicted]):
+    rows = np.flatnonzero(index.video_id == video)
+    have = rows[predicted[rows]]
+    if have.size == 0:
+      raise ValueError(f'no frame of video {index.video_names[video]} could be read: nothing '
+                       'to fill its predictions from')
+    missing = rows[~predicted[rows]]
+    source[missing] = have[nearest_predicted(index.frame[missing].astype(np.int64),
+                                             index.frame[have].astype(np.int64))]
+  return source
+
+
+def _image_name(index, row: int) -> str:
+  return f'{index.video_names[index.video_id[row]]}/{index.frame[row]:05d}.jpg'
+
+
+def _task_line(task: str, decided: dict, row: int) -> str:
+  if task == 'va':
+    v, a = decided['va'][row]
+    return f'{v:.6f},{a:.6f}'
+  if task == 'expr':
+    return str(decided['expr'][row])
+  return ','.join(str(x) for x in decided['au'][row])
+
+
+def _task_header(task: str, num_expr_classes: int) -> str:
+  if task == 'va':
+    return 'valence,arousal'
+  if task == 'expr':
+    return ','.join(labels.expr_classes(num_expr_classes))
+  return ','.join(labels.AU_NAMES)
+
+
+def write_mtl(path: str, index, decided: dict, rows) -> str:
+  """The ABAW3/4 multi-task CSV for the index rows `rows` (in order)."""
   with open(path, 'w') as f:
     f.write(MTL_HEADER + '\n')
-    for outputs, batch in rows:
-      keep = np.asarray(batch['valid'], bool)
-      decided = decode_outputs({k: np.asarray(v)[keep] for k, v in outputs.items()}, tasks)
-      for j, i in enumerate(np.asarray(batch['index'])[keep]):
-        name = f'{index.video_names[index.video_id[i]]}/{index.frame[i]:05d}.jpg'
-        v, a = decided['va'][j]
-        aus = ','.join(str(x) for x in decided['au'][j])
-        f.write(f"{name},{v:.6f},{a:.6f},{decided['expr'][j]},{aus}\n")
+    for row in rows:
+      f.write(f"{_image_name(index, row)},{_task_line('va', decided, row)},"
+              f"{decided['expr'][row]},{_task_line('au', decided, row)}\n")
   return path
+
+
+def write_per_task(out_dir: str, index, decided: dict, tasks: tuple,
+                   num_expr_classes: int) -> list:
+  """ABAW5+: one CSV per trained task over every index row."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for task in (t for t in ('va', 'expr', 'au') if t in tasks):
+    path = os.path.join(out_dir, f'{_TASK_NAMES[task]}.csv')
+    with open(path, 'w') as f:
+      f.write(f'image_location,{_task_header(task, num_expr_classes)}\n')
+      for row in range(len(index)):
+        f.write(f'{_image_name(index, row)},{_task_line(task, decided, row)}\n')
+    paths.append(path)
+  return paths
+
+
+def read_frame_counts(path: str) -> dict:
+  """`video,num_frames` lines (a header line is allowed) -> {video: num_frames}."""
+  counts = {}
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      fields = [x.strip() for x in line.replace('\t', ',').split(',')]
+      if not line.strip() or (number == 1 and not fields[-1].isdigit()):
+        continue
+      if len(fields) != 2 or not fields[1].isdigit():
+        raise ValueError(f'{path}:{number}: expected <video>,<number of frames>, got '
+                         f'{line.strip()!r}')
+      counts[fields[0]] = int(fields[1])
+  return counts
+
+
+def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, tasks: tuple,
+                    num_expr_classes: int, frame_counts: dict | None = None) -> list:
+  """ABAW1/2: `<out_dir>/<TASK>/<video>.txt`, one line per frame 1..N of each video, frames
+  without a prediction filled from the nearest predicted frame."""
+  frame_counts = frame_counts or {}
+  written = []
+  for task in (t for t in ('va', 'expr', 'au') if t in tasks):
+    os.makedirs(os.path.join(out_dir, _TASK_NAMES[task]), exist_ok=True)
+  for video_id, video in enumerate(index.video_names):
+    rows = np.flatnonzero(index.video_id == video_id)
+    have = rows[predicted[rows]]
+    if have.size == 0:
+      raise ValueError(f'no frame of video {video} could be read: nothing to predict from')
+    last = int(index.frame[rows].max())
+    count = frame_counts.get(video, last)
+    if count < last:
+      raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
+    frames = np.arange(1, count + 1, dtype=np.int64)
+    source = have[nearest_predicted(frames, index.frame[have].astype(np.int64))]
+    for task in (t for t in ('va', 'expr', 'au') if t in tasks):
+      path = os.path.join(out_dir, _TASK_NAMES[task], f'{video}.txt')
+      with open(path, 'w') as f:
+        f.write(_task_header(task, num_expr_classes) + '\n')
+        f.writelines(_task_line(task, decided, int(row)) + '\n' for row in source)
+      written.append(path)
+  return written
+
+
+def write_predictions(path: str, rows: list, index, tasks: tuple, num_expr_classes: int) -> str:
+  """mode=eval: the `mtl` CSV of every evaluated frame (padding and unreadable frames
+  skipped), from the evaluation loop's (outputs, batch) pairs."""
+  del num_expr_classes  # the class index is written as is
+  decided, predicted = gather_decisions(rows, len(index), tasks)
+  return write_mtl(path, index, decided, np.flatnonzero(predicted))

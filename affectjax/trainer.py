@@ -18,7 +18,7 @@ from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
 from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train, weights
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sampling, sources, synthetic
+from affectjax.data import pipeline, sampling, sources, synthetic, unlabelled
 from affectjax.models import affect, preprocess
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
@@ -168,6 +168,22 @@ def _mean_metrics(pending: list) -> dict:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _infer(run: Run, eval_step, state, iterator, on_batch) -> None:
+  """Runs `eval_step` over every batch of `iterator`; `on_batch(outputs, batch)` gets the
+  outputs and the labels (no images) of the global batch, on every process."""
+  for local_batch in iterator:
+    outputs = eval_step(state, parallel.global_batch(local_batch, run.mesh))
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    batch = multihost_utils.process_allgather(
+        {k: v for k, v in local_batch.items() if k != 'image'}, tiled=True)
+    on_batch(outputs, batch)
+
+
+def _skipped_frames(iterator) -> int:
+  """Undecodable frames of an evaluation pass, summed over processes."""
+  return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
+
+
 def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False):
   """A full pass over `index` (every frame exactly once); returns (metrics, predictions)."""
   config = run.config
@@ -176,18 +192,15 @@ def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = Fals
   iterator = pipeline.make_eval_iterator(
       index, config.data, global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  for local_batch in iterator:
-    outputs = eval_step(state, parallel.global_batch(local_batch, run.mesh))
-    outputs = multihost_utils.process_allgather(outputs, tiled=True)
-    batch = multihost_utils.process_allgather(
-        {k: v for k, v in local_batch.items() if k != 'image'}, tiled=True)
+
+  def on_batch(outputs, batch):
     accumulator.update(outputs, batch)
     if rows is not None:
       rows.append((outputs, batch))
+
+  _infer(run, eval_step, state, iterator, on_batch)
   results = accumulator.compute()
-  # Undecodable frames are padding rows; say how many (summed over processes).
-  results['skipped_frames'] = int(np.sum(multihost_utils.process_allgather(
-      np.asarray([iterator.num_skipped]))))
+  results['skipped_frames'] = _skipped_frames(iterator)  # padding rows in the batches
   return results, rows
 
 
@@ -304,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         score = None
         if step % eval_every == 0 or last:
           write_interval()
+          jax.block_until_ready(state)  # the queued training steps count as training time
           eval_start = time.perf_counter()
           eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
           progress.exclude(time.perf_counter() - eval_start)  # img/s counts training only
@@ -360,22 +374,28 @@ def format_summary(summary: dict, run: Run) -> str:
   return '\n'.join(lines)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
-  workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
-  index = load_index(config, config.eval_split, tasks)
+def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
+  """(run, state, eval step function) of the checkpoint `config.eval_checkpoint` of WORKDIR."""
   run = build_run(config, steps_per_epoch=1)
-  config = run.config
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  which = str(config.eval_checkpoint)
+  which = str(run.config.eval_checkpoint)
   step = {'best': checkpoints.best_step() or checkpoints.latest_step(),
           'latest': checkpoints.latest_step()}.get(which, None)
   step = int(which) if which.isdigit() else step
   state, _ = checkpoints.restore(parallel.replicate(run.state, run.mesh), step)
   checkpoints.close()
-  eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=config), run.mesh,
-                                   batch_out=True)
+  eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=run.config),
+                                   run.mesh, batch_out=True)
+  return run, state, eval_fn
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
+  workdir = os.path.abspath(workdir)
+  tasks = config_lib.task_tuple(config.tasks)
+  index = load_index(config, config.eval_split, tasks)
+  run, state, eval_fn = _restore_for_inference(config, workdir)
+  config = run.config
   eval_metrics, rows = evaluate(run, eval_fn, state, index,
                                 keep_predictions=config.write_predictions)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
@@ -397,3 +417,58 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
           index, run.tasks, config.num_expr_classes)
       print(f'  wrote {path}', flush=True)
   return eval_metrics
+
+
+def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=predict: restores a checkpoint of WORKDIR and writes the predictions of an
+  unlabelled test list (`config.predict`) in an ABAW submission format."""
+  workdir = os.path.abspath(workdir)
+  p = config.predict
+  if bool(p.videos) == bool(p.images):
+    raise ValueError('mode=predict needs exactly one of predict.videos (a file with one test '
+                     'video per line) and predict.images (a file of <video>/<frame>.jpg lines)')
+  fmt = p.format if p.format != 'auto' else ('mtl' if p.images else 'per_video')
+  if fmt not in predictions.FORMATS:
+    raise ValueError(f'predict.format must be auto or one of {predictions.FORMATS}, got {fmt!r}')
+  list_path = p.videos or p.images
+  root = p.root or data_root(config)
+  index = unlabelled.frames_index(
+      root, videos=unlabelled.read_video_list(p.videos) if p.videos else None,
+      images=unlabelled.read_image_list(p.images) if p.images else None)
+  run, state, eval_fn = _restore_for_inference(config, workdir)
+  config = run.config
+  data_config = config.data.copy_and_resolve_references()
+  data_config.source = 'jpeg'  # test frames are read from the crop folders
+  iterator = pipeline.make_eval_iterator(
+      index, data_config, global_batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      labelled_only=False)
+  rows = []
+  _infer(run, eval_fn, state, iterator, lambda outputs, batch: rows.append((outputs, batch)))
+  skipped = _skipped_frames(iterator)
+  decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks)
+  step = int(state.step)
+  name = os.path.splitext(os.path.basename(list_path))[0]
+  out = p.out or os.path.join(workdir, f'predictions_{name}_step{step}')
+  written = []
+  if is_main_process():
+    if fmt == 'per_video':
+      counts = predictions.read_frame_counts(p.frame_counts) if p.frame_counts else None
+      written = predictions.write_per_video(out, index, decided, predicted, run.tasks,
+                                            config.num_expr_classes, counts)
+    else:
+      filled = {k: v[predictions.fill_rows(index, predicted)] for k, v in decided.items()}
+      if fmt == 'mtl':
+        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+        written = [predictions.write_mtl(out if out.endswith('.csv') else out + '.csv', index,
+                                         filled, range(len(index)))]
+      else:
+        written = predictions.write_per_task(out, index, filled, run.tasks,
+                                             config.num_expr_classes)
+    print(f'Predicted {int(predicted.sum())} of {len(index)} listed frames of '
+          f'{len(index.video_names)} videos ({list_path}) with checkpoint step {step}; '
+          f'{skipped} unreadable frames filled from their nearest neighbour.\n'
+          f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
+          flush=True)
+  return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
+          'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}

@@ -69,3 +69,23 @@ def test_init_from_rejects_weights_that_match_nothing(tmp_path):
   weights.save_converted(str(tmp_path), variables, {'arch': 'resnet18'})
   with pytest.raises(ValueError, match='no parameter matched'):
     ckpt_lib.init_from(tiny_state(6), str(tmp_path))
+
+
+def test_best_checkpoint_survives_a_restart(tmp_path):
+  """The best-K policy and best_step() see the scores saved by an earlier process."""
+  class State:  # the TrainState fields the checkpoint saves
+    def __init__(self, value):
+      self.step, self.params, self.batch_stats = value, {'w': np.full(3, value, np.float32)}, {}
+      self.opt_state, self.rng = {}, np.zeros(2, np.uint32)
+
+  first = ckpt_lib.Checkpoints(str(tmp_path), keep_latest=1, keep_best=1, async_save=False)
+  for step, score in ((1, 0.2), (2, 0.9), (3, None), (4, 0.5)):
+    first.save(step, State(step), {'step': step}, score=score)
+  first.close()
+  resumed = ckpt_lib.Checkpoints(str(tmp_path), keep_latest=1, keep_best=1, async_save=False)
+  assert resumed.best_step() == 2
+  for step, score in ((5, None), (6, 0.3)):
+    resumed.save(step, State(step), {'step': step}, score=score)
+  assert sorted(resumed.manager.all_steps()) == [2, 6]  # the best (0.9) and the latest
+  assert resumed.best_step() == 2 and resumed.latest_step() == 6
+  resumed.close()

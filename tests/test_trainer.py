@@ -205,3 +205,92 @@ def test_checkpoint_policy_saves_every_n_steps_every_epoch_and_at_the_end(config
   checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
   assert set(checkpoints.manager.all_steps()) == expected | {total}
   checkpoints.close()
+
+
+def _predict_config(config, **predict):
+  c = config.copy_and_resolve_references()
+  c.eval_checkpoint = 'latest'
+  for key, value in predict.items():
+    c.predict[key] = value
+  return c
+
+
+def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupted, config,
+                                                                    tmp_path):
+  from affectjax import predictions
+  _, workdir = uninterrupted
+  # Reference: the labelled evaluation path on the same checkpoint.
+  c = _predict_config(config)
+  run, state, eval_fn = trainer._restore_for_inference(c, str(workdir))
+  index = trainer.load_index(c, 'validation', ('expr', 'au', 'va'))
+  _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
+  reference = open(predictions.write_predictions(
+      str(tmp_path / 'reference.csv'), rows, index, run.tasks, 8)).read().splitlines()
+  # The ABAW3/4 test list: the validation images in another order, under a header.
+  names = [line.split(',')[0] for line in reference[1:]]
+  image_list = tmp_path / 'MTL_test_set.txt'
+  image_list.write_text('image\n' + '\n'.join(reversed(names)) + '\n')
+  result = trainer.predict_checkpoint(_predict_config(config, images=str(image_list)),
+                                      str(workdir))
+  assert result['format'] == 'mtl' and result['frames'] == len(names) == result['predicted']
+  written = open(result['files'][0]).read().splitlines()
+  assert os.path.basename(result['files'][0]) == (
+      f'predictions_MTL_test_set_step{result["step"]}.csv')
+  assert written == reference  # same rows (sorted by video and frame), same decisions
+
+
+def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
+  from affectjax import predictions
+  from affectjax.data import layout
+  _, workdir = uninterrupted
+  root = trainer.data_root(config)
+  videos = sorted(os.listdir(os.path.join(root, layout.IMAGE_DIR)))[:3]
+  video_list = tmp_path / 'test_videos.txt'
+  video_list.write_text(''.join(f'{v}.mp4\n' for v in videos))
+  crops = {v: np.sort(layout.image_frames(os.path.join(root, layout.IMAGE_DIR, v)))
+           for v in videos}
+  counts = tmp_path / 'frame_counts.csv'
+  counts.write_text('video,frames\n' + ''.join(f'{v},{crops[v].max() + 3}\n' for v in videos))
+  # The per-frame decisions, as an ABAW3/4 file over the same crops.
+  image_list = tmp_path / 'images.txt'
+  image_list.write_text(''.join(f'{v}/{f:05d}.jpg\n' for v in videos for f in crops[v]))
+  mtl = trainer.predict_checkpoint(_predict_config(config, images=str(image_list)),
+                                   str(workdir))
+  per_frame = {line.split(',')[0]: line.split(',')[1:]
+               for line in open(mtl['files'][0]).read().splitlines()[1:]}
+
+  result = trainer.predict_checkpoint(
+      _predict_config(config, videos=str(video_list), frame_counts=str(counts),
+                      out=str(tmp_path / 'abaw2')), str(workdir))
+  assert result['format'] == 'per_video' and len(result['files']) == 3 * len(videos)
+  for v in videos:
+    va = open(tmp_path / 'abaw2' / 'VA' / f'{v}.txt').read().splitlines()
+    expr = open(tmp_path / 'abaw2' / 'EXPR' / f'{v}.txt').read().splitlines()
+    au = open(tmp_path / 'abaw2' / 'AU' / f'{v}.txt').read().splitlines()
+    assert va[0] == 'valence,arousal' and au[0] == ','.join(
+        ['AU1', 'AU2', 'AU4', 'AU6', 'AU7', 'AU10', 'AU12', 'AU15', 'AU23', 'AU24', 'AU25',
+         'AU26'])
+    assert expr[0].split(',')[-1] == 'Other'  # the 8-class config
+    assert len(va) == len(expr) == len(au) == 1 + crops[v].max() + 3  # every frame 1..N
+    for frame in range(1, crops[v].max() + 4):  # each frame takes its nearest crop's decision
+      distance = np.abs(crops[v] - frame)
+      nearest = crops[v][np.flatnonzero(distance == distance.min())[0]]
+      values = per_frame[f'{v}/{nearest:05d}.jpg']
+      assert va[frame].split(',') == values[:2]
+      assert expr[frame] == values[2]
+      assert au[frame].split(',') == values[3:]
+
+  per_task = trainer.predict_checkpoint(
+      _predict_config(config, videos=str(video_list), format='per_task',
+                      out=str(tmp_path / 'abaw5')), str(workdir))
+  assert sorted(os.path.basename(f) for f in per_task['files']) == ['AU.csv', 'EXPR.csv',
+                                                                     'VA.csv']
+  expr_rows = open(tmp_path / 'abaw5' / 'EXPR.csv').read().splitlines()
+  assert expr_rows[0].startswith('image_location,Neutral,Anger')
+  assert {r.split(',')[0]: r.split(',')[1] for r in expr_rows[1:]} == {
+      name: values[2] for name, values in per_frame.items()}
+
+  bad_list = tmp_path / 'bad.txt'
+  bad_list.write_text('image\nvideo1/00001.jpg\nvideo1/frame.png\n')
+  with pytest.raises(ValueError, match=r'bad\.txt:3: expected <video>/<frame>\.jpg'):
+    trainer.predict_checkpoint(_predict_config(config, images=str(bad_list)), str(workdir))

@@ -365,18 +365,21 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
 
 
 def make_eval_iterator(index, data_config, *, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1, source=None) -> AffectIterator:
-  """One pass over every labelled frame exactly once, in index order, padded with
-  `valid=False` rows to whole batches; `iterator.num_skipped` counts undecodable frames."""
+                       process_count: int = 1, source=None,
+                       labelled_only: bool = True) -> AffectIterator:
+  """One pass over every labelled frame (every frame, without `labelled_only`: prediction)
+  exactly once, in index order, padded with `valid=False` rows to whole batches;
+  `iterator.num_skipped` counts undecodable frames."""
   _check_batch(global_batch_size, process_index, process_count)
   tasks = sampling.parse_tasks(data_config.tasks)
-  rows = sampling.eval_plan(index, tasks, global_batch_size)
+  rows = sampling.eval_plan(index, tasks, global_batch_size, labelled_only)
   maker = BatchMaker(source or make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
                      process_count=process_count, eval_rows=rows)
   shares = rows.reshape(-1, process_count, maker.batch)[:, process_index]
   expected_valid = (shares >= 0).sum(axis=1)
-  counts = sampling.frame_counts(index, tasks)
+  counts = (sampling.frame_counts(index, tasks) if labelled_only
+            else {'frames': len(index), 'videos': len(index.video_names)})
   counts['steps'] = maker.steps_per_epoch
-  _log_counts('eval', counts)
+  _log_counts('eval' if labelled_only else 'predict', counts)
   return AffectIterator(maker, data_config, 1, counts, expected_valid)

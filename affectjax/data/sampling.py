@@ -106,9 +106,11 @@ def segment_bounds(phases: np.ndarray) -> np.ndarray:
   return np.concatenate([[0], starts, [phases.size]]).astype(np.int64)
 
 
-def eval_plan(index, tasks: tuple, global_batch_size: int) -> np.ndarray:
-  """int64 [S*G]: every labelled row once, in index order, padded with -1 to whole batches."""
-  rows = labelled_rows(index, tasks)
+def eval_plan(index, tasks: tuple, global_batch_size: int, labelled_only: bool = True
+              ) -> np.ndarray:
+  """int64 [S*G]: every labelled row (every row, without `labelled_only`) once, in index
+  order, padded with -1 to whole batches."""
+  rows = labelled_rows(index, tasks) if labelled_only else np.arange(len(index), dtype=np.int64)
   padded = -(-rows.size // global_batch_size) * global_batch_size
   return np.concatenate([rows, np.full(padded - rows.size, -1, np.int64)])
 
