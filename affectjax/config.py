@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
       'format': 'auto',
       'frame_counts': '',  # per_video: file of <video>,<frames> lines (default: last crop)
       'out': '',  # output file / folder ('' = WORKDIR/predictions_<list name>_step<N>)
+      # AU decision thresholds: '' = 0.5; or the eval JSON of mode=eval (per-AU thresholds
+      # tuned on the validation split) or a file of 12 comma-separated numbers
+      'au_thresholds': '',
   })
 
   c.distributed = ml_collections.ConfigDict({

@@ -147,7 +147,7 @@ def score(metrics: Mapping[str, float], tasks: Iterable[str], edition: str = 'ab
   return float(sum(metrics[_SCORE_KEYS[edition][task]] for task in tasks))
 
 
-def _sigmoid(x):
+def sigmoid(x):
   """Numerically stable logistic function in float64."""
   return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
 
@@ -193,7 +193,7 @@ class MetricsAccumulator:
       self._confusion += confusion_matrix(logits.argmax(-1), target, self.num_expr_classes, rows)
       self._keep('expr', logits[rows], target[rows], None if index is None else index[rows])
     if 'au' in self.tasks:
-      probs, target = _sigmoid(outputs['au']), np.asarray(batch['au'])
+      probs, target = sigmoid(outputs['au']), np.asarray(batch['au'])
       rows = valid & labels.au_mask(target).any(-1)
       target = np.where(valid[:, None], target, labels.AU_MISSING)
       for total, count in zip(self._au_counts, binary_counts(probs >= 0.5, target)):

@@ -14,19 +14,22 @@
 In every format a listed frame whose crop could not be read is filled the same way, so each
 listed frame gets a line. Untrained tasks get the missing-label sentinels in the `mtl` file.
 """
+import json
 import os
 
 import numpy as np
 
 from affectjax import labels
+from affectjax import metrics
 
 MTL_HEADER = 'image,valence,arousal,expression,aus'
 FORMATS = ('mtl', 'per_task', 'per_video')
 _TASK_NAMES = {'va': 'VA', 'expr': 'EXPR', 'au': 'AU'}
 
 
-def decode_outputs(outputs: dict, tasks: tuple, au_threshold: float = 0.5) -> dict:
-  """Model outputs (NumPy) -> per-frame decisions: EXPR class, AU 0/1, VA values.
+def decode_outputs(outputs: dict, tasks: tuple, au_threshold=0.5) -> dict:
+  """Model outputs (NumPy) -> per-frame decisions: EXPR class, AU 0/1 (probability at least
+  `au_threshold`, a scalar or one per AU), VA values.
 
   Untrained tasks get the missing-label sentinels, as in the annotation files.
   """
@@ -37,15 +40,39 @@ def decode_outputs(outputs: dict, tasks: tuple, au_threshold: float = 0.5) -> di
   if 'expr' in tasks:
     expr = np.argmax(outputs['expr'], axis=-1)
   if 'au' in tasks:
-    au = (1.0 / (1.0 + np.exp(-outputs['au'])) >= au_threshold).astype(np.int64)
+    au = (metrics.sigmoid(outputs['au']) >= au_threshold).astype(np.int64)
   if 'va' in tasks:
     va = np.clip(outputs['va'], -1.0, 1.0)
   return {'expr': expr, 'au': au, 'va': va}
 
 
-def gather_decisions(rows: list, num_frames: int, tasks: tuple) -> tuple:
+def read_au_thresholds(path: str):
+  """0.5, or the 12 per-AU thresholds of an eval JSON (`au_thresholds`, written by mode=eval)
+  or of a file of 12 comma-separated numbers."""
+  if not path:
+    return 0.5
+  with open(path) as f:
+    text = f.read()
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError:
+    values = [x for x in text.replace('\n', ',').split(',') if x.strip()]
+  if isinstance(values, dict):
+    values = values.get('au_thresholds')
+  try:
+    thresholds = np.asarray(values, np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    thresholds = np.zeros(0)
+  if thresholds.shape != (labels.NUM_AUS,) or not np.all((thresholds > 0) & (thresholds < 1)):
+    raise ValueError(f'{path}: expected {labels.NUM_AUS} AU thresholds in (0, 1) (a mode=eval '
+                     'JSON with au_thresholds, or comma-separated numbers)')
+  return thresholds
+
+
+def gather_decisions(rows: list, num_frames: int, tasks: tuple, au_threshold=0.5) -> tuple:
   """(decisions per index row, predicted bool [num_frames]) from the evaluation loop's
-  (outputs, batch) pairs; `batch['index']` maps each valid row to its index row."""
+  (outputs, batch) pairs; `batch['index']` maps each valid row to its index row.
+  `au_threshold`: a scalar or one per AU."""
   decided = {'expr': np.full(num_frames, labels.EXPR_MISSING, np.int64),
              'au': np.full((num_frames, labels.NUM_AUS), labels.AU_MISSING, np.int64),
              'va': np.full((num_frames, 2), labels.VA_MISSING, np.float64)}
@@ -53,7 +80,8 @@ def gather_decisions(rows: list, num_frames: int, tasks: tuple) -> tuple:
   for outputs, batch in rows:
     keep = np.asarray(batch['valid'], bool)
     where = np.asarray(batch['index'])[keep]
-    batch_decided = decode_outputs({k: np.asarray(v)[keep] for k, v in outputs.items()}, tasks)
+    batch_decided = decode_outputs({k: np.asarray(v)[keep] for k, v in outputs.items()}, tasks,
+                                   au_threshold)
     for key, values in batch_decided.items():
       decided[key][where] = values
     predicted[where] = True

@@ -184,10 +184,17 @@ def _skipped_frames(iterator) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
 
 
-def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False):
-  """A full pass over `index` (every frame exactly once); returns (metrics, predictions)."""
+def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False,
+             tune_au: bool = False):
+  """A full pass over `index` (every frame exactly once); returns (metrics, predictions).
+
+  With `tune_au` (and the AU task), also the per-AU thresholds that maximise each AU's F1 on
+  this pass (`au_thresholds`, a list) and the mean F1 they give (`au_f1_tuned`: optimistic,
+  tuned on the very frames it is measured on; apply the thresholds to another split)."""
   config = run.config
-  accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes)
+  tune_au = tune_au and 'au' in run.tasks
+  accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes,
+                                               keep_predictions=tune_au)
   rows = [] if keep_predictions else None
   iterator = pipeline.make_eval_iterator(
       index, config.data, global_batch_size=config.eval_batch_size,
@@ -201,6 +208,12 @@ def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = Fals
   _infer(run, eval_step, state, iterator, on_batch)
   results = accumulator.compute()
   results['skipped_frames'] = _skipped_frames(iterator)  # padding rows in the batches
+  if tune_au:
+    kept = accumulator.predictions()['au']
+    thresholds = metrics_lib.tune_au_thresholds(kept['pred'], kept['target'])
+    results['au_f1_tuned'] = metrics_lib.au_metrics(kept['pred'], kept['target'],
+                                                    thresholds)['au_f1']
+    results['au_thresholds'] = [float(t) for t in thresholds]
   return results, rows
 
 
@@ -397,7 +410,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   run, state, eval_fn = _restore_for_inference(config, workdir)
   config = run.config
   eval_metrics, rows = evaluate(run, eval_fn, state, index,
-                                keep_predictions=config.write_predictions)
+                                keep_predictions=config.write_predictions, tune_au=True)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
   step = int(state.step)
   if is_main_process():
@@ -411,6 +424,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
           f'score {eval_metrics["score"]:.4f}\n  ' +
           logs.format_metrics(eval_metrics, HEADLINE_KEYS) + f'\n  wrote {out}',
           flush=True)
+    if 'au_thresholds' in eval_metrics:
+      print(f'  AU thresholds tuned on {config.eval_split} (per-AU F1 maximum; saved in {out}, '
+            f'use them for test predictions with --config.predict.au_thresholds={out}): '
+            f'AU F1 {eval_metrics["au_f1"]:.4f} at 0.5, {eval_metrics["au_f1_tuned"]:.4f} '
+            'tuned (optimistic on the tuning split)', flush=True)
     if rows is not None:
       path = predictions.write_predictions(
           os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
@@ -446,7 +464,8 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = []
   _infer(run, eval_fn, state, iterator, lambda outputs, batch: rows.append((outputs, batch)))
   skipped = _skipped_frames(iterator)
-  decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks)
+  decided, predicted = predictions.gather_decisions(
+      rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
   step = int(state.step)
   name = os.path.splitext(os.path.basename(list_path))[0]
   out = p.out or os.path.join(workdir, f'predictions_{name}_step{step}')
@@ -467,7 +486,8 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              config.num_expr_classes)
     print(f'Predicted {int(predicted.sum())} of {len(index)} listed frames of '
           f'{len(index.video_names)} videos ({list_path}) with checkpoint step {step}; '
-          f'{skipped} unreadable frames filled from their nearest neighbour.\n'
+          f'{skipped} unreadable frames filled from their nearest neighbour; AU thresholds '
+          f'{p.au_thresholds or 0.5}.\n'
           f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
           flush=True)
   return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),

@@ -47,3 +47,21 @@ def test_test_lists_and_frame_counts(tmp_path):
   counts.write_text('video,frames\nv1,many\n')  # line 1 without a number is the header
   with pytest.raises(ValueError, match=r'counts\.csv:2'):
     predictions.read_frame_counts(str(counts))
+
+
+def test_au_thresholds_file(tmp_path):
+  path = tmp_path / 'eval.json'
+  path.write_text('{"au_f1": 0.5, "au_thresholds": [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, '
+                  '0.7, 0.75, 0.8, 0.85]}')
+  np.testing.assert_allclose(predictions.read_au_thresholds(str(path))[[0, -1]], [0.3, 0.85])
+  path.write_text('0.5,' * 11 + '0.25\n')
+  assert predictions.read_au_thresholds(str(path))[-1] == 0.25
+  assert predictions.read_au_thresholds('') == 0.5
+  path.write_text('0.5,0.5\n')
+  with pytest.raises(ValueError, match='expected 12 AU thresholds'):
+    predictions.read_au_thresholds(str(path))
+  probs = np.array([[0.3] * 12, [0.8] * 12])
+  logits = np.log(probs / (1 - probs))
+  thresholds = np.array([0.25] * 6 + [0.75] * 6)
+  decided = predictions.decode_outputs({'au': logits}, ('au',), thresholds)
+  np.testing.assert_array_equal(decided['au'], [[1] * 6 + [0] * 6, [1] * 12])

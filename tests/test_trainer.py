@@ -148,6 +148,9 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
   names = {f'{index.video_names[v]}/{f:05d}.jpg' for v, f in zip(index.video_id, index.frame)}
   assert {line.split(',')[0] for line in lines[1:]} == names
   assert metrics['skipped_frames'] == 0
+  # Per-AU thresholds tuned on the evaluated split: at least the F1 at 0.5 (0.5 is a candidate).
+  assert len(metrics['au_thresholds']) == 12
+  assert metrics['au_f1_tuned'] >= metrics['au_f1'] - 1e-12
 
 
 def test_packed_shards_alone_serve_the_index(config, tmp_path):
@@ -237,6 +240,17 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   assert os.path.basename(result['files'][0]) == (
       f'predictions_MTL_test_set_step{result["step"]}.csv')
   assert written == reference  # same rows (sorted by video and frame), same decisions
+  # Per-AU thresholds (e.g. tuned by mode=eval on validation) decide the AUs.
+  thresholds = np.linspace(0.2, 0.8, 12)
+  threshold_file = tmp_path / 'thresholds.json'
+  threshold_file.write_text(json.dumps({'au_thresholds': thresholds.tolist()}))
+  decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks, thresholds)
+  expected = open(predictions.write_mtl(str(tmp_path / 'expected.csv'), index, decided,
+                                        np.flatnonzero(predicted))).read()
+  tuned = trainer.predict_checkpoint(_predict_config(
+      config, images=str(image_list), au_thresholds=str(threshold_file),
+      out=str(tmp_path / 'tuned.csv')), str(workdir))
+  assert open(tuned['files'][0]).read() == expected != '\n'.join(reference) + '\n'
 
 
 def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
