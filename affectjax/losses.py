@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 
 from affectjax import labels
@@ -152,10 +153,14 @@ def default_loss_config() -> ml_collections.ConfigDict:
       'expr': 'ce',  # 'ce' | 'focal'
       'focal_gamma': 2.0,
       'focal_alpha': None,  # None or one factor per class
-      'expr_class_weights': None,  # None or one weight per class (CE only)
+      # None, one weight per class (CE only), or 'balanced': n / (C * n_c) over the training
+      # frames' EXPR labels (scikit-learn's 'balanced'; resolved by the trainer)
+      'expr_class_weights': None,
       'label_smoothing': 0.0,
       'au': 'bce',
-      'au_pos_weight': None,  # None or 12 positive-class weights
+      # None, 12 positive-class weights, or 'neg_pos_ratio': per AU, negatives / positives
+      # among the training frames (the usual BCEWithLogitsLoss pos_weight; resolved by the trainer)
+      'au_pos_weight': None,
       'va': 'ccc',  # 'ccc' | 'mse' | 'ccc+mse'
       'va_column_weights': (1.0, 1.0),  # (valence, arousal) factors on each VA term
       'weights': ml_collections.ConfigDict({'expr': 1.0, 'au': 1.0, 'va': 1.0, 'va5': 0.0}),
@@ -266,3 +271,43 @@ def multitask_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any],
     total += weights.va5 * aux['loss_va5']
   aux['loss_total'] = total
   return total, aux
+
+
+def balanced_class_weights(expr, num_classes: int) -> list:
+  """n / (C * n_c) over the labelled entries of `expr` (int [...], -1 missing)."""
+  expr = np.asarray(expr).reshape(-1)
+  counts = np.bincount(expr[expr >= 0], minlength=num_classes)[:num_classes]
+  if (counts == 0).any():
+    raise ValueError(f'balanced EXPR class weights: classes {np.flatnonzero(counts == 0).tolist()} '
+                     'have no training frame')
+  return (counts.sum() / (num_classes * counts)).tolist()
+
+
+def neg_pos_ratios(au) -> list:
+  """Per AU, labelled negatives / labelled positives of `au` (int [N, 12], -1 missing)."""
+  au = np.asarray(au)
+  positives, negatives = (au == 1).sum(axis=0), (au == 0).sum(axis=0)
+  if (positives == 0).any():
+    raise ValueError(f'AU pos_weight neg_pos_ratio: AUs {np.flatnonzero(positives == 0).tolist()} '
+                     'have no positive training frame')
+  return (negatives / positives).tolist()
+
+
+def resolve_label_weights(cfg: ml_collections.ConfigDict, expr, au, num_expr_classes: int
+                          ) -> ml_collections.ConfigDict:
+  """A copy of the loss config with 'balanced' / 'neg_pos_ratio' replaced by numbers computed
+  from the training labels `expr` [N] and `au` [N, 12]."""
+  cfg = cfg.copy_and_resolve_references()
+  if isinstance(cfg.expr_class_weights, str):
+    if cfg.expr_class_weights != 'balanced':
+      raise ValueError(f"loss.expr_class_weights must be None, numbers or 'balanced', got "
+                       f'{cfg.expr_class_weights!r}')
+    with cfg.ignore_type():  # a str field becomes a list
+      cfg.expr_class_weights = balanced_class_weights(expr, num_expr_classes)
+  if isinstance(cfg.au_pos_weight, str):
+    if cfg.au_pos_weight != 'neg_pos_ratio':
+      raise ValueError(f"loss.au_pos_weight must be None, numbers or 'neg_pos_ratio', got "
+                       f'{cfg.au_pos_weight!r}')
+    with cfg.ignore_type():
+      cfg.au_pos_weight = neg_pos_ratios(au)
+  return cfg

@@ -22,6 +22,12 @@ def default_optim_config() -> ml_collections.ConfigDict:
       'nesterov': False,  # sgd only
       'weight_decay': 0.0,  # decoupled for adamw, L2 added to the gradient for adam and sgd
       'grad_clip_norm': 0.0,  # 0 disables global-norm clipping
+      # ReduceLROnPlateau (PyTorch's defaults), as optax.contrib.reduce_on_plateau on the
+      # epoch-mean training loss: after `patience` epochs without a relative improvement of
+      # `rtol`, the update is scaled by `factor` (then `cooldown` epochs without a check).
+      'plateau': ml_collections.ConfigDict({
+          'enabled': False, 'factor': 0.1, 'patience': 10, 'rtol': 1e-4, 'cooldown': 0,
+          'min_scale': 0.0}),
   })
 
 
@@ -50,9 +56,34 @@ def decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
 
 
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
-                     ) -> optax.GradientTransformation:
-  """The configured optimiser with optional clipping and masked weight decay."""
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     steps_per_epoch: int = 1) -> optax.GradientTransformationExtraArgs:
+  """The configured optimiser with optional clipping, masked weight decay and plateau
+  scaling. Its `update` takes the step's loss as `value=` (used by the plateau rule)."""
+  return optax.chain(*_optimizer_parts(config, schedule), *_plateau(config, steps_per_epoch))
+
+
+def _plateau(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list:
+  p = config.plateau
+  if not p.enabled:
+    return []
+  # PyTorch's patience is the number of bad epochs tolerated (it reduces after patience + 1);
+  # optax reduces after `patience` of them.
+  return [optax.contrib.reduce_on_plateau(
+      factor=p.factor, patience=p.patience + 1, rtol=p.rtol, atol=0.0, cooldown=p.cooldown,
+      accumulation_size=max(int(steps_per_epoch), 1), min_scale=p.min_scale)]
+
+
+def plateau_scale(opt_state) -> jax.Array | float:
+  """The current plateau factor on the learning rate (1.0 without the plateau rule)."""
+  kind = optax.contrib.ReduceLROnPlateauState
+  found = [leaf for leaf in jax.tree_util.tree_leaves(opt_state,
+                                                      is_leaf=lambda x: isinstance(x, kind))
+           if isinstance(leaf, kind)]
+  return found[0].scale if found else 1.0
+
+
+def _optimizer_parts(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> list:
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -60,7 +91,7 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
   if name == 'adamw':
     parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    return parts
   if config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
   if name == 'adam':
@@ -70,4 +101,4 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
                            nesterov=config.nesterov))
   else:
     raise ValueError(f"optim.optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
-  return optax.chain(*parts)
+  return parts

@@ -14,6 +14,7 @@ import optax
 from flax.training import train_state
 
 from affectjax import losses
+from affectjax import optim
 from affectjax.models import preprocess
 
 DATA_AXIS = 'data'
@@ -105,7 +106,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   phase = jax.lax.pmax(batch['phase'][0], DATA_AXIS)  # same on every row and device
 
   def update(old: TrainState) -> TrainState:
-    new = old.apply_gradients(grads=grads, batch_stats=batch_stats)
+    # tx.update rather than apply_gradients: the loss goes to the plateau rule (optim.py).
+    updates, opt_state = old.tx.update(grads, old.opt_state, old.params, value=total)
+    new = old.replace(step=old.step + 1, params=optax.apply_updates(old.params, updates),
+                      opt_state=opt_state, batch_stats=batch_stats)
     for frozen_phase, tasks in FROZEN_HEADS_BY_PHASE.items():
       frozen = phase == frozen_phase
       new = new.replace(
@@ -121,7 +125,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   new_state = new_state.replace(rng=rng)
   metrics = dict(aux, loss=total, grad_norm=optax.tree.norm(grads),
                  finite=finite.astype(jnp.float32),
-                 learning_rate=lr_schedule(state.step))
+                 learning_rate=lr_schedule(state.step) * optim.plateau_scale(state.opt_state))
   return new_state, metrics
 
 

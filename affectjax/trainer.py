@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
-from affectjax import logs, metrics as metrics_lib, optim, parallel, predictions, train, weights
+from affectjax import logs, losses, metrics as metrics_lib, optim, parallel, predictions, train
+from affectjax import weights
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline, sampling, sources, synthetic, unlabelled
 from affectjax.models import affect, preprocess
@@ -100,6 +101,25 @@ def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple):
   return index
 
 
+def with_label_weights(config: ml_collections.ConfigDict, train_index
+                       ) -> ml_collections.ConfigDict:
+  """The config with data-dependent loss weights ('balanced', 'neg_pos_ratio') computed from
+  the training index's labels of the trained tasks (saved in config.json as numbers)."""
+  loss = config.loss
+  if not (isinstance(loss.expr_class_weights, str) or isinstance(loss.au_pos_weight, str)):
+    return config
+  config = config.copy_and_resolve_references()
+  with config.ignore_type():
+    config.loss = losses.resolve_label_weights(loss, train_index.expr, train_index.au,
+                                               config.num_expr_classes)
+  for key in ('expr_class_weights', 'au_pos_weight'):
+    if isinstance(loss[key], str):
+      values = ', '.join(f'{w:.3g}' for w in config.loss[key])
+      print(f'loss.{key} ({loss[key]}, from {len(train_index)} training frames): {values}',
+            flush=True)
+  return config
+
+
 def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   """Model, optimiser, mesh and the replicated initial state."""
   config = config.copy_and_resolve_references()
@@ -121,7 +141,7 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
                      f'{config.eval_batch_size} must be multiples of the {mesh.size} devices')
   total_steps = max(int(round(config.num_epochs * steps_per_epoch)), 1)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
-  tx = optim.create_optimizer(config.optim, schedule)
+  tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
   model = affect.create_model(config.model, tasks, config.num_expr_classes)
   size = config.data.image_size
   state = train.create_train_state(model, tx, config.seed, (size, size, 3))
@@ -232,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = pipeline.make_train_iterator(
       train_index, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  config = with_label_weights(config, train_index)
   if config.data.decoded_cache:  # decode the evaluation frames now, not mid-training
     pipeline.make_source(eval_index, config.data)
   run = build_run(config, train_iter.steps_per_epoch)

@@ -194,3 +194,21 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
   # bf16 and float32 compute agree roughly on the first loss (same initial parameters).
   _, history32 = run_steps(tiny_config(**{'model.sync_bn': False}), 2, batches[:1])
   np.testing.assert_allclose(history[0]['loss'], history32[0]['loss'], rtol=0.05)
+
+
+def test_plateau_scales_the_update_after_patience_epochs_without_improvement():
+  c = tiny_config(**{'optim.schedule': 'constant', 'optim.plateau.enabled': True,
+                     'optim.plateau.patience': 1})
+  tx = optim.create_optimizer(c.optim, optax.constant_schedule(0.1), steps_per_epoch=2)
+  params = {'w': jnp.ones(3)}
+  state = tx.init(params)
+  grads = {'w': jnp.ones(3)}
+  scales = []
+  for value in (3.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0):  # epochs: 3, 2, 2, 2 (mean loss)
+    updates, state = tx.update(grads, state, params, value=jnp.asarray(value))
+    scales.append(float(optim.plateau_scale(state)))
+  # Epoch 2 improves; epochs 3 and 4 do not. As PyTorch's ReduceLROnPlateau(patience=1): one
+  # bad epoch is tolerated, the second reduces the scale.
+  assert scales == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, pytest.approx(0.1)]
+  # Adam on constant gradients steps by the learning rate; the plateau scales that step.
+  np.testing.assert_allclose(updates['w'], -0.1 * 0.1 * np.ones(3), rtol=1e-5)

@@ -177,6 +177,47 @@ def test_every_config_has_demo_and_test_variants(name):
   assert full.model.arch == 'resnet50' and full.data.image_size == 112
 
 
+def test_unitask_config_variants():
+  for task, tasks in (('va', 'va'), ('expr', 'expr'), ('au', 'au'), ('mtl', 'expr,au,va')):
+    full = load_config('unitask', task)
+    assert (full.tasks, full.model.arch, full.data.image_size) == (tasks, 'resnet18', 112)
+    assert full.optim.plateau.enabled == (task == 'va')
+    assert full.optim.optimizer == ('sgd' if task == 'expr' else 'adam')
+    for variant in ('demo', 'test'):
+      small = load_config('unitask', f'{task},{variant}')
+      assert small.tasks == tasks and small.data.root == '' and small.model.width < 64
+  assert load_config('unitask', '').tasks == 'expr,au,va'
+  with pytest.raises(ValueError, match="unknown variant 'vaa'"):
+    load_config('unitask', 'vaa,demo')
+
+
+@pytest.mark.parametrize('variant', ['mtl,test', 'va,test'])
+def test_unitask_study_trains_with_weights_from_the_training_labels(variant, config, tmp_path):
+  from sklearn.utils.class_weight import compute_class_weight
+  c = load_config('unitask', variant)
+  c.data.cache_dir = config.data.cache_dir
+  c.data.synthetic.num_videos = 60  # enough expression segments for all 8 classes
+  c.num_devices = 2
+  c.halt_after_steps = 3
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  assert summary['steps'] == 3
+  saved = json.load(open(tmp_path / 'config.json'))['loss']
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_records = [r for r in records if r['split'] == 'train']
+  assert train_records and all(np.isfinite(r['loss']) for r in train_records)
+  if variant == 'va,test':
+    assert saved['expr_class_weights'] is None and saved['au_pos_weight'] is None
+    assert saved['va'] == 'mse' and 'loss_va' in train_records[0]
+    return
+  index = trainer.load_index(c, 'train', ('expr', 'au', 'va'))
+  expr = index.expr[index.expr >= 0]
+  np.testing.assert_allclose(saved['expr_class_weights'], compute_class_weight(
+      'balanced', classes=np.arange(8), y=expr), rtol=1e-6)
+  au = index.au
+  np.testing.assert_allclose(saved['au_pos_weight'], (au == 0).sum(0) / (au == 1).sum(0),
+                             rtol=1e-6)
+
+
 @pytest.mark.parametrize('name,sampling', [('mtl', 'alternating'), ('mtl_va', 'balanced')])
 def test_published_system_configs_train(name, sampling, config, tmp_path):
   c = load_config(name, 'test')
