@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       # AU decision thresholds: '' = 0.5; or the eval JSON of mode=eval (per-AU thresholds
       # tuned on the validation split) or a file of 12 comma-separated numbers
       'au_thresholds': '',
+      # VA: centred moving average over this many frames of each video (1 = none); mode=eval
+      # reports the window that does best on the validation split (method 4's post-processing)
+      'va_window': 1,
   })
 
   c.distributed = ml_collections.ConfigDict({

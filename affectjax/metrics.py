@@ -114,6 +114,37 @@ def tune_au_thresholds(probs, target, grid: Sequence[float] = DEFAULT_THRESHOLD_
   return grid[best]
 
 
+DEFAULT_VA_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 61)
+
+
+def smooth_per_video(values, video, window: int):
+  """Centred moving average over `window` consecutive rows (odd; 1 = unchanged) within each run
+  of equal `video` ids, rows in time order; near a video's ends the window shrinks to the rows
+  available. values float [N, ...]; video int [N] (rows of a video contiguous)."""
+  values = np.asarray(values, np.float64)
+  window = int(window)
+  if window <= 1 or len(values) == 0:
+    return values
+  half = window // 2
+  video = np.asarray(video)
+  n = len(values)
+  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]])
+  first = np.repeat(starts, np.diff(np.r_[starts, n]))  # each row's video start
+  last = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))  # its video end (excl.)
+  rows = np.arange(n)
+  lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
+  cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])
+  counts = (hi - lo).reshape((-1,) + (1,) * (values.ndim - 1))
+  return (cumulative[hi] - cumulative[lo]) / counts
+
+
+def tune_va_window(pred, target, video, windows: Sequence[int] = DEFAULT_VA_WINDOWS) -> int:
+  """The smoothing window (from `windows`) maximising the mean VA CCC of
+  `smooth_per_video(pred, video, w)` against target (float [N, 2]); ties go to the smaller."""
+  scores = [va_metrics(smooth_per_video(pred, video, w), target)['va_ccc'] for w in windows]
+  return int(windows[int(np.argmax(scores))])
+
+
 def va_metrics(pred, target):
   """VA CCC per dimension, their mean and the MSE; pred, target float [N,2] (valence, arousal)."""
   pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)

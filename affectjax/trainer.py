@@ -205,14 +205,16 @@ def _skipped_frames(iterator) -> int:
 
 
 def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False,
-             tune_au: bool = False):
+             tune: bool = False):
   """A full pass over `index` (every frame exactly once); returns (metrics, predictions).
 
-  With `tune_au` (and the AU task), also the per-AU thresholds that maximise each AU's F1 on
-  this pass (`au_thresholds`, a list) and the mean F1 they give (`au_f1_tuned`: optimistic,
-  tuned on the very frames it is measured on; apply the thresholds to another split)."""
+  With `tune`, also the post-processing that does best on this pass: per-AU thresholds
+  maximising each AU's F1 (`au_thresholds`, a list; `au_f1_tuned`) and the VA smoothing
+  window maximising the mean CCC (`va_window`; `va_ccc_smoothed`, the moving average over each
+  video's VA-labelled frames). Both scores are optimistic, tuned on the very frames they are
+  measured on: apply the settings to another split."""
   config = run.config
-  tune_au = tune_au and 'au' in run.tasks
+  tune_au = tune and 'au' in run.tasks
   accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes,
                                                keep_predictions=tune_au)
   rows = [] if keep_predictions else None
@@ -234,6 +236,14 @@ def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = Fals
     results['au_f1_tuned'] = metrics_lib.au_metrics(kept['pred'], kept['target'],
                                                     thresholds)['au_f1']
     results['au_thresholds'] = [float(t) for t in thresholds]
+  if tune and 'va' in run.tasks:
+    kept = accumulator.predictions().get('va')
+    if kept is not None and len(kept['pred']):
+      video = index.video_id[kept['index']]
+      window = metrics_lib.tune_va_window(kept['pred'], kept['target'], video)
+      results['va_window'] = window
+      results['va_ccc_smoothed'] = metrics_lib.va_metrics(
+          metrics_lib.smooth_per_video(kept['pred'], video, window), kept['target'])['va_ccc']
   return results, rows
 
 
@@ -431,7 +441,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   run, state, eval_fn = _restore_for_inference(config, workdir)
   config = run.config
   eval_metrics, rows = evaluate(run, eval_fn, state, index,
-                                keep_predictions=config.write_predictions, tune_au=True)
+                                keep_predictions=config.write_predictions, tune=True)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
   step = int(state.step)
   if is_main_process():
@@ -450,6 +460,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             f'use them for test predictions with --config.predict.au_thresholds={out}): '
             f'AU F1 {eval_metrics["au_f1"]:.4f} at 0.5, {eval_metrics["au_f1_tuned"]:.4f} '
             'tuned (optimistic on the tuning split)', flush=True)
+    if 'va_window' in eval_metrics:
+      print(f'  VA smoothing window tuned on {config.eval_split}: {eval_metrics["va_window"]} '
+            f'frames (use --config.predict.va_window={eval_metrics["va_window"]}): VA CCC '
+            f'{eval_metrics["va_ccc"]:.4f} unsmoothed, {eval_metrics["va_ccc_smoothed"]:.4f} '
+            'smoothed (optimistic on the tuning split)', flush=True)
     if rows is not None:
       path = predictions.write_predictions(
           os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
@@ -487,6 +502,10 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   skipped = _skipped_frames(iterator)
   decided, predicted = predictions.gather_decisions(
       rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
+  if 'va' in run.tasks and p.va_window > 1:  # over each video's predicted frames, in order
+    have = np.flatnonzero(predicted)
+    decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
+                                                       index.video_id[have], p.va_window)
   step = int(state.step)
   name = os.path.splitext(os.path.basename(list_path))[0]
   out = p.out or os.path.join(workdir, f'predictions_{name}_step{step}')
@@ -508,7 +527,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'Predicted {int(predicted.sum())} of {len(index)} listed frames of '
           f'{len(index.video_names)} videos ({list_path}) with checkpoint step {step}; '
           f'{skipped} unreadable frames filled from their nearest neighbour; AU thresholds '
-          f'{p.au_thresholds or 0.5}.\n'
+          f'{p.au_thresholds or 0.5}; VA smoothing window {p.va_window}.\n'
           f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
           flush=True)
   return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),

@@ -185,3 +185,29 @@ def test_tuned_au_thresholds_improve_f1_and_apply_per_au():
   held_out = metrics.au_metrics(probs[held], target[held], thresholds)
   per_au, _ = _sk_au(probs[held] >= thresholds, target[held])
   np.testing.assert_allclose(held_out['au_f1_per_au'], per_au, rtol=1e-12)
+
+
+def test_smooth_per_video_is_a_centred_moving_average_within_each_video():
+  rng = np.random.default_rng(0)
+  video = np.repeat([3, 0, 7], [5, 1, 9])  # contiguous runs, ids need not be sorted
+  values = rng.normal(size=(15, 2))
+  for window in (1, 3, 5, 21):
+    expected = np.empty_like(values)
+    for i in range(15):  # reference: average of the rows within half a window, same video
+      same = [j for j in range(15) if video[j] == video[i] and abs(j - i) <= window // 2]
+      expected[i] = values[same].mean(axis=0)
+    np.testing.assert_allclose(metrics.smooth_per_video(values, video, window), expected,
+                               rtol=1e-12)
+
+
+def test_tuned_va_window_maximises_ccc():
+  rng = np.random.default_rng(1)
+  video = np.repeat(np.arange(4), 50)
+  t = np.arange(200)
+  target = np.stack([np.sin(t / 9.0), np.cos(t / 13.0)], axis=1)
+  pred = target + rng.normal(scale=0.5, size=target.shape)  # noisy frame-wise predictions
+  windows = (1, 3, 9, 25)
+  best = metrics.tune_va_window(pred, target, video, windows)
+  scores = {w: 0.5 * sum(metrics.ccc(metrics.smooth_per_video(pred, video, w)[:, k],
+                                     target[:, k]) for k in range(2)) for w in windows}
+  assert best == max(scores, key=scores.get) and best > 1

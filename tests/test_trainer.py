@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from affectjax import checkpoint as ckpt_lib
+from affectjax import metrics as metrics_lib
 from affectjax import parallel, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +152,7 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
   # Per-AU thresholds tuned on the evaluated split: at least the F1 at 0.5 (0.5 is a candidate).
   assert len(metrics['au_thresholds']) == 12
   assert metrics['au_f1_tuned'] >= metrics['au_f1'] - 1e-12
+  assert metrics['va_window'] >= 1 and metrics['va_ccc_smoothed'] >= metrics['va_ccc'] - 1e-9
 
 
 def test_packed_shards_alone_serve_the_index(config, tmp_path):
@@ -292,6 +294,17 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
       config, images=str(image_list), au_thresholds=str(threshold_file),
       out=str(tmp_path / 'tuned.csv')), str(workdir))
   assert open(tuned['files'][0]).read() == expected != '\n'.join(reference) + '\n'
+  # VA smoothing: a centred moving average over each video's predicted frames.
+  decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks)
+  have = np.flatnonzero(predicted)
+  decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
+                                                     index.video_id[have], 5)
+  expected = open(predictions.write_mtl(str(tmp_path / 'smooth.csv'), index, decided,
+                                        have)).read()
+  smoothed = trainer.predict_checkpoint(_predict_config(
+      config, images=str(image_list), va_window=5, out=str(tmp_path / 'smoothed.csv')),
+      str(workdir))
+  assert open(smoothed['files'][0]).read() == expected
 
 
 def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
