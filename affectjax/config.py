@@ -7,13 +7,13 @@ import ml_collections
 
 from affectjax import labels, losses, optim
 from affectjax.data import pipeline
-from affectjax.models import affect
+from affectjax.models import affect, temporal
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every knob of a run, with defaults; configs/*.py change a few of them."""
   c = ml_collections.ConfigDict()
-  c.mode = 'train'  # 'train' | 'eval' | 'predict'
+  c.mode = 'train'  # 'train' | 'eval' | 'predict' | 'features'
   c.tasks = 'expr,au,va'  # comma-separated subset of expr, au, va
   c.num_expr_classes = 7  # 7 (ABAW1/2) or 8 (ABAW3+, with Other)
   c.edition = 'abaw2'  # metric definitions for the validation score: 'abaw2' | 'abaw3'
@@ -26,6 +26,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''  # converted weights (python -m affectjax.convert) or another run
   # Input normalisation: 'auto' follows the init_from weights, else 'unit' (scratch).
   c.preprocessing = 'auto'  # 'auto' | 'unit' | 'imagenet' | 'vggface2'
+
+  c.kind = 'image'  # 'image' (a CNN on face crops) | 'temporal' (configs/temporal.py)
+  # Temporal models over per-frame features extracted from an image run (mode=features).
+  c.temporal = temporal.default_temporal_config()
+  c.temporal.features_dir = ''  # the image run's WORKDIR/features
+  c.temporal.segment_length = 250
+  c.features_out = ''  # mode=features: output folder ('' = WORKDIR/features)
 
   c.data = pipeline.default_data_config()
   # One setting each: the data pipeline follows the top-level fields.
@@ -129,6 +136,17 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     c.checkpoint_every_steps = 4
     c.progress_bar = False
   return c
+
+
+def parse_variant(arg, choices: tuple, default: str, where: str) -> tuple:
+  """(choice, 'demo' | 'test' | '') from a `file.py:<choice>[,demo|,test]` argument."""
+  words = [w for w in (arg or '').split(',') if w]
+  unknown = [w for w in words if w not in choices and w not in ('demo', 'test')]
+  if unknown:
+    raise ValueError(f'{where}: unknown variant {unknown[0]!r}: expected one of {choices} and '
+                     f'optionally demo or test, e.g. "{choices[0]},demo"')
+  choice = next((w for w in words if w in choices), default)
+  return choice, next((w for w in words if w in ('demo', 'test')), '')
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

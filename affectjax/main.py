@@ -3,7 +3,8 @@
 Modes (`--config.mode`): `train` (default; evaluates periodically, resumes from WORKDIR's
 checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eval_split`) and
 `predict` (restores a checkpoint and writes ABAW submission files for the unlabelled test list
-`config.predict.videos` or `config.predict.images`).
+`config.predict.videos` or `config.predict.images`) and `features` (writes a checkpoint's
+per-frame features for the temporal models of configs/temporal.py).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
 """
 import os
@@ -55,8 +56,10 @@ def main(argv):
     trainer.evaluate_checkpoint(config, FLAGS.workdir)
   elif config.mode == 'predict':
     trainer.predict_checkpoint(config, FLAGS.workdir)
+  elif config.mode == 'features':
+    trainer.extract_features(config, FLAGS.workdir)
   else:
-    raise app.UsageError(f"config.mode must be 'train', 'eval' or 'predict', got "
+    raise app.UsageError(f"config.mode must be 'train', 'eval', 'predict' or 'features', got "
                          f"{config.mode!r}")
 
 

@@ -32,16 +32,18 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, tx: optax.GradientTransformation, seed: int,
-                       image_shape: tuple) -> TrainState:
-  """Initialises parameters on a dummy batch of `image_shape` (H, W, 3).
+                       image_shape) -> TrainState:
+  """Initialises parameters on a dummy batch of `image_shape` (H, W, 3), or on the given
+  dummy inputs (a dict, for the temporal models).
 
   Initialisation draws from an 'rbg' key: XLA compiles a whole-ResNet init with it several
   times faster on CPU than with threefry. The state's own key (dropout, augmentation) is a
   plain threefry key, which Orbax saves as an ordinary array.
   """
   init_key = jax.random.key(seed, impl='rbg')
-  variables = model.init({'params': init_key, 'dropout': init_key},
-                         jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  dummy = (image_shape if isinstance(image_shape, Mapping)
+           else jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  variables = model.init({'params': init_key, 'dropout': init_key}, dummy, train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx,
                            rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
@@ -73,6 +75,27 @@ def prepare_images(images_uint8: jax.Array, config: ml_collections.ConfigDict,
   return images
 
 
+def prepare_inputs(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict,
+                   rng: jax.Array | None):
+  """The model's input: the prepared images, or for the temporal models (batches of feature
+  segments, affectjax.data.sequences) {'features', 'mask'}."""
+  if 'features' in batch:
+    return {'features': batch['features'], 'mask': batch['mask']}
+  return prepare_images(batch['image'], config, rng)
+
+
+def flatten_time(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> tuple:
+  """Segment batches ([B, L] labels) as [B * L] frames for the losses and metrics; other
+  batches unchanged. Works on jax and NumPy arrays."""
+  if batch['valid'].ndim == 1:
+    return outputs, batch
+  frames = batch['valid'].shape[0] * batch['valid'].shape[1]
+  flat = lambda x: x.reshape((frames,) + tuple(x.shape[2:]))
+  keys = ('expr', 'au', 'va', 'valid', 'index')
+  flat_batch = dict(batch, **{k: flat(batch[k]) for k in keys if k in batch})
+  return {k: flat(v) for k, v in outputs.items()}, flat_batch
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                config: ml_collections.ConfigDict,
                lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
@@ -88,13 +111,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   rng, step_rng = jax.random.split(state.rng)
   device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
   aug_rng, dropout_rng = jax.random.split(device_rng)
-  images = prepare_images(batch['image'], config, aug_rng)
+  inputs = prepare_inputs(batch, config, aug_rng)
 
   def loss_fn(params):
     outputs, new_vars = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, inputs, train=True,
         rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    total, aux = losses.multitask_loss(outputs, batch, config.loss, axis_name=DATA_AXIS)
+    flat_outputs, flat_batch = flatten_time(outputs, batch)
+    total, aux = losses.multitask_loss(flat_outputs, flat_batch, config.loss,
+                                       axis_name=DATA_AXIS)
     return total, (aux, new_vars['batch_stats'])
 
   (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -132,7 +157,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
               config: ml_collections.ConfigDict) -> dict:
   """Per-device inference on this device's share; returns the model outputs (float32)."""
-  images = prepare_images(batch['image'], config, None)
-  outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                           train=False)
+  outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                           prepare_inputs(batch, config, None), train=False)
   return {k: v.astype(jnp.float32) for k, v in outputs.items()}

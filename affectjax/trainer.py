@@ -19,8 +19,8 @@ from affectjax import config as config_lib
 from affectjax import logs, losses, metrics as metrics_lib, optim, parallel, predictions, train
 from affectjax import weights
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sampling, sources, synthetic, unlabelled
-from affectjax.models import affect, preprocess
+from affectjax.data import pipeline, sampling, sequences, sources, synthetic, unlabelled
+from affectjax.models import affect, preprocess, temporal
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
                  'va_ccc', 'mtl_score')
@@ -101,6 +101,51 @@ def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple):
   return index
 
 
+def is_temporal(config: ml_collections.ConfigDict) -> bool:
+  """A temporal run: segments of per-frame features (configs/temporal.py), not images."""
+  return config.kind == 'temporal'
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, tasks: tuple):
+  """What a split's iterators read: its frame index, or for temporal runs its extracted
+  features (a `sequences.FeatureSet`, whose `.index` is the frame index)."""
+  if is_temporal(config):
+    features = sequences.FeatureSet(config.temporal.features_dir, split)
+    if is_main_process():
+      print(f'{split}: {len(features.index)} frames of {features.dim}-d features from '
+            f'{features.path} (checkpoint step {features.meta.get("step")})', flush=True)
+    return features
+  return load_index(config, split, tasks)
+
+
+def frame_index(data):
+  """The frame index of what `load_split` returned."""
+  return data.index if isinstance(data, sequences.FeatureSet) else data
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, data):
+  if is_temporal(config):
+    return sequences.make_iterator(
+        data, config.data, segment_length=config.temporal.segment_length,
+        global_batch_size=config.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.make_train_iterator(
+      data, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, data, labelled_only: bool = True):
+  if is_temporal(config):
+    return sequences.make_iterator(
+        data, config.data, segment_length=config.temporal.segment_length,
+        global_batch_size=config.eval_batch_size, training=False,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.make_eval_iterator(
+      data, config.data, global_batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      labelled_only=labelled_only)
+
+
 def with_label_weights(config: ml_collections.ConfigDict, train_index
                        ) -> ml_collections.ConfigDict:
   """The config with data-dependent loss weights ('balanced', 'neg_pos_ratio') computed from
@@ -142,9 +187,16 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   total_steps = max(int(round(config.num_epochs * steps_per_epoch)), 1)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
   tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
-  model = affect.create_model(config.model, tasks, config.num_expr_classes)
-  size = config.data.image_size
-  state = train.create_train_state(model, tx, config.seed, (size, size, 3))
+  if is_temporal(config):
+    model = temporal.create_model(config.temporal, tasks, config.num_expr_classes)
+    dim = sequences.FeatureSet(config.temporal.features_dir, 'train').dim
+    length = config.temporal.segment_length
+    inputs = {'features': jnp.zeros((1, length, dim), jnp.float32),
+              'mask': jnp.ones((1, length), bool)}
+  else:
+    model = affect.create_model(config.model, tasks, config.num_expr_classes)
+    inputs = (config.data.image_size, config.data.image_size, 3)
+  state = train.create_train_state(model, tx, config.seed, inputs)
   return Run(config, tasks, mesh, model, state, steps_per_epoch, total_steps, schedule)
 
 
@@ -195,8 +247,8 @@ def _infer(run: Run, eval_step, state, iterator, on_batch) -> None:
     outputs = eval_step(state, parallel.global_batch(local_batch, run.mesh))
     outputs = multihost_utils.process_allgather(outputs, tiled=True)
     batch = multihost_utils.process_allgather(
-        {k: v for k, v in local_batch.items() if k != 'image'}, tiled=True)
-    on_batch(outputs, batch)
+        {k: v for k, v in local_batch.items() if k not in ('image', 'features')}, tiled=True)
+    on_batch(*train.flatten_time(outputs, batch))  # segments: one row per frame
 
 
 def _skipped_frames(iterator) -> int:
@@ -204,7 +256,7 @@ def _skipped_frames(iterator) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
 
 
-def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = False,
+def evaluate(run: Run, eval_step, state, data, *, keep_predictions: bool = False,
              tune: bool = False):
   """A full pass over `index` (every frame exactly once); returns (metrics, predictions).
 
@@ -218,9 +270,8 @@ def evaluate(run: Run, eval_step, state, index, *, keep_predictions: bool = Fals
   accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes,
                                                keep_predictions=tune_au)
   rows = [] if keep_predictions else None
-  iterator = pipeline.make_eval_iterator(
-      index, config.data, global_batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  index = frame_index(data)
+  iterator = make_eval_iterator(config, data)
 
   def on_batch(outputs, batch):
     accumulator.update(outputs, batch)
@@ -257,14 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   tasks = config_lib.task_tuple(config.tasks)
-  train_index = load_index(config, 'train', tasks)
-  eval_index = load_index(config, config.eval_split, tasks)
-  train_iter = pipeline.make_train_iterator(
-      train_index, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  config = with_label_weights(config, train_index)
-  if config.data.decoded_cache:  # decode the evaluation frames now, not mid-training
-    pipeline.make_source(eval_index, config.data)
+  train_data = load_split(config, 'train', tasks)
+  eval_data = load_split(config, config.eval_split, tasks)
+  train_iter = make_train_iterator(config, train_data)
+  config = with_label_weights(config, frame_index(train_data))
+  if config.data.decoded_cache and not is_temporal(config):  # decode the evaluation frames now, not mid-training
+    pipeline.make_source(eval_data, config.data)
   run = build_run(config, train_iter.steps_per_epoch)
   config = run.config
   writer = logs.RunWriter(workdir, enabled=is_main_process())
@@ -363,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           write_interval()
           jax.block_until_ready(state)  # the queued training steps count as training time
           eval_start = time.perf_counter()
-          eval_metrics, _ = evaluate(run, eval_fn, state, eval_index)
+          eval_metrics, _ = evaluate(run, eval_fn, state, eval_data)
           progress.exclude(time.perf_counter() - eval_start)  # img/s counts training only
           score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
           eval_metrics['score'] = score
@@ -437,10 +486,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
   workdir = os.path.abspath(workdir)
   tasks = config_lib.task_tuple(config.tasks)
-  index = load_index(config, config.eval_split, tasks)
+  data = load_split(config, config.eval_split, tasks)
+  index = frame_index(data)
   run, state, eval_fn = _restore_for_inference(config, workdir)
   config = run.config
-  eval_metrics, rows = evaluate(run, eval_fn, state, index,
+  eval_metrics, rows = evaluate(run, eval_fn, state, data,
                                 keep_predictions=config.write_predictions, tune=True)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
   step = int(state.step)
@@ -478,6 +528,9 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   unlabelled test list (`config.predict`) in an ABAW submission format."""
   workdir = os.path.abspath(workdir)
   p = config.predict
+  if is_temporal(config):
+    raise ValueError('mode=predict reads face crops: predict with the image run, or extract '
+                     'the test frames\' features for a temporal run (not supported yet)')
   if bool(p.videos) == bool(p.images):
     raise ValueError('mode=predict needs exactly one of predict.videos (a file with one test '
                      'video per line) and predict.images (a file of <video>/<frame>.jpg lines)')
@@ -532,3 +585,47 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
           flush=True)
   return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
           'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
+
+
+def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=features: the per-frame features of a checkpoint of this image run (its heads'
+  shared layer, `embedding`: the pooled backbone features when model.head_hidden=0) for every
+  frame of the training and evaluation splits, written for the temporal models
+  (affectjax.data.sequences) to `config.features_out` (default WORKDIR/features)."""
+  if is_temporal(config):
+    raise ValueError('mode=features extracts per-frame features with an image run')
+  workdir = os.path.abspath(workdir)
+  tasks = config_lib.task_tuple(config.tasks)
+  run, state, eval_fn = _restore_for_inference(config, workdir)
+  out = config.features_out or os.path.join(workdir, 'features')
+  written = {}
+  for split in dict.fromkeys(('train', config.eval_split)):
+    index = load_index(config, split, tasks)
+    features = ok = None
+
+    def on_batch(outputs, batch):
+      nonlocal features, ok
+      embedding = np.asarray(outputs['embedding'])
+      if features is None:
+        features = np.zeros((len(index), embedding.shape[-1]), np.float16)
+        ok = np.zeros(len(index), bool)
+      keep = np.asarray(batch['valid'], bool)
+      rows = np.asarray(batch['index'])[keep]
+      features[rows] = embedding[keep]
+      ok[rows] = True
+
+    start = time.time()
+    iterator = make_eval_iterator(run.config, index, labelled_only=False)
+    _infer(run, eval_fn, state, iterator, on_batch)
+    if is_main_process():
+      meta = {'workdir': workdir, 'step': int(state.step), 'tasks': list(run.tasks),
+              'model': run.config.model.to_dict(), 'image_size': run.config.data.image_size}
+      written[split] = sequences.write_feature_set(out, split, index, features, ok, meta)
+      print(f'features of {split}: {len(index)} frames x {features.shape[1]} '
+            f'({int((~ok).sum())} unreadable) in {time.time() - start:.1f} s -> '
+            f'{written[split]}', flush=True)
+  if is_main_process():
+    print(f'Extracted features with checkpoint step {int(state.step)}; train a temporal model '
+          f'on them with --config=configs/temporal.py --config.temporal.features_dir={out}',
+          flush=True)
+  return {'step': int(state.step), 'out': out, 'splits': written}

@@ -21,13 +21,7 @@ TASKS = {'va': 'va', 'expr': 'expr', 'au': 'au', 'mtl': 'expr,au,va'}
 
 
 def get_config(arg=None):
-  words = [w for w in (arg or '').split(',') if w]
-  task = next((w for w in words if w in TASKS), 'mtl')
-  variant = next((w for w in words if w in ('demo', 'test')), '')
-  unknown = [w for w in words if w not in TASKS and w not in ('demo', 'test')]
-  if unknown:
-    raise ValueError(f'configs/unitask.py: unknown variant {unknown[0]!r}: expected one of '
-                     f'{sorted(TASKS)} and optionally demo or test, e.g. "va,demo"')
+  task, variant = config_lib.parse_variant(arg, tuple(TASKS), 'mtl', 'configs/unitask.py')
   c = config_lib.base_config()
   c.tasks = TASKS[task]
   c.num_expr_classes = 8

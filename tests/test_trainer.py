@@ -362,3 +362,42 @@ def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_pa
   bad_list.write_text('image\nvideo1/00001.jpg\nvideo1/frame.png\n')
   with pytest.raises(ValueError, match=r'bad\.txt:3: expected <video>/<frame>\.jpg'):
     trainer.predict_checkpoint(_predict_config(config, images=str(bad_list)), str(workdir))
+
+
+def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
+  from affectjax.data import sequences
+  _, workdir = uninterrupted
+  c = config.copy_and_resolve_references()
+  c.eval_checkpoint = 'latest'
+  c.features_out = str(tmp_path / 'features')
+  result = trainer.extract_features(c, str(workdir))
+  # Reference: the embedding output of the evaluation path on the same checkpoint.
+  run, state, eval_fn = trainer._restore_for_inference(c, str(workdir))
+  index = trainer.load_index(c, 'validation', ('expr', 'au', 'va'))
+  _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
+  extracted = sequences.FeatureSet(result['out'], 'validation')
+  assert extracted.meta['step'] == result['step'] and extracted.ok.all()
+  for outputs, batch in rows:
+    keep = batch['valid']
+    np.testing.assert_allclose(extracted.features[batch['index'][keep]],
+                               outputs['embedding'][keep], rtol=2e-3, atol=2e-3)
+
+  temporal_config = load_config('temporal', 'gru,test')
+  temporal_config.temporal.features_dir = result['out']
+  temporal_config.num_devices = 2
+  temporal_config.global_batch_size = temporal_config.eval_batch_size = 2
+  run_dir = tmp_path / 'temporal'
+  summary = trainer.train_and_evaluate(temporal_config, str(run_dir))
+  assert summary['stop_reason'] == 'finished' and summary['steps'] >= 2
+  evals = [json.loads(line) for line in open(run_dir / 'metrics.jsonl')]
+  final = [r for r in evals if r['split'] == 'validation'][-1]
+  for key in ('expr_f1', 'au_f1', 'va_ccc', 'mtl_score'):
+    assert np.isfinite(final[key])
+  # Every validation frame evaluated once: the labelled counts equal the image run's.
+  image_eval = [json.loads(line) for line in open(workdir / 'metrics.jsonl')
+                if '"validation"' in line][-1]
+  for key in ('count_expr', 'count_au', 'count_va'):
+    assert final[key] == image_eval[key], key
+  temporal_config.eval_checkpoint = 'latest'
+  evaluated = trainer.evaluate_checkpoint(temporal_config, str(run_dir))
+  np.testing.assert_allclose(evaluated['mtl_score'], final['mtl_score'], rtol=1e-5)

@@ -323,7 +323,7 @@ def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
   return iter(ds)
 
 
-def _check_batch(global_batch_size: int, process_index: int, process_count: int) -> None:
+def check_batch(global_batch_size: int, process_index: int, process_count: int) -> None:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
                      f'process_count={process_count}')
@@ -349,7 +349,7 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
   """Endless (or `num_epochs`) training batches of this process: dicts of NumPy arrays
   `image uint8 [B,H,W,3], expr int32 [B], au int32 [B,12], va float32 [B,2], valid bool [B],
   phase int32 [B], index int32 [B]` with B = global_batch_size // process_count."""
-  _check_batch(global_batch_size, process_index, process_count)
+  check_batch(global_batch_size, process_index, process_count)
   tasks = sampling.parse_tasks(data_config.tasks)
   groups = sampling.make_groups(index, tasks, data_config.sampling)
   if sampling.steps_per_epoch(groups, global_batch_size) == 0:
@@ -370,7 +370,7 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   """One pass over every labelled frame (every frame, without `labelled_only`: prediction)
   exactly once, in index order, padded with `valid=False` rows to whole batches;
   `iterator.num_skipped` counts undecodable frames."""
-  _check_batch(global_batch_size, process_index, process_count)
+  check_batch(global_batch_size, process_index, process_count)
   tasks = sampling.parse_tasks(data_config.tasks)
   rows = sampling.eval_plan(index, tasks, global_batch_size, labelled_only)
   maker = BatchMaker(source or make_source(index, data_config), index, data_config,
@@ -381,5 +381,5 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   counts = (sampling.frame_counts(index, tasks) if labelled_only
             else {'frames': len(index), 'videos': len(index.video_names)})
   counts['steps'] = maker.steps_per_epoch
-  _log_counts('eval' if labelled_only else 'predict', counts)
+  _log_counts('eval' if labelled_only else 'all', counts)
   return AffectIterator(maker, data_config, 1, counts, expected_valid)

@@ -1,0 +1,162 @@
+"""Segments of per-frame features for the temporal models (affectjax.models.temporal).
+
+Per-frame features are written by `--config.mode=features` of an image run
+(`trainer.extract_features`): per split a folder with `features.npy` (float16 [N, D], memory-
+mapped when read), `ok.npy` (bool [N], False where the crop could not be read), `index.npz` (the
+`AffWild2Index` of the N frames, labels included) and `meta.json`.
+
+A segment is `segment_length` consecutive rows of one video (rows sorted by video and frame, so
+frames without a crop or label are skipped, as in the paper's segments of annotated frames); a
+video's last segment is padded with -1. Training shuffles the segments per epoch (drops the
+remainder to whole batches); evaluation visits every segment once, padded with empty segments.
+Batches: `features` float32 [B, L, D], `mask` bool [B, L] (frame present), `valid` bool [B, L]
+(present and readable), `expr` [B, L], `au` [B, L, 12], `va` [B, L, 2] (labels of untrained
+tasks are sentinels), `index` int32 [B, L] (-1 on padding), `phase` int32 [B] (0). Batches are
+pure functions of (seed, batch number), so the iterator state and resume are exactly those of
+`pipeline.AffectIterator`.
+"""
+import json
+import os
+
+import numpy as np
+
+from affectjax import labels
+from affectjax.data import index as index_lib
+from affectjax.data import pipeline
+from affectjax.data import sampling
+
+META = 'meta.json'
+
+
+class FeatureSet:
+  """The extracted features of one split."""
+
+  def __init__(self, directory: str, split: str):
+    self.path = os.path.join(directory, split)
+    meta_path = os.path.join(self.path, META)
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(
+          f'{meta_path} not found: extract the features of an image run first with\n  python -m '
+          'affectjax.main --config=<its config> --workdir=<its workdir> --config.mode=features')
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    self.features = np.load(os.path.join(self.path, 'features.npy'), mmap_mode='r')
+    self.ok = np.load(os.path.join(self.path, 'ok.npy'))
+    self.index = index_lib.AffWild2Index.load(os.path.join(self.path, 'index.npz'))
+    if self.features.shape[0] != len(self.index) or self.ok.shape != (len(self.index),):
+      raise ValueError(f'{self.path}: {self.features.shape[0]} feature rows, {self.ok.shape[0]} '
+                       f'flags and {len(self.index)} index rows do not match: extract again')
+
+  @property
+  def dim(self) -> int:
+    return int(self.features.shape[1])
+
+  def __getstate__(self):  # worker processes reopen the memory map
+    return {'path': self.path}
+
+  def __setstate__(self, state):
+    directory, split = os.path.split(state['path'])
+    self.__init__(directory, split)
+
+
+def write_feature_set(directory: str, split: str, index, features: np.ndarray, ok: np.ndarray,
+                      meta: dict) -> str:
+  """Writes what `FeatureSet` reads (meta.json last, so a partial folder is not taken)."""
+  path = os.path.join(directory, split)
+  os.makedirs(path, exist_ok=True)
+  if os.path.exists(os.path.join(path, META)):
+    os.remove(os.path.join(path, META))
+  np.save(os.path.join(path, 'features.npy'), np.asarray(features, np.float16))
+  np.save(os.path.join(path, 'ok.npy'), np.asarray(ok, bool))
+  index.save(os.path.join(path, 'index.npz'))
+  with open(os.path.join(path, META), 'w') as f:
+    json.dump(dict(meta, num_frames=len(index), dim=int(features.shape[1]), split=split), f,
+              indent=1)
+  return path
+
+
+def segment_rows(index, length: int) -> np.ndarray:
+  """int64 [S, length]: consecutive rows of each video (index rows sorted by video and frame),
+  the last segment of a video padded with -1."""
+  if length < 1:
+    raise ValueError(f'segment_length must be positive, got {length}')
+  video = np.asarray(index.video_id)
+  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]]) if len(video) else np.zeros(0, int)
+  ends = np.r_[starts[1:], len(video)]
+  segments = []
+  for start, end in zip(starts.tolist(), ends.tolist()):
+    for lo in range(start, end, length):
+      row = np.full(length, -1, np.int64)
+      row[:min(length, end - lo)] = np.arange(lo, min(lo + length, end))
+      segments.append(row)
+  return np.array(segments, np.int64).reshape(-1, length)
+
+
+class SequenceBatchMaker:
+  """Batch k of segments (a grain `map_with_index` function; see `pipeline.BatchMaker`)."""
+
+  def __init__(self, feature_set: FeatureSet, data_config, *, segment_length: int,
+               global_batch_size: int, process_index: int, process_count: int, seed: int = 0,
+               training: bool = True):
+    self.features = feature_set
+    self.segments = segment_rows(feature_set.index, segment_length)
+    self.tasks = sampling.parse_tasks(data_config.tasks)
+    self.global_batch = int(global_batch_size)
+    self.batch = self.global_batch // process_count
+    self.offset = process_index * self.batch
+    self.seed, self.training = int(seed), training
+    count = len(self.segments)
+    if training:
+      self.steps_per_epoch = count // self.global_batch
+      if self.steps_per_epoch == 0:
+        raise ValueError(f'{count} segments: fewer than one batch of {self.global_batch}')
+    else:
+      self.steps_per_epoch = -(-count // self.global_batch)
+    self.counter = pipeline.BadFrameCounter(1.0)  # unreadable frames were counted at extraction
+
+  def order(self, epoch: int) -> np.ndarray:
+    if not self.training:
+      return np.arange(len(self.segments))
+    return np.random.default_rng([self.seed, int(epoch)]).permutation(len(self.segments))
+
+  def __call__(self, k: int, _=None) -> dict:
+    epoch, step = divmod(int(k), self.steps_per_epoch)
+    picks = self.order(epoch)[step * self.global_batch + self.offset:][:self.batch]
+    rows = np.full((self.batch, self.segments.shape[1]), -1, np.int64)
+    rows[:len(picks)] = self.segments[picks]
+    present = rows >= 0
+    safe = np.where(present, rows, 0)
+    ix = self.features.index
+    batch = {
+        'features': np.where(present[..., None],
+                             np.asarray(self.features.features[safe.reshape(-1)],
+                                        np.float32).reshape(rows.shape + (-1,)), 0.0),
+        'mask': present,
+        'valid': present & self.features.ok[safe],
+        'expr': np.where(present, ix.expr[safe], labels.EXPR_MISSING).astype(np.int32),
+        'au': np.where(present[..., None], ix.au[safe], labels.AU_MISSING).astype(np.int32),
+        'va': np.where(present[..., None], ix.va[safe], labels.VA_MISSING).astype(np.float32),
+        'index': rows.astype(np.int32),
+        'phase': np.zeros(self.batch, np.int32),
+    }
+    sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
+    for task, sentinel in sentinels.items():
+      if task not in self.tasks:
+        batch[task][...] = sentinel
+    return batch
+
+
+def make_iterator(feature_set: FeatureSet, data_config, *, segment_length: int,
+                  global_batch_size: int, seed: int = 0, training: bool = True,
+                  process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> pipeline.AffectIterator:
+  """Training (endless, or `num_epochs`) or evaluation (one pass) batches of segments."""
+  pipeline.check_batch(global_batch_size, process_index, process_count)
+  maker = SequenceBatchMaker(feature_set, data_config, segment_length=segment_length,
+                             global_batch_size=global_batch_size, process_index=process_index,
+                             process_count=process_count, seed=seed, training=training)
+  counts = {'frames': len(feature_set.index), 'segments': len(maker.segments),
+            'steps' if not training else 'steps_per_epoch': maker.steps_per_epoch}
+  print(f'{"train" if training else "eval"} segments of {segment_length} frames: ' +
+        ', '.join(f'{k} {v}' for k, v in counts.items()), flush=True)
+  return pipeline.AffectIterator(maker, data_config, num_epochs if training else 1, counts)

@@ -1,0 +1,166 @@
+"""Temporal encoders against PyTorch (GRU, LSTM, TransformerEncoderLayer) and feature segments."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from affectjax import labels
+from affectjax.data import index as index_lib
+from affectjax.data import pipeline, sequences
+from affectjax.models import temporal
+
+D, H, HEAD = 5, 8, 6
+
+
+def _model(encoder, tasks=('expr', 'au', 'va')):
+  return temporal.TemporalModel(encoder=encoder, hidden=H, num_layers=1, num_heads=2, ff_dim=12,
+                                head_dims=(HEAD,), dropout=0.0, tasks=tasks, num_expr_classes=8)
+
+
+def _inputs(seed=0, batch=3, length=7):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((batch, length), bool)
+  mask[1, 4:] = False  # a segment ending early (padding after it)
+  return {'features': rng.normal(size=(batch, length, D)).astype(np.float32), 'mask': mask}
+
+
+def _t(x):
+  return torch.tensor(np.asarray(x), dtype=torch.float32)
+
+
+def _torch_reference(encoder, params):
+  """The same network in PyTorch, with the flax parameters copied in."""
+  if encoder == 'gru':
+    rnn = torch.nn.GRU(D, H, batch_first=True)
+    p = params['gru0']
+    rnn.weight_ih_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('ir', 'iz', 'in')])
+    rnn.weight_hh_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('hr', 'hz', 'hn')])
+    rnn.bias_ih_l0.data = torch.cat([_t(p['ir']['bias']), _t(p['iz']['bias']),
+                                     _t(p['in']['bias'])])
+    rnn.bias_hh_l0.data = torch.cat([torch.zeros(2 * H), _t(p['hn']['bias'])])
+  elif encoder == 'lstm':
+    rnn = torch.nn.LSTM(D, H, batch_first=True)
+    p = params['lstm0']
+    rnn.weight_ih_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('ii', 'if', 'ig', 'io')])
+    rnn.weight_hh_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('hi', 'hf', 'hg', 'ho')])
+    rnn.bias_ih_l0.data = torch.zeros(4 * H)
+    rnn.bias_hh_l0.data = torch.cat([_t(p[k]['bias']) for k in ('hi', 'hf', 'hg', 'ho')])
+  else:
+    project = torch.nn.Linear(D, H)
+    project.weight.data, project.bias.data = (_t(params['project']['kernel']).T,
+                                              _t(params['project']['bias']))
+    layer = torch.nn.TransformerEncoderLayer(H, 2, dim_feedforward=12, dropout=0.0,
+                                             batch_first=True, norm_first=False)
+    p = params['layer0']
+    a = p['attention']
+    layer.self_attn.in_proj_weight.data = torch.cat(
+        [_t(a[k]['kernel']).reshape(H, H).T for k in ('query', 'key', 'value')])
+    layer.self_attn.in_proj_bias.data = torch.cat(
+        [_t(a[k]['bias']).reshape(H) for k in ('query', 'key', 'value')])
+    layer.self_attn.out_proj.weight.data = _t(a['out']['kernel']).reshape(H, H).T
+    layer.self_attn.out_proj.bias.data = _t(a['out']['bias'])
+    for name, torch_name in (('ff1', 'linear1'), ('ff2', 'linear2')):
+      getattr(layer, torch_name).weight.data = _t(p[name]['kernel']).T
+      getattr(layer, torch_name).bias.data = _t(p[name]['bias'])
+    for name in ('norm1', 'norm2'):
+      getattr(layer, name).weight.data = _t(p[name]['scale'])
+      getattr(layer, name).bias.data = _t(p[name]['bias'])
+    layer.eval()
+  heads = {}
+  for task, size in (('expr', 8), ('au', 12), ('va', 2)):
+    hp = params['head'][task]
+    first, last = torch.nn.Linear(H, HEAD), torch.nn.Linear(HEAD, size)
+    first.weight.data, first.bias.data = _t(hp['hidden0']['kernel']).T, _t(hp['hidden0']['bias'])
+    last.weight.data, last.bias.data = _t(hp['out']['kernel']).T, _t(hp['out']['bias'])
+    heads[task] = torch.nn.Sequential(first, torch.nn.ReLU(), last)
+
+  def forward(features, mask):
+    x = _t(features)
+    if encoder in ('gru', 'lstm'):
+      x, _ = rnn(x)  # causal: frames before a segment's end do not see the padding
+    else:
+      x = project(x) + _t(temporal.sinusoidal_positions(x.shape[1], H))[None]
+      x = layer(x, src_key_padding_mask=torch.tensor(~mask))
+    out = {task: head(x) for task, head in heads.items()}
+    out['va'] = torch.tanh(out['va'])
+    return {k: v.detach().numpy() for k, v in out.items()}
+  return forward
+
+
+@pytest.mark.parametrize('encoder', temporal.ENCODERS)
+def test_temporal_model_matches_pytorch(encoder):
+  model, inputs = _model(encoder), _inputs()
+  params = model.init(jax.random.key(0), inputs)['params']
+  ours = model.apply({'params': params}, inputs)
+  with torch.no_grad():
+    reference = _torch_reference(encoder, jax.device_get(params))(inputs['features'],
+                                                                 inputs['mask'])
+  for task in ('expr', 'au', 'va'):
+    assert ours[task].shape == reference[task].shape
+    np.testing.assert_allclose(np.asarray(ours[task])[inputs['mask']],
+                               reference[task][inputs['mask']], rtol=2e-4, atol=2e-5,
+                               err_msg=task)
+
+
+@pytest.mark.parametrize('encoder', temporal.ENCODERS)
+def test_padding_does_not_change_the_valid_frames(encoder):
+  model, inputs = _model(encoder), _inputs()
+  params = model.init(jax.random.key(1), inputs)['params']
+  other = dict(inputs, features=np.where(inputs['mask'][..., None], inputs['features'], 7.0))
+  a, b = (model.apply({'params': params}, x) for x in (inputs, other))
+  for task in a:
+    np.testing.assert_allclose(np.asarray(a[task])[inputs['mask']],
+                               np.asarray(b[task])[inputs['mask']], rtol=1e-5, atol=1e-6)
+
+
+def _feature_set(tmp_path, num_videos=3):
+  """A feature set of `num_videos` videos of 5, 7, 9... frames with known features."""
+  frames = [np.arange(1, 6 + 2 * v) for v in range(num_videos)]
+  n = sum(len(f) for f in frames)
+  rng = np.random.default_rng(0)
+  index = index_lib.AffWild2Index(
+      tuple(f'video{v}' for v in range(num_videos)),
+      np.concatenate([np.full(len(f), v, np.int32) for v, f in enumerate(frames)]),
+      np.concatenate(frames).astype(np.int32), rng.integers(-1, 8, n).astype(np.int8),
+      rng.integers(-1, 2, (n, 12)).astype(np.int8),
+      rng.uniform(-1, 1, (n, 2)).astype(np.float32), str(tmp_path), 'train', {'tasks': ['expr']})
+  features = (np.arange(n)[:, None] + np.zeros((1, 4))).astype(np.float16)  # row number
+  ok = np.ones(n, bool)
+  ok[3] = False
+  sequences.write_feature_set(str(tmp_path), 'train', index, features, ok, {'step': 1})
+  return sequences.FeatureSet(str(tmp_path), 'train'), index
+
+
+def test_segments_cover_every_frame_once_and_carry_their_labels(tmp_path):
+  feature_set, index = _feature_set(tmp_path)
+  segments = sequences.segment_rows(index, 4)
+  rows = segments[segments >= 0]
+  assert sorted(rows.tolist()) == list(range(len(index)))
+  for segment in segments:  # one video per segment, consecutive frames, padding at the end
+    present = segment[segment >= 0]
+    assert len(set(index.video_id[present])) == 1 and np.all(np.diff(present) == 1)
+    assert np.all(segment[len(present):] == -1)
+  config = pipeline.default_data_config()
+  config.tasks, config.read_threads = 'expr,va', 0
+  batches = list(sequences.make_iterator(feature_set, config, segment_length=4,
+                                         global_batch_size=2, training=False))
+  seen = np.concatenate([b['index'][b['mask']] for b in batches])
+  assert sorted(seen.tolist()) == list(range(len(index)))
+  for b in batches:
+    rows = b['index'][b['mask']]
+    np.testing.assert_array_equal(b['features'][b['mask']][:, 0], rows)  # the row's features
+    np.testing.assert_array_equal(b['expr'][b['mask']], index.expr[rows])
+    np.testing.assert_array_equal(b['va'][b['mask']], index.va[rows])
+    assert (b['au'] == labels.AU_MISSING).all()  # untrained task
+    np.testing.assert_array_equal(b['valid'][b['mask']], rows != 3)  # unreadable frame 3
+    assert not b['valid'][~b['mask']].any() and (b['features'][~b['mask']] == 0).all()
+  train = sequences.make_iterator(feature_set, config, segment_length=4, global_batch_size=2,
+                                  seed=5)
+  first = [next(train) for _ in range(train.steps_per_epoch)]
+  picked = np.concatenate([b['index'].reshape(-1) for b in first])
+  assert len(set(picked[picked >= 0].tolist())) == (picked >= 0).sum()  # no repeats in an epoch
+  resumed = sequences.make_iterator(feature_set, config, segment_length=4, global_batch_size=2,
+                                    seed=5)
+  resumed.set_state({'step': 1})
+  np.testing.assert_array_equal(next(resumed)['index'], first[1]['index'])
