@@ -31,7 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Temporal models over per-frame features extracted from an image run (mode=features).
   c.temporal = temporal.default_temporal_config()
   c.temporal.features_dir = ''  # the image run's WORKDIR/features
-  c.temporal.segment_length = 250
+  # 'segment': `length` consecutive frames, a prediction per frame (method 4); 'block': a frame
+  # and its `length - 1` previous frames, a prediction for that frame (method 2)
+  c.temporal.window = 'segment'
+  c.temporal.length = 250
   c.features_out = ''  # mode=features: output folder ('' = WORKDIR/features)
 
   c.data = pipeline.default_data_config()
@@ -136,6 +139,19 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     c.checkpoint_every_steps = 4
     c.progress_bar = False
   return c
+
+
+def temporal_statistical_loss(c: ml_collections.ConfigDict) -> None:
+  """The temporal statistical model's (ABAW 2020) loss and optimiser, for its frame model
+  (configs/mtl_va.py) and its temporal model (configs/temporal_stat.py): 1.0 CE(EXPR) +
+  0.4 (1 - CCC arousal) + 0.4 (1 - CCC valence) + 0.2 MSE(VA 5-vector); Adam, lr 1e-4."""
+  c.loss.expr = 'ce'
+  c.loss.va = 'ccc'
+  c.loss.weights.expr = 1.0
+  c.loss.weights.va = 0.4
+  c.loss.weights.va5 = 0.2
+  c.optim.optimizer = 'adam'
+  c.optim.learning_rate = 1e-4
 
 
 def parse_variant(arg, choices: tuple, default: str, where: str) -> tuple:

@@ -80,7 +80,7 @@ def prepare_inputs(batch: Mapping[str, jax.Array], config: ml_collections.Config
   """The model's input: the prepared images, or for the temporal models (batches of feature
   segments, affectjax.data.sequences) {'features', 'mask'}."""
   if 'features' in batch:
-    return {'features': batch['features'], 'mask': batch['mask']}
+    return {k: batch[k] for k in ('features', 'probs', 'mask') if k in batch}
   return prepare_images(batch['image'], config, rng)
 
 

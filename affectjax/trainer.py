@@ -126,7 +126,7 @@ def frame_index(data):
 def make_train_iterator(config: ml_collections.ConfigDict, data):
   if is_temporal(config):
     return sequences.make_iterator(
-        data, config.data, segment_length=config.temporal.segment_length,
+        data, config.data, window=config.temporal.window, length=config.temporal.length,
         global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
   return pipeline.make_train_iterator(
@@ -137,7 +137,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data):
 def make_eval_iterator(config: ml_collections.ConfigDict, data, labelled_only: bool = True):
   if is_temporal(config):
     return sequences.make_iterator(
-        data, config.data, segment_length=config.temporal.segment_length,
+        data, config.data, window=config.temporal.window, length=config.temporal.length,
         global_batch_size=config.eval_batch_size, training=False,
         process_index=jax.process_index(), process_count=jax.process_count())
   return pipeline.make_eval_iterator(
@@ -189,10 +189,12 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
   if is_temporal(config):
     model = temporal.create_model(config.temporal, tasks, config.num_expr_classes)
-    dim = sequences.FeatureSet(config.temporal.features_dir, 'train').dim
-    length = config.temporal.segment_length
-    inputs = {'features': jnp.zeros((1, length, dim), jnp.float32),
+    features = sequences.FeatureSet(config.temporal.features_dir, 'train')
+    length = config.temporal.length
+    inputs = {'features': jnp.zeros((1, length, features.dim), jnp.float32),
               'mask': jnp.ones((1, length), bool)}
+    if features.probs is not None:
+      inputs['probs'] = jnp.zeros((1, length, features.probs.shape[1]), jnp.float32)
   else:
     model = affect.create_model(config.model, tasks, config.num_expr_classes)
     inputs = (config.data.image_size, config.data.image_size, 3)
@@ -601,17 +603,23 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
   written = {}
   for split in dict.fromkeys(('train', config.eval_split)):
     index = load_index(config, split, tasks)
-    features = ok = None
+    features = probs = ok = None
 
     def on_batch(outputs, batch):
-      nonlocal features, ok
+      nonlocal features, probs, ok
       embedding = np.asarray(outputs['embedding'])
       if features is None:
         features = np.zeros((len(index), embedding.shape[-1]), np.float16)
         ok = np.zeros(len(index), bool)
+        if 'expr' in outputs:
+          probs = np.zeros((len(index), outputs['expr'].shape[-1]), np.float16)
       keep = np.asarray(batch['valid'], bool)
       rows = np.asarray(batch['index'])[keep]
       features[rows] = embedding[keep]
+      if probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2)
+        logits = np.asarray(outputs['expr'], np.float64)[keep]
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs[rows] = e / e.sum(axis=-1, keepdims=True)
       ok[rows] = True
 
     start = time.time()
@@ -620,7 +628,8 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main_process():
       meta = {'workdir': workdir, 'step': int(state.step), 'tasks': list(run.tasks),
               'model': run.config.model.to_dict(), 'image_size': run.config.data.image_size}
-      written[split] = sequences.write_feature_set(out, split, index, features, ok, meta)
+      written[split] = sequences.write_feature_set(out, split, index, features, ok, meta,
+                                                   probs=probs)
       print(f'features of {split}: {len(index)} frames x {features.shape[1]} '
             f'({int((~ok).sum())} unreadable) in {time.time() - start:.1f} s -> '
             f'{written[split]}', flush=True)

@@ -16,13 +16,7 @@ def get_config(arg=None):
   c.data.sampling = 'balanced'
   c.model.arch = 'resnet50'
   c.model.va5 = True
-  c.loss.expr = 'ce'
-  c.loss.va = 'ccc'
-  c.loss.weights.expr = 1.0
-  c.loss.weights.va = 0.4
-  c.loss.weights.va5 = 0.2
-  c.optim.optimizer = 'adam'
-  c.optim.learning_rate = 1e-4
+  config_lib.temporal_statistical_loss(c)
   c = config_lib.apply_variant(c, arg)
   if arg:
     c.optim.learning_rate = 1e-3

@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.temporal.ff_dim = 1024
   c.temporal.head_dims = (512, 256)
   c.temporal.dropout = 0.3
-  c.temporal.segment_length = 250
+  c.temporal.length = 250
   c.loss.expr = 'ce'
   c.loss.va = 'mse'
   c.loss.va_column_weights = (1.0, 1.0)  # a, b
@@ -52,7 +52,7 @@ def get_config(arg=None):
     c.temporal.hidden = c.temporal.ff_dim = 128 if variant == 'demo' else 16
     c.temporal.head_dims = (64, 32) if variant == 'demo' else (8,)
     c.temporal.num_layers = min(c.temporal.num_layers, 2)
-    c.temporal.segment_length = 32 if variant == 'demo' else 8
+    c.temporal.length = 32 if variant == 'demo' else 8
     c.optim.learning_rate = 1e-3
     c.num_epochs = 30.0 if variant == 'demo' else 2.0
     c.global_batch_size = c.eval_batch_size = 8 if variant == 'demo' else 2

@@ -143,7 +143,7 @@ def test_segments_cover_every_frame_once_and_carry_their_labels(tmp_path):
     assert np.all(segment[len(present):] == -1)
   config = pipeline.default_data_config()
   config.tasks, config.read_threads = 'expr,va', 0
-  batches = list(sequences.make_iterator(feature_set, config, segment_length=4,
+  batches = list(sequences.make_iterator(feature_set, config, length=4,
                                          global_batch_size=2, training=False))
   seen = np.concatenate([b['index'][b['mask']] for b in batches])
   assert sorted(seen.tolist()) == list(range(len(index)))
@@ -155,12 +155,91 @@ def test_segments_cover_every_frame_once_and_carry_their_labels(tmp_path):
     assert (b['au'] == labels.AU_MISSING).all()  # untrained task
     np.testing.assert_array_equal(b['valid'][b['mask']], rows != 3)  # unreadable frame 3
     assert not b['valid'][~b['mask']].any() and (b['features'][~b['mask']] == 0).all()
-  train = sequences.make_iterator(feature_set, config, segment_length=4, global_batch_size=2,
+  train = sequences.make_iterator(feature_set, config, length=4, global_batch_size=2,
                                   seed=5)
   first = [next(train) for _ in range(train.steps_per_epoch)]
   picked = np.concatenate([b['index'].reshape(-1) for b in first])
   assert len(set(picked[picked >= 0].tolist())) == (picked >= 0).sum()  # no repeats in an epoch
-  resumed = sequences.make_iterator(feature_set, config, segment_length=4, global_batch_size=2,
+  resumed = sequences.make_iterator(feature_set, config, length=4, global_batch_size=2,
                                     seed=5)
   resumed.set_state({'step': 1})
   np.testing.assert_array_equal(next(resumed)['index'], first[1]['index'])
+
+
+def _copy_lstm(torch_lstm, p, suffix=''):
+  getattr(torch_lstm, f'weight_ih_l0{suffix}').data = torch.cat(
+      [_t(p[k]['kernel']).T for k in ('ii', 'if', 'ig', 'io')])
+  getattr(torch_lstm, f'weight_hh_l0{suffix}').data = torch.cat(
+      [_t(p[k]['kernel']).T for k in ('hi', 'hf', 'hg', 'ho')])
+  getattr(torch_lstm, f'bias_ih_l0{suffix}').data = torch.zeros(
+      getattr(torch_lstm, f'bias_ih_l0{suffix}').shape)
+  getattr(torch_lstm, f'bias_hh_l0{suffix}').data = torch.cat(
+      [_t(p[k]['bias']) for k in ('hi', 'hf', 'hg', 'ho')])
+
+
+def test_stat_model_matches_numpy_statistics_and_a_pytorch_bilstm():
+  c, hidden, branch = 7, 6, 5
+  model = temporal.StatModel(stat=True, lstm_layers=1, lstm_hidden=hidden, branch_hidden=branch,
+                             va5=True, tasks=('expr', 'va'), num_expr_classes=c)
+  rng = np.random.default_rng(3)
+  mask = np.ones((3, 6), bool)
+  mask[1, 2:] = mask[2, 5:] = False  # blocks near a video's start are shorter
+  probs = rng.dirichlet(np.ones(c), size=(3, 6)).astype(np.float32)
+  inputs = {'features': rng.normal(size=(3, 6, D)).astype(np.float32), 'probs': probs,
+            'mask': mask}
+  params = jax.device_get(model.init(jax.random.key(2), inputs)['params'])
+  ours = model.apply({'params': params}, inputs)
+  padded = {k: np.where(mask[..., None], v, 7.0) if k != 'mask' else v
+            for k, v in inputs.items()}
+  for task, value in model.apply({'params': params}, padded).items():  # padding is ignored
+    np.testing.assert_allclose(value, ours[task], rtol=1e-5, atol=1e-6)
+  bilstm = torch.nn.LSTM(c, hidden, batch_first=True, bidirectional=True)
+  _copy_lstm(bilstm, params['lstm0_forward'])
+  _copy_lstm(bilstm, params['lstm0_backward'], '_reverse')
+  heads = {}
+  for task, size in (('expr', c), ('va', 2), ('va5', 5)):
+    hp = params['head'][task]
+    first, last = torch.nn.Linear(hp['hidden0']['kernel'].shape[0], branch), torch.nn.Linear(
+        branch, size)
+    first.weight.data, first.bias.data = _t(hp['hidden0']['kernel']).T, _t(hp['hidden0']['bias'])
+    last.weight.data, last.bias.data = _t(hp['out']['kernel']).T, _t(hp['out']['bias'])
+    heads[task] = torch.nn.Sequential(first, torch.nn.ReLU(), last)
+  for b in range(3):
+    n = int(mask[b].sum())
+    f, p = inputs['features'][b, :n], probs[b, :n]
+    stats = [p.mean(0), p.max(0), p.min(0), f.mean(0), f.max(0), f.min(0)]
+    with torch.no_grad():
+      _, (h, _) = bilstm(_t(p)[None])  # the unpadded block: h [2 directions, 1, hidden]
+      fused = torch.cat([_t(f[-1]), _t(p[-1]), *[_t(s) for s in stats], h[0, 0], h[1, 0]])
+      for task, head in heads.items():
+        expected = head(fused).numpy()
+        expected = np.tanh(expected) if task != 'expr' else expected
+        np.testing.assert_allclose(np.asarray(ours[task])[b, 0], expected, rtol=2e-4,
+                                   atol=2e-5, err_msg=f'{task} row {b}')
+
+
+def test_blocks_hold_the_frame_and_its_past_and_label_the_frame(tmp_path):
+  feature_set, index = _feature_set(tmp_path)
+  blocks = sequences.block_rows(index, 3)
+  for i, block in enumerate(blocks):
+    present = block[block >= 0]
+    assert present[-1] == i and np.all(np.diff(present) == 1)
+    assert len(set(index.video_id[present])) == 1 and len(present) == min(
+        3, i - np.flatnonzero(index.video_id == index.video_id[i])[0] + 1)
+  config = pipeline.default_data_config()
+  config.tasks, config.read_threads, config.sampling = 'expr', 0, 'balanced'
+  evaluation = list(sequences.make_iterator(feature_set, config, window='block', length=3,
+                                            global_batch_size=4, training=False))
+  targets = np.concatenate([b['index'][:, 0] for b in evaluation])
+  labelled = np.flatnonzero(index.expr >= 0)
+  assert sorted(targets[targets >= 0].tolist()) == labelled.tolist()  # each labelled frame once
+  for b in evaluation:
+    rows = b['index'][:, 0]
+    for j, row in enumerate(rows[rows >= 0]):
+      np.testing.assert_array_equal(b['features'][j][b['mask'][j]][:, 0], blocks[row][
+          blocks[row] >= 0])
+      assert b['expr'][j, 0] == index.expr[row]
+  train = sequences.make_iterator(feature_set, config, window='block', length=3,
+                                  global_batch_size=4, seed=1)
+  batch = next(train)
+  assert batch['expr'].shape == (4, 1) and (batch['expr'] >= 0).all()

@@ -170,7 +170,7 @@ def test_packed_shards_alone_serve_the_index(config, tmp_path):
     np.testing.assert_array_equal(getattr(from_pack, key), getattr(from_tree, key))
 
 
-@pytest.mark.parametrize('name', ['mtl', 'mtl_va', 'expr', 'au', 'va', 'mtl3'])
+@pytest.mark.parametrize('name', ['mtl', 'mtl_va', 'expr', 'au', 'va', 'mtl3'])  # image runs
 def test_every_config_has_demo_and_test_variants(name):
   for variant in ('demo', 'test'):
     c = load_config(name, variant)
@@ -401,3 +401,18 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   temporal_config.eval_checkpoint = 'latest'
   evaluated = trainer.evaluate_checkpoint(temporal_config, str(run_dir))
   np.testing.assert_allclose(evaluated['mtl_score'], final['mtl_score'], rtol=1e-5)
+
+  # The temporal statistical model on blocks of the same features (8 EXPR classes here).
+  stat_config = load_config('temporal_stat', 'stat_lstm,test')
+  stat_config.temporal.features_dir = result['out']
+  stat_config.num_expr_classes = 8
+  stat_config.num_devices = 2
+  stat_dir = tmp_path / 'stat'
+  summary = trainer.train_and_evaluate(stat_config, str(stat_dir))
+  assert summary['stop_reason'] == 'finished'
+  records = [json.loads(line) for line in open(stat_dir / 'metrics.jsonl')]
+  assert all('loss_va5' in r for r in records if r['split'] == 'train')
+  final = [r for r in records if r['split'] == 'validation'][-1]
+  for key in ('count_expr', 'count_va'):  # each labelled frame predicted once from its block
+    assert final[key] == image_eval[key], key
+  assert np.isfinite(final['expr_f1']) and np.isfinite(final['va_ccc'])

@@ -5,7 +5,7 @@ Per-frame features are written by `--config.mode=features` of an image run
 mapped when read), `ok.npy` (bool [N], False where the crop could not be read), `index.npz` (the
 `AffWild2Index` of the N frames, labels included) and `meta.json`.
 
-A segment is `segment_length` consecutive rows of one video (rows sorted by video and frame, so
+A segment is `temporal.length` consecutive rows of one video (rows sorted by video and frame, so
 frames without a crop or label are skipped, as in the paper's segments of annotated frames); a
 video's last segment is padded with -1. Training shuffles the segments per epoch (drops the
 remainder to whole batches); evaluation visits every segment once, padded with empty segments.
@@ -42,6 +42,8 @@ class FeatureSet:
       self.meta = json.load(f)
     self.features = np.load(os.path.join(self.path, 'features.npy'), mmap_mode='r')
     self.ok = np.load(os.path.join(self.path, 'ok.npy'))
+    probs_path = os.path.join(self.path, 'probs.npy')  # EXPR probabilities, when extracted
+    self.probs = np.load(probs_path, mmap_mode='r') if os.path.exists(probs_path) else None
     self.index = index_lib.AffWild2Index.load(os.path.join(self.path, 'index.npz'))
     if self.features.shape[0] != len(self.index) or self.ok.shape != (len(self.index),):
       raise ValueError(f'{self.path}: {self.features.shape[0]} feature rows, {self.ok.shape[0]} '
@@ -60,13 +62,16 @@ class FeatureSet:
 
 
 def write_feature_set(directory: str, split: str, index, features: np.ndarray, ok: np.ndarray,
-                      meta: dict) -> str:
+                      meta: dict, probs: np.ndarray | None = None) -> str:
   """Writes what `FeatureSet` reads (meta.json last, so a partial folder is not taken)."""
   path = os.path.join(directory, split)
   os.makedirs(path, exist_ok=True)
-  if os.path.exists(os.path.join(path, META)):
-    os.remove(os.path.join(path, META))
+  for name in (META, 'probs.npy'):
+    if os.path.exists(os.path.join(path, name)):
+      os.remove(os.path.join(path, name))
   np.save(os.path.join(path, 'features.npy'), np.asarray(features, np.float16))
+  if probs is not None:
+    np.save(os.path.join(path, 'probs.npy'), np.asarray(probs, np.float16))
   np.save(os.path.join(path, 'ok.npy'), np.asarray(ok, bool))
   index.save(os.path.join(path, 'index.npz'))
   with open(os.path.join(path, META), 'w') as f:
@@ -79,7 +84,7 @@ def segment_rows(index, length: int) -> np.ndarray:
   """int64 [S, length]: consecutive rows of each video (index rows sorted by video and frame),
   the last segment of a video padded with -1."""
   if length < 1:
-    raise ValueError(f'segment_length must be positive, got {length}')
+    raise ValueError(f'segment length must be positive, got {length}')
   video = np.asarray(index.video_id)
   starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]]) if len(video) else np.zeros(0, int)
   ends = np.r_[starts[1:], len(video)]
@@ -92,53 +97,112 @@ def segment_rows(index, length: int) -> np.ndarray:
   return np.array(segments, np.int64).reshape(-1, length)
 
 
-class SequenceBatchMaker:
-  """Batch k of segments (a grain `map_with_index` function; see `pipeline.BatchMaker`)."""
+def block_rows(index, size: int) -> np.ndarray:
+  """int64 [N, size]: for each row i, rows max(start of its video, i - size + 1) .. i (the frame
+  and up to size - 1 previous frames of its video), left-aligned and padded with -1, so the
+  current frame is the last present entry."""
+  if size < 1:
+    raise ValueError(f'block size must be positive, got {size}')
+  video = np.asarray(index.video_id)
+  n = len(video)
+  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]]) if n else np.zeros(0, int)
+  first = np.repeat(starts, np.diff(np.r_[starts, n])) if n else np.zeros(0, int)
+  rows = np.arange(n)
+  lo = np.maximum(first, rows - size + 1)
+  block = lo[:, None] + np.arange(size)[None, :]
+  return np.where(block <= rows[:, None], block, -1).astype(np.int64)
 
-  def __init__(self, feature_set: FeatureSet, data_config, *, segment_length: int,
+
+class SequenceBatchMaker:
+  """Batch k of windows (a grain `map_with_index` function; see `pipeline.BatchMaker`).
+
+  window 'segment': segments of `length` frames, labels on every frame ([B, L]); training
+  shuffles the segments per epoch. window 'block' (the temporal statistical model): for a target
+  frame, it and its `length - 1` previous frames; labels of the target only ([B, 1]); training
+  follows the sampling scheme of `data.sampling` over the labelled target frames (e.g.
+  'balanced'), evaluation visits every labelled frame once.
+  """
+
+  def __init__(self, feature_set: FeatureSet, data_config, *, window: str, length: int,
                global_batch_size: int, process_index: int, process_count: int, seed: int = 0,
                training: bool = True):
     self.features = feature_set
-    self.segments = segment_rows(feature_set.index, segment_length)
+    index = feature_set.index
     self.tasks = sampling.parse_tasks(data_config.tasks)
+    self.window = window
     self.global_batch = int(global_batch_size)
     self.batch = self.global_batch // process_count
     self.offset = process_index * self.batch
     self.seed, self.training = int(seed), training
-    count = len(self.segments)
-    if training:
-      self.steps_per_epoch = count // self.global_batch
-      if self.steps_per_epoch == 0:
-        raise ValueError(f'{count} segments: fewer than one batch of {self.global_batch}')
+    self.groups = None
+    if window == 'segment':
+      self.units = segment_rows(index, length)
+      count = len(self.units)
+      self.steps_per_epoch = (count // self.global_batch if training
+                              else -(-count // self.global_batch))
+    elif window == 'block':
+      self.units = block_rows(index, length)
+      if training:
+        self.groups = sampling.make_groups(index, self.tasks, data_config.sampling)
+        self.steps_per_epoch = sampling.steps_per_epoch(self.groups, self.global_batch)
+      else:
+        self.eval_targets = sampling.eval_plan(index, self.tasks, self.global_batch)
+        self.steps_per_epoch = self.eval_targets.size // self.global_batch
     else:
-      self.steps_per_epoch = -(-count // self.global_batch)
+      raise ValueError(f"temporal.window must be 'segment' or 'block', got {window!r}")
+    if training and self.steps_per_epoch == 0:
+      raise ValueError(f'fewer than one batch of {self.global_batch} {window}s per epoch')
     self.counter = pipeline.BadFrameCounter(1.0)  # unreadable frames were counted at extraction
+    self._plan = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_plan'] = None
+    return state
 
   def order(self, epoch: int) -> np.ndarray:
+    """Segment numbers, or target rows (blocks), of an epoch in batch order (-1 = padding)."""
+    if self.window == 'block':
+      if not self.training:
+        return self.eval_targets
+      if self._plan is None or self._plan[0] != epoch:
+        self._plan = (epoch, sampling.epoch_plan(self.groups, self.seed, epoch,
+                                                 self.global_batch)[0])
+      return self._plan[1]
     if not self.training:
-      return np.arange(len(self.segments))
-    return np.random.default_rng([self.seed, int(epoch)]).permutation(len(self.segments))
+      return np.arange(len(self.units))
+    return np.random.default_rng([self.seed, int(epoch)]).permutation(len(self.units))
 
   def __call__(self, k: int, _=None) -> dict:
     epoch, step = divmod(int(k), self.steps_per_epoch)
-    picks = self.order(epoch)[step * self.global_batch + self.offset:][:self.batch]
-    rows = np.full((self.batch, self.segments.shape[1]), -1, np.int64)
-    rows[:len(picks)] = self.segments[picks]
+    picks = np.full(self.batch, -1, np.int64)
+    chosen = self.order(epoch)[step * self.global_batch + self.offset:][:self.batch]
+    picks[:len(chosen)] = chosen
+    rows = np.where(picks[:, None] >= 0, self.units[np.maximum(picks, 0)], -1)
     present = rows >= 0
     safe = np.where(present, rows, 0)
-    ix = self.features.index
-    batch = {
-        'features': np.where(present[..., None],
-                             np.asarray(self.features.features[safe.reshape(-1)],
-                                        np.float32).reshape(rows.shape + (-1,)), 0.0),
-        'mask': present,
-        'valid': present & self.features.ok[safe],
-        'expr': np.where(present, ix.expr[safe], labels.EXPR_MISSING).astype(np.int32),
-        'au': np.where(present[..., None], ix.au[safe], labels.AU_MISSING).astype(np.int32),
-        'va': np.where(present[..., None], ix.va[safe], labels.VA_MISSING).astype(np.float32),
-        'index': rows.astype(np.int32),
-        'phase': np.zeros(self.batch, np.int32),
-    }
+    fs, ix = self.features, self.features.index
+    gather = lambda a: np.where(present[..., None], np.asarray(
+        a[safe.reshape(-1)], np.float32).reshape(rows.shape + (-1,)), 0.0)
+    batch = {'features': gather(fs.features), 'mask': present,
+             'phase': np.zeros(self.batch, np.int32)}
+    if fs.probs is not None:
+      batch['probs'] = gather(fs.probs)
+    if self.window == 'block':  # labels of the current (last present) frame only
+      target = rows[np.arange(self.batch), np.maximum(present.sum(axis=1) - 1, 0)][:, None]
+      labelled = target >= 0
+    else:
+      target, labelled = rows, present
+    safe_target = np.where(labelled, target, 0)
+    batch.update({
+        'valid': labelled & fs.ok[safe_target],
+        'expr': np.where(labelled, ix.expr[safe_target], labels.EXPR_MISSING).astype(np.int32),
+        'au': np.where(labelled[..., None], ix.au[safe_target],
+                       labels.AU_MISSING).astype(np.int32),
+        'va': np.where(labelled[..., None], ix.va[safe_target],
+                       labels.VA_MISSING).astype(np.float32),
+        'index': target.astype(np.int32),
+    })
     sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
     for task, sentinel in sentinels.items():
       if task not in self.tasks:
@@ -146,17 +210,18 @@ class SequenceBatchMaker:
     return batch
 
 
-def make_iterator(feature_set: FeatureSet, data_config, *, segment_length: int,
-                  global_batch_size: int, seed: int = 0, training: bool = True,
-                  process_index: int = 0, process_count: int = 1,
+def make_iterator(feature_set: FeatureSet, data_config, *, length: int,
+                  global_batch_size: int, window: str = 'segment', seed: int = 0,
+                  training: bool = True, process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None) -> pipeline.AffectIterator:
-  """Training (endless, or `num_epochs`) or evaluation (one pass) batches of segments."""
+  """Training (endless, or `num_epochs`) or evaluation (one pass) batches of windows of
+  `length` frames (see `SequenceBatchMaker`)."""
   pipeline.check_batch(global_batch_size, process_index, process_count)
-  maker = SequenceBatchMaker(feature_set, data_config, segment_length=segment_length,
+  maker = SequenceBatchMaker(feature_set, data_config, window=window, length=length,
                              global_batch_size=global_batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, training=training)
-  counts = {'frames': len(feature_set.index), 'segments': len(maker.segments),
+  counts = {'frames': len(feature_set.index), f'{window}s': len(maker.units),
             'steps' if not training else 'steps_per_epoch': maker.steps_per_epoch}
-  print(f'{"train" if training else "eval"} segments of {segment_length} frames: ' +
+  print(f'{"train" if training else "eval"} {window}s of {length} frames: ' +
         ', '.join(f'{k} {v}' for k, v in counts.items()), flush=True)
   return pipeline.AffectIterator(maker, data_config, num_epochs if training else 1, counts)

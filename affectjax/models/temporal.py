@@ -26,7 +26,7 @@ import numpy as np
 
 from affectjax import labels
 
-ENCODERS = ('gru', 'lstm', 'transformer')
+ENCODERS = ('gru', 'lstm', 'transformer')  # and 'stat': `StatModel`
 
 
 def default_temporal_config() -> ml_collections.ConfigDict:
@@ -38,6 +38,10 @@ def default_temporal_config() -> ml_collections.ConfigDict:
       'ff_dim': 1024,  # transformer feed-forward width
       'head_dims': (512, 256),
       'dropout': 0.3,
+      # encoder 'stat' (the temporal statistical model, window 'block'): its modules
+      'stat': True,  # mean / max / min over the block
+      'lstm_layers': 1,  # bidirectional LSTM layers of `hidden` units over the probabilities
+      'va5': True,  # the VA 5-vector branch
   })
 
 
@@ -123,24 +127,91 @@ class TemporalModel(nn.Module):
 
 
 class TaskHeads(nn.Module):
-  """One `TaskHead` per task, named by the task (parameters under 'head/<task>')."""
+  """One `TaskHead` per task, named by the task (parameters under 'head/<task>'); with `va5`
+  also the temporal statistical model's VA 5-vector branch ('head/va5', tanh)."""
   tasks: Sequence[str]
   num_expr_classes: int
   dims: Sequence[int]
   dropout: float
+  va5: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    sizes = {'expr': self.num_expr_classes, 'au': labels.NUM_AUS, 'va': 2}
+    sizes = {'expr': self.num_expr_classes, 'au': labels.NUM_AUS, 'va': 2, 'va5': 5}
+    names = [t for t in labels.TASKS if t in self.tasks]
+    if self.va5 and 'va' in names:
+      names.append('va5')
     out = {}
-    for task in (t for t in labels.TASKS if t in self.tasks):
+    for task in names:
       y = TaskHead(self.dims, sizes[task], self.dropout, name=task)(x, train)
-      out[task] = jnp.tanh(y) if task == 'va' else y
+      out[task] = jnp.tanh(y) if task in ('va', 'va5') else y
     return out
 
 
-def create_model(temporal_config, tasks, num_expr_classes: int) -> TemporalModel:
+def masked_stats(x, mask):
+  """Mean, max and min over axis 1 of x [B, S, F] where mask [B, S]: three [B, F]."""
+  m = mask[..., None]
+  count = jnp.maximum(m.sum(axis=1), 1)
+  mean = jnp.where(m, x, 0.0).sum(axis=1) / count
+  return mean, jnp.where(m, x, -jnp.inf).max(axis=1), jnp.where(m, x, jnp.inf).min(axis=1)
+
+
+class StatModel(nn.Module):
+  """The multi-task temporal statistical model (ABAW 2020, method 2), over blocks of frames.
+
+  inputs {'features' [B, S, D], 'probs' [B, S, C] (the frame model's EXPR probabilities),
+  'mask' [B, S]}: a frame and its S - 1 previous frames, left-aligned, so the current frame is
+  the last present one. Fusion of the current features and probabilities with, when `stat`, the
+  masked mean, max and min over the block of the probabilities and of the features, and with
+  `lstm_layers` bidirectional LSTM layers of `lstm_hidden` units over the probabilities (their
+  final forward and backward states). Branches of two Dense layers: EXPR logits, VA (tanh) and,
+  with `va5`, the 5-vector (tanh). Outputs [B, 1, ...]: the current frame's prediction.
+  """
+  stat: bool = True
+  lstm_layers: int = 1
+  lstm_hidden: int = 1024
+  branch_hidden: int = 512
+  dropout: float = 0.0
+  va5: bool = True
+  tasks: Sequence[str] = ('expr', 'va')
+  num_expr_classes: int = 7
+
+  @nn.compact
+  def __call__(self, inputs, train: bool = False):
+    if 'probs' not in inputs:
+      raise ValueError('the temporal statistical model needs the frame model\'s EXPR '
+                       'probabilities: extract features from an image run that trains EXPR')
+    features = jnp.asarray(inputs['features'], jnp.float32)
+    probs = jnp.asarray(inputs['probs'], jnp.float32)
+    mask = jnp.asarray(inputs['mask'], bool)
+    lengths = mask.sum(axis=1).astype(jnp.int32)
+    current = jnp.maximum(lengths - 1, 0)
+    take = lambda x: jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]
+    parts = [take(features), take(probs)]
+    if self.stat:
+      parts += [*masked_stats(probs, mask), *masked_stats(features, mask)]
+    y = probs
+    for i in range(self.lstm_layers):
+      zero = jnp.zeros_like(y[:, 0, :1]) * jnp.zeros((1, self.lstm_hidden), y.dtype)
+      carry = ((zero, zero), (zero, zero))  # per-device under shard_map, like the outputs
+      (forward, backward), y = nn.Bidirectional(
+          nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden, name=f'lstm{i}_forward')),
+          nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden, name=f'lstm{i}_backward')),
+          return_carry=True, name=f'bilstm{i}')(y, initial_carry=carry, seq_lengths=lengths)
+      if i + 1 == self.lstm_layers:
+        parts += [forward[1], backward[1]]  # final hidden states (LSTM carry = (c, h))
+    x = nn.Dropout(self.dropout, deterministic=not train)(jnp.concatenate(parts, axis=-1))
+    out = TaskHeads(tuple(self.tasks), self.num_expr_classes, (self.branch_hidden,),
+                    self.dropout, va5=self.va5, name='head')(x, train)
+    return {k: v[:, None] for k, v in out.items()}
+
+
+def create_model(temporal_config, tasks, num_expr_classes: int) -> nn.Module:
   c = temporal_config
+  if c.encoder == 'stat':
+    return StatModel(stat=c.stat, lstm_layers=c.lstm_layers, lstm_hidden=c.hidden,
+                     branch_hidden=c.head_dims[0], dropout=c.dropout, va5=c.va5,
+                     tasks=tuple(tasks), num_expr_classes=num_expr_classes)
   return TemporalModel(encoder=c.encoder, hidden=c.hidden, num_layers=c.num_layers,
                        num_heads=c.num_heads, ff_dim=c.ff_dim, head_dims=tuple(c.head_dims),
                        dropout=c.dropout, tasks=tuple(tasks), num_expr_classes=num_expr_classes)
