@@ -49,15 +49,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   _maybe_initialize_distributed(config)
-  from affectjax import trainer  # after flags are parsed (grain workers read absl flags)
+  # After flags are parsed (grain workers read absl flags).
+  from affectjax import inference, trainer
   if config.mode == 'train':
     trainer.train_and_evaluate(config, FLAGS.workdir)
   elif config.mode == 'eval':
-    trainer.evaluate_checkpoint(config, FLAGS.workdir)
+    inference.evaluate_checkpoint(config, FLAGS.workdir)
   elif config.mode == 'predict':
-    trainer.predict_checkpoint(config, FLAGS.workdir)
+    inference.predict_checkpoint(config, FLAGS.workdir)
   elif config.mode == 'features':
-    trainer.extract_features(config, FLAGS.workdir)
+    inference.extract_features(config, FLAGS.workdir)
   else:
     raise app.UsageError(f"config.mode must be 'train', 'eval', 'predict' or 'features', got "
                          f"{config.mode!r}")

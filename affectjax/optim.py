@@ -1,5 +1,5 @@
 """Optax optimisers and learning-rate schedules built from the config."""
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections

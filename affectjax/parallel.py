@@ -16,6 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from affectjax.train import DATA_AXIS
 
 
+def is_main_process() -> bool:
+  """Process 0 writes logs, metrics and files for the whole run."""
+  return jax.process_index() == 0
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D mesh over all devices (or the first `num_devices` of a single process)."""
   devices = jax.devices()

@@ -6,7 +6,6 @@ and wrapped by `parallel.data_parallel` as `jax.jit(jax.shard_map(...))` over a 
 """
 from typing import Any, Callable, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections

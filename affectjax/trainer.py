@@ -1,4 +1,5 @@
-"""The training loop and checkpoint evaluation: `train_and_evaluate` and `evaluate_checkpoint`."""
+"""The training loop (`train_and_evaluate`) and what it shares with inference (affectjax.inference):
+the run (model, optimiser, mesh, state) and evaluation."""
 import dataclasses
 import functools
 import json
@@ -11,15 +12,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
-from affectjax import logs, losses, metrics as metrics_lib, optim, parallel, predictions, train
-from affectjax import weights
-from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sampling, sequences, sources, synthetic, unlabelled
+from affectjax import logs, metrics as metrics_lib, optim, parallel, splits, train, weights
+from affectjax.data import pipeline, sequences
 from affectjax.models import affect, preprocess, temporal
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
@@ -37,10 +35,6 @@ class Run:
   steps_per_epoch: int
   total_steps: int
   schedule: Any
-
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
 
 
 def resolve_dtype(name: str) -> str:
@@ -74,97 +68,6 @@ def read_weights_meta(path: str) -> dict | None:
   return None
 
 
-def data_root(config: ml_collections.ConfigDict) -> str:
-  """The configured Aff-Wild2 root, or the synthetic Aff-Wild2 (generated once) when unset."""
-  if config.data.root:
-    return config.data.root
-  cache = config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'affectjax')
-  logging.info('config.data.root is unset: using the synthetic Aff-Wild2 in %s', cache)
-  print(f'config.data.root is unset: training on the built-in synthetic Aff-Wild2 ({cache})',
-        flush=True)
-  return synthetic.ensure_synthetic(os.path.join(cache, 'synthetic'),
-                                    **config.data.synthetic.to_dict())
-
-
-def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple):
-  """The frame index of `split`: from the Aff-Wild2 root, or from packed shards alone."""
-  if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
-    # Training from ArrayRecord shards without the raw tree: the pack carries its index.
-    index = sources.packed_index(config.data.packed_dir, split)
-    index = index.subset(sampling.labelled_rows(index, tasks))
-  else:
-    index = index_lib.build_index(
-        data_root(config), split, layout=config.data.layout, tasks=tasks,
-        num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
-  if is_main_process():
-    print(index.describe(), flush=True)
-  return index
-
-
-def is_temporal(config: ml_collections.ConfigDict) -> bool:
-  """A temporal run: segments of per-frame features (configs/temporal.py), not images."""
-  return config.kind == 'temporal'
-
-
-def load_split(config: ml_collections.ConfigDict, split: str, tasks: tuple):
-  """What a split's iterators read: its frame index, or for temporal runs its extracted
-  features (a `sequences.FeatureSet`, whose `.index` is the frame index)."""
-  if is_temporal(config):
-    features = sequences.FeatureSet(config.temporal.features_dir, split)
-    if is_main_process():
-      print(f'{split}: {len(features.index)} frames of {features.dim}-d features from '
-            f'{features.path} (checkpoint step {features.meta.get("step")})', flush=True)
-    return features
-  return load_index(config, split, tasks)
-
-
-def frame_index(data):
-  """The frame index of what `load_split` returned."""
-  return data.index if isinstance(data, sequences.FeatureSet) else data
-
-
-def make_train_iterator(config: ml_collections.ConfigDict, data):
-  if is_temporal(config):
-    return sequences.make_iterator(
-        data, config.data, window=config.temporal.window, length=config.temporal.length,
-        global_batch_size=config.global_batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.make_train_iterator(
-      data, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def make_eval_iterator(config: ml_collections.ConfigDict, data, labelled_only: bool = True):
-  if is_temporal(config):
-    return sequences.make_iterator(
-        data, config.data, window=config.temporal.window, length=config.temporal.length,
-        global_batch_size=config.eval_batch_size, training=False,
-        process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.make_eval_iterator(
-      data, config.data, global_batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      labelled_only=labelled_only)
-
-
-def with_label_weights(config: ml_collections.ConfigDict, train_index
-                       ) -> ml_collections.ConfigDict:
-  """The config with data-dependent loss weights ('balanced', 'neg_pos_ratio') computed from
-  the training index's labels of the trained tasks (saved in config.json as numbers)."""
-  loss = config.loss
-  if not (isinstance(loss.expr_class_weights, str) or isinstance(loss.au_pos_weight, str)):
-    return config
-  config = config.copy_and_resolve_references()
-  with config.ignore_type():
-    config.loss = losses.resolve_label_weights(loss, train_index.expr, train_index.au,
-                                               config.num_expr_classes)
-  for key in ('expr_class_weights', 'au_pos_weight'):
-    if isinstance(loss[key], str):
-      values = ', '.join(f'{w:.3g}' for w in config.loss[key])
-      print(f'loss.{key} ({loss[key]}, from {len(train_index)} training frames): {values}',
-            flush=True)
-  return config
-
-
 def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   """Model, optimiser, mesh and the replicated initial state."""
   config = config.copy_and_resolve_references()
@@ -187,7 +90,7 @@ def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   total_steps = max(int(round(config.num_epochs * steps_per_epoch)), 1)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
   tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
-  if is_temporal(config):
+  if splits.is_temporal(config):
     model = temporal.create_model(config.temporal, tasks, config.num_expr_classes)
     features = sequences.FeatureSet(config.temporal.features_dir, 'train')
     length = config.temporal.length
@@ -242,7 +145,7 @@ def _mean_metrics(pending: list) -> dict:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def _infer(run: Run, eval_step, state, iterator, on_batch) -> None:
+def infer(run: Run, eval_step, state, iterator, on_batch) -> None:
   """Runs `eval_step` over every batch of `iterator`; `on_batch(outputs, batch)` gets the
   outputs and the labels (no images) of the global batch, on every process."""
   for local_batch in iterator:
@@ -253,7 +156,7 @@ def _infer(run: Run, eval_step, state, iterator, on_batch) -> None:
     on_batch(*train.flatten_time(outputs, batch))  # segments: one row per frame
 
 
-def _skipped_frames(iterator) -> int:
+def skipped_frames(iterator) -> int:
   """Undecodable frames of an evaluation pass, summed over processes."""
   return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
 
@@ -272,17 +175,17 @@ def evaluate(run: Run, eval_step, state, data, *, keep_predictions: bool = False
   accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes,
                                                keep_predictions=tune_au)
   rows = [] if keep_predictions else None
-  index = frame_index(data)
-  iterator = make_eval_iterator(config, data)
+  index = splits.frame_index(data)
+  iterator = splits.make_eval_iterator(config, data)
 
   def on_batch(outputs, batch):
     accumulator.update(outputs, batch)
     if rows is not None:
       rows.append((outputs, batch))
 
-  _infer(run, eval_step, state, iterator, on_batch)
+  infer(run, eval_step, state, iterator, on_batch)
   results = accumulator.compute()
-  results['skipped_frames'] = _skipped_frames(iterator)  # padding rows in the batches
+  results['skipped_frames'] = skipped_frames(iterator)  # padding rows in the batches
   if tune_au:
     kept = accumulator.predictions()['au']
     thresholds = metrics_lib.tune_au_thresholds(kept['pred'], kept['target'])
@@ -310,16 +213,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   tasks = config_lib.task_tuple(config.tasks)
-  train_data = load_split(config, 'train', tasks)
-  eval_data = load_split(config, config.eval_split, tasks)
-  train_iter = make_train_iterator(config, train_data)
-  config = with_label_weights(config, frame_index(train_data))
-  if config.data.decoded_cache and not is_temporal(config):  # decode the evaluation frames now, not mid-training
+  train_data = splits.load_split(config, 'train', tasks)
+  eval_data = splits.load_split(config, config.eval_split, tasks)
+  train_iter = splits.make_train_iterator(config, train_data)
+  config = splits.with_label_weights(config, splits.frame_index(train_data))
+  if config.data.decoded_cache and not splits.is_temporal(config):  # decode the evaluation frames now, not mid-training
     pipeline.make_source(eval_data, config.data)
   run = build_run(config, train_iter.steps_per_epoch)
   config = run.config
-  writer = logs.RunWriter(workdir, enabled=is_main_process())
-  if is_main_process():
+  writer = logs.RunWriter(workdir, enabled=parallel.is_main_process())
+  if parallel.is_main_process():
     _save_config(config, workdir)
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                      keep_latest=config.keep_checkpoints,
@@ -343,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(state.step)
   eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
   progress = logs.Progress(run.total_steps, step, config.global_batch_size,
-                           enabled=config.progress_bar and is_main_process())
+                           enabled=config.progress_bar and parallel.is_main_process())
   best = {'score': -np.inf, 'step': None, 'metrics': None}
   last_metrics, stop_reason, throughput = {}, 'finished', []
   # Step metrics are copied to the host asynchronously. A finished logging interval is read
@@ -449,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              'final_metrics': last_metrics, 'workdir': workdir,
              'images_per_second': float(np.median(throughput)) if throughput else None,
              'state': state}
-  if is_main_process():
+  if parallel.is_main_process():
     print(format_summary(summary, run), flush=True)
   return summary
 
@@ -467,174 +370,3 @@ def format_summary(summary: dict, run: Run) -> str:
     lines.append('  final validation: ' + logs.format_metrics(summary['final_metrics'],
                                                               HEADLINE_KEYS))
   return '\n'.join(lines)
-
-
-def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
-  """(run, state, eval step function) of the checkpoint `config.eval_checkpoint` of WORKDIR."""
-  run = build_run(config, steps_per_epoch=1)
-  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  which = str(run.config.eval_checkpoint)
-  step = {'best': checkpoints.best_step() or checkpoints.latest_step(),
-          'latest': checkpoints.latest_step()}.get(which, None)
-  step = int(which) if which.isdigit() else step
-  state, _ = checkpoints.restore(parallel.replicate(run.state, run.mesh), step)
-  checkpoints.close()
-  eval_fn = parallel.data_parallel(functools.partial(train.eval_step, config=run.config),
-                                   run.mesh, batch_out=True)
-  return run, state, eval_fn
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
-  workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
-  data = load_split(config, config.eval_split, tasks)
-  index = frame_index(data)
-  run, state, eval_fn = _restore_for_inference(config, workdir)
-  config = run.config
-  eval_metrics, rows = evaluate(run, eval_fn, state, data,
-                                keep_predictions=config.write_predictions, tune=True)
-  eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
-  step = int(state.step)
-  if is_main_process():
-    writer = logs.RunWriter(workdir)
-    writer.write(step, f'eval_{config.eval_split}', eval_metrics)
-    writer.close()
-    out = os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json')
-    with open(out, 'w') as f:
-      json.dump(eval_metrics, f, indent=2)
-    print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
-          f'score {eval_metrics["score"]:.4f}\n  ' +
-          logs.format_metrics(eval_metrics, HEADLINE_KEYS) + f'\n  wrote {out}',
-          flush=True)
-    if 'au_thresholds' in eval_metrics:
-      print(f'  AU thresholds tuned on {config.eval_split} (per-AU F1 maximum; saved in {out}, '
-            f'use them for test predictions with --config.predict.au_thresholds={out}): '
-            f'AU F1 {eval_metrics["au_f1"]:.4f} at 0.5, {eval_metrics["au_f1_tuned"]:.4f} '
-            'tuned (optimistic on the tuning split)', flush=True)
-    if 'va_window' in eval_metrics:
-      print(f'  VA smoothing window tuned on {config.eval_split}: {eval_metrics["va_window"]} '
-            f'frames (use --config.predict.va_window={eval_metrics["va_window"]}): VA CCC '
-            f'{eval_metrics["va_ccc"]:.4f} unsmoothed, {eval_metrics["va_ccc_smoothed"]:.4f} '
-            'smoothed (optimistic on the tuning split)', flush=True)
-    if rows is not None:
-      path = predictions.write_predictions(
-          os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
-          index, run.tasks, config.num_expr_classes)
-      print(f'  wrote {path}', flush=True)
-  return eval_metrics
-
-
-def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=predict: restores a checkpoint of WORKDIR and writes the predictions of an
-  unlabelled test list (`config.predict`) in an ABAW submission format."""
-  workdir = os.path.abspath(workdir)
-  p = config.predict
-  if is_temporal(config):
-    raise ValueError('mode=predict reads face crops: predict with the image run, or extract '
-                     'the test frames\' features for a temporal run (not supported yet)')
-  if bool(p.videos) == bool(p.images):
-    raise ValueError('mode=predict needs exactly one of predict.videos (a file with one test '
-                     'video per line) and predict.images (a file of <video>/<frame>.jpg lines)')
-  fmt = p.format if p.format != 'auto' else ('mtl' if p.images else 'per_video')
-  if fmt not in predictions.FORMATS:
-    raise ValueError(f'predict.format must be auto or one of {predictions.FORMATS}, got {fmt!r}')
-  list_path = p.videos or p.images
-  root = p.root or data_root(config)
-  index = unlabelled.frames_index(
-      root, videos=unlabelled.read_video_list(p.videos) if p.videos else None,
-      images=unlabelled.read_image_list(p.images) if p.images else None)
-  run, state, eval_fn = _restore_for_inference(config, workdir)
-  config = run.config
-  data_config = config.data.copy_and_resolve_references()
-  data_config.source = 'jpeg'  # test frames are read from the crop folders
-  iterator = pipeline.make_eval_iterator(
-      index, data_config, global_batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      labelled_only=False)
-  rows = []
-  _infer(run, eval_fn, state, iterator, lambda outputs, batch: rows.append((outputs, batch)))
-  skipped = _skipped_frames(iterator)
-  decided, predicted = predictions.gather_decisions(
-      rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
-  if 'va' in run.tasks and p.va_window > 1:  # over each video's predicted frames, in order
-    have = np.flatnonzero(predicted)
-    decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
-                                                       index.video_id[have], p.va_window)
-  step = int(state.step)
-  name = os.path.splitext(os.path.basename(list_path))[0]
-  out = p.out or os.path.join(workdir, f'predictions_{name}_step{step}')
-  written = []
-  if is_main_process():
-    if fmt == 'per_video':
-      counts = predictions.read_frame_counts(p.frame_counts) if p.frame_counts else None
-      written = predictions.write_per_video(out, index, decided, predicted, run.tasks,
-                                            config.num_expr_classes, counts)
-    else:
-      filled = {k: v[predictions.fill_rows(index, predicted)] for k, v in decided.items()}
-      if fmt == 'mtl':
-        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-        written = [predictions.write_mtl(out if out.endswith('.csv') else out + '.csv', index,
-                                         filled, range(len(index)))]
-      else:
-        written = predictions.write_per_task(out, index, filled, run.tasks,
-                                             config.num_expr_classes)
-    print(f'Predicted {int(predicted.sum())} of {len(index)} listed frames of '
-          f'{len(index.video_names)} videos ({list_path}) with checkpoint step {step}; '
-          f'{skipped} unreadable frames filled from their nearest neighbour; AU thresholds '
-          f'{p.au_thresholds or 0.5}; VA smoothing window {p.va_window}.\n'
-          f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
-          flush=True)
-  return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
-          'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
-
-
-def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=features: the per-frame features of a checkpoint of this image run (its heads'
-  shared layer, `embedding`: the pooled backbone features when model.head_hidden=0) for every
-  frame of the training and evaluation splits, written for the temporal models
-  (affectjax.data.sequences) to `config.features_out` (default WORKDIR/features)."""
-  if is_temporal(config):
-    raise ValueError('mode=features extracts per-frame features with an image run')
-  workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
-  run, state, eval_fn = _restore_for_inference(config, workdir)
-  out = config.features_out or os.path.join(workdir, 'features')
-  written = {}
-  for split in dict.fromkeys(('train', config.eval_split)):
-    index = load_index(config, split, tasks)
-    features = probs = ok = None
-
-    def on_batch(outputs, batch):
-      nonlocal features, probs, ok
-      embedding = np.asarray(outputs['embedding'])
-      if features is None:
-        features = np.zeros((len(index), embedding.shape[-1]), np.float16)
-        ok = np.zeros(len(index), bool)
-        if 'expr' in outputs:
-          probs = np.zeros((len(index), outputs['expr'].shape[-1]), np.float16)
-      keep = np.asarray(batch['valid'], bool)
-      rows = np.asarray(batch['index'])[keep]
-      features[rows] = embedding[keep]
-      if probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2)
-        logits = np.asarray(outputs['expr'], np.float64)[keep]
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs[rows] = e / e.sum(axis=-1, keepdims=True)
-      ok[rows] = True
-
-    start = time.time()
-    iterator = make_eval_iterator(run.config, index, labelled_only=False)
-    _infer(run, eval_fn, state, iterator, on_batch)
-    if is_main_process():
-      meta = {'workdir': workdir, 'step': int(state.step), 'tasks': list(run.tasks),
-              'model': run.config.model.to_dict(), 'image_size': run.config.data.image_size}
-      written[split] = sequences.write_feature_set(out, split, index, features, ok, meta,
-                                                   probs=probs)
-      print(f'features of {split}: {len(index)} frames x {features.shape[1]} '
-            f'({int((~ok).sum())} unreadable) in {time.time() - start:.1f} s -> '
-            f'{written[split]}', flush=True)
-  if is_main_process():
-    print(f'Extracted features with checkpoint step {int(state.step)}; train a temporal model '
-          f'on them with --config=configs/temporal.py --config.temporal.features_dir={out}',
-          flush=True)
-  return {'step': int(state.step), 'out': out, 'splits': written}

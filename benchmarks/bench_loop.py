@@ -36,10 +36,9 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from affectjax import config as config_lib
-from affectjax import parallel, train, trainer
+from affectjax import parallel, splits, train, trainer
 from affectjax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +139,7 @@ def main():
   args = parser.parse_args()
   config = bench_config(args)
   tasks = config_lib.task_tuple(config.tasks)
-  index = trainer.load_index(config, 'train', tasks)
+  index = splits.load_index(config, 'train', tasks)
   iterator = pipeline.make_train_iterator(index, config.data,
                                           global_batch_size=config.global_batch_size,
                                           seed=config.seed)

@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 
 import cv2
 import numpy as np

@@ -1,6 +1,5 @@
 """Temporal encoders against PyTorch (GRU, LSTM, TransformerEncoderLayer) and feature segments."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

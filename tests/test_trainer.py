@@ -11,7 +11,7 @@ import pytest
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import metrics as metrics_lib
-from affectjax import parallel, train, trainer
+from affectjax import inference, parallel, splits, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
   lines = open(workdir / predictions[0]).read().splitlines()
   assert lines[0] == 'image,valence,arousal,expression,aus'
   # One row per validation frame (the padding rows of the last batch are not written).
-  index = trainer.load_index(config, 'validation', ('expr', 'au', 'va'))
+  index = splits.load_index(config, 'validation', ('expr', 'au', 'va'))
   assert len(lines) - 1 == len(index)
   names = {f'{index.video_names[v]}/{f:05d}.jpg' for v, f in zip(index.video_id, index.frame)}
   assert {line.split(',')[0] for line in lines[1:]} == names
@@ -158,13 +158,13 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
 def test_packed_shards_alone_serve_the_index(config, tmp_path):
   from affectjax.data import pack
   tasks = ('expr', 'au', 'va')
-  from_tree = trainer.load_index(config, 'validation', tasks)
+  from_tree = splits.load_index(config, 'validation', tasks)
   pack.pack_split(from_tree, str(tmp_path), threads=1)
   c = config.copy_and_resolve_references()
   c.data.root = ''
   c.data.source = 'arrayrecord'
   c.data.packed_dir = str(tmp_path)
-  from_pack = trainer.load_index(c, 'validation', tasks)
+  from_pack = splits.load_index(c, 'validation', tasks)
   assert len(from_pack) == len(from_tree)
   for key in ('video_id', 'frame', 'expr', 'au', 'va'):
     np.testing.assert_array_equal(getattr(from_pack, key), getattr(from_tree, key))
@@ -211,7 +211,7 @@ def test_unitask_study_trains_with_weights_from_the_training_labels(variant, con
     assert saved['expr_class_weights'] is None and saved['au_pos_weight'] is None
     assert saved['va'] == 'mse' and 'loss_va' in train_records[0]
     return
-  index = trainer.load_index(c, 'train', ('expr', 'au', 'va'))
+  index = splits.load_index(c, 'train', ('expr', 'au', 'va'))
   expr = index.expr[index.expr >= 0]
   np.testing.assert_allclose(saved['expr_class_weights'], compute_class_weight(
       'balanced', classes=np.arange(8), y=expr), rtol=1e-6)
@@ -267,8 +267,8 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   _, workdir = uninterrupted
   # Reference: the labelled evaluation path on the same checkpoint.
   c = _predict_config(config)
-  run, state, eval_fn = trainer._restore_for_inference(c, str(workdir))
-  index = trainer.load_index(c, 'validation', ('expr', 'au', 'va'))
+  run, state, eval_fn = inference.restore(c, str(workdir))
+  index = splits.load_index(c, 'validation', ('expr', 'au', 'va'))
   _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
   reference = open(predictions.write_predictions(
       str(tmp_path / 'reference.csv'), rows, index, run.tasks, 8)).read().splitlines()
@@ -276,7 +276,7 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   names = [line.split(',')[0] for line in reference[1:]]
   image_list = tmp_path / 'MTL_test_set.txt'
   image_list.write_text('image\n' + '\n'.join(reversed(names)) + '\n')
-  result = trainer.predict_checkpoint(_predict_config(config, images=str(image_list)),
+  result = inference.predict_checkpoint(_predict_config(config, images=str(image_list)),
                                       str(workdir))
   assert result['format'] == 'mtl' and result['frames'] == len(names) == result['predicted']
   written = open(result['files'][0]).read().splitlines()
@@ -290,7 +290,7 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks, thresholds)
   expected = open(predictions.write_mtl(str(tmp_path / 'expected.csv'), index, decided,
                                         np.flatnonzero(predicted))).read()
-  tuned = trainer.predict_checkpoint(_predict_config(
+  tuned = inference.predict_checkpoint(_predict_config(
       config, images=str(image_list), au_thresholds=str(threshold_file),
       out=str(tmp_path / 'tuned.csv')), str(workdir))
   assert open(tuned['files'][0]).read() == expected != '\n'.join(reference) + '\n'
@@ -301,17 +301,16 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
                                                      index.video_id[have], 5)
   expected = open(predictions.write_mtl(str(tmp_path / 'smooth.csv'), index, decided,
                                         have)).read()
-  smoothed = trainer.predict_checkpoint(_predict_config(
+  smoothed = inference.predict_checkpoint(_predict_config(
       config, images=str(image_list), va_window=5, out=str(tmp_path / 'smoothed.csv')),
       str(workdir))
   assert open(smoothed['files'][0]).read() == expected
 
 
 def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
-  from affectjax import predictions
   from affectjax.data import layout
   _, workdir = uninterrupted
-  root = trainer.data_root(config)
+  root = splits.data_root(config)
   videos = sorted(os.listdir(os.path.join(root, layout.IMAGE_DIR)))[:3]
   video_list = tmp_path / 'test_videos.txt'
   video_list.write_text(''.join(f'{v}.mp4\n' for v in videos))
@@ -322,12 +321,12 @@ def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_pa
   # The per-frame decisions, as an ABAW3/4 file over the same crops.
   image_list = tmp_path / 'images.txt'
   image_list.write_text(''.join(f'{v}/{f:05d}.jpg\n' for v in videos for f in crops[v]))
-  mtl = trainer.predict_checkpoint(_predict_config(config, images=str(image_list)),
+  mtl = inference.predict_checkpoint(_predict_config(config, images=str(image_list)),
                                    str(workdir))
   per_frame = {line.split(',')[0]: line.split(',')[1:]
                for line in open(mtl['files'][0]).read().splitlines()[1:]}
 
-  result = trainer.predict_checkpoint(
+  result = inference.predict_checkpoint(
       _predict_config(config, videos=str(video_list), frame_counts=str(counts),
                       out=str(tmp_path / 'abaw2')), str(workdir))
   assert result['format'] == 'per_video' and len(result['files']) == 3 * len(videos)
@@ -348,7 +347,7 @@ def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_pa
       assert expr[frame] == values[2]
       assert au[frame].split(',') == values[3:]
 
-  per_task = trainer.predict_checkpoint(
+  per_task = inference.predict_checkpoint(
       _predict_config(config, videos=str(video_list), format='per_task',
                       out=str(tmp_path / 'abaw5')), str(workdir))
   assert sorted(os.path.basename(f) for f in per_task['files']) == ['AU.csv', 'EXPR.csv',
@@ -361,7 +360,7 @@ def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_pa
   bad_list = tmp_path / 'bad.txt'
   bad_list.write_text('image\nvideo1/00001.jpg\nvideo1/frame.png\n')
   with pytest.raises(ValueError, match=r'bad\.txt:3: expected <video>/<frame>\.jpg'):
-    trainer.predict_checkpoint(_predict_config(config, images=str(bad_list)), str(workdir))
+    inference.predict_checkpoint(_predict_config(config, images=str(bad_list)), str(workdir))
 
 
 def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
@@ -370,10 +369,10 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   c = config.copy_and_resolve_references()
   c.eval_checkpoint = 'latest'
   c.features_out = str(tmp_path / 'features')
-  result = trainer.extract_features(c, str(workdir))
+  result = inference.extract_features(c, str(workdir))
   # Reference: the embedding output of the evaluation path on the same checkpoint.
-  run, state, eval_fn = trainer._restore_for_inference(c, str(workdir))
-  index = trainer.load_index(c, 'validation', ('expr', 'au', 'va'))
+  run, state, eval_fn = inference.restore(c, str(workdir))
+  index = splits.load_index(c, 'validation', ('expr', 'au', 'va'))
   _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
   extracted = sequences.FeatureSet(result['out'], 'validation')
   assert extracted.meta['step'] == result['step'] and extracted.ok.all()
@@ -399,7 +398,7 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   for key in ('count_expr', 'count_au', 'count_va'):
     assert final[key] == image_eval[key], key
   temporal_config.eval_checkpoint = 'latest'
-  evaluated = trainer.evaluate_checkpoint(temporal_config, str(run_dir))
+  evaluated = inference.evaluate_checkpoint(temporal_config, str(run_dir))
   np.testing.assert_allclose(evaluated['mtl_score'], final['mtl_score'], rtol=1e-5)
 
   # The temporal statistical model on blocks of the same features (8 EXPR classes here).
