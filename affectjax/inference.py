@@ -72,33 +72,57 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return eval_metrics
 
 
-def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=predict: restores a checkpoint of WORKDIR and writes the predictions of an
-  unlabelled test list (`config.predict`) in an ABAW submission format."""
-  workdir = os.path.abspath(workdir)
+def test_list(config: ml_collections.ConfigDict) -> str:
+  """The test list file of `config.predict` (exactly one of videos / images)."""
   p = config.predict
-  if splits.is_temporal(config):
-    raise ValueError('mode=predict reads face crops: predict with the image run, or extract '
-                     'the test frames\' features for a temporal run (not supported yet)')
   if bool(p.videos) == bool(p.images):
     raise ValueError('mode=predict needs exactly one of predict.videos (a file with one test '
                      'video per line) and predict.images (a file of <video>/<frame>.jpg lines)')
-  fmt = p.format if p.format != 'auto' else ('mtl' if p.images else 'per_video')
-  if fmt not in predictions.FORMATS:
-    raise ValueError(f'predict.format must be auto or one of {predictions.FORMATS}, got {fmt!r}')
-  list_path = p.videos or p.images
+  return p.videos or p.images
+
+
+def test_split(list_path: str) -> str:
+  """The features folder of a test list's frames: `test_<list file name>`."""
+  return 'test_' + os.path.splitext(os.path.basename(list_path))[0]
+
+
+def test_frames(config: ml_collections.ConfigDict):
+  """The frame index (labels missing) of the test list, crops under predict.root."""
+  p = config.predict
   root = p.root or splits.data_root(config)
-  index = unlabelled.frames_index(
+  return unlabelled.frames_index(
       root, videos=unlabelled.read_video_list(p.videos) if p.videos else None,
       images=unlabelled.read_image_list(p.images) if p.images else None)
-  run, state, eval_fn = restore(config, workdir)
-  config = run.config
+
+
+def _test_frame_iterator(config: ml_collections.ConfigDict, index):
   data_config = config.data.copy_and_resolve_references()
   data_config.source = 'jpeg'  # test frames are read from the crop folders
-  iterator = pipeline.make_eval_iterator(
+  return pipeline.make_eval_iterator(
       index, data_config, global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       labelled_only=False)
+
+
+def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=predict: restores a checkpoint of WORKDIR and writes the predictions of an
+  unlabelled test list (`config.predict`) in an ABAW submission format. A temporal run reads
+  the test frames' features, extracted by its image run's mode=features with the same list."""
+  workdir = os.path.abspath(workdir)
+  p = config.predict
+  list_path = test_list(config)
+  fmt = p.format if p.format != 'auto' else ('mtl' if p.images else 'per_video')
+  if fmt not in predictions.FORMATS:
+    raise ValueError(f'predict.format must be auto or one of {predictions.FORMATS}, got {fmt!r}')
+  run, state, eval_fn = restore(config, workdir)
+  config = run.config
+  if splits.is_temporal(config):  # the test frames' features, extracted by the image run
+    data = sequences.FeatureSet(config.temporal.features_dir, test_split(list_path))
+    index = data.index
+    iterator = splits.make_eval_iterator(config, data, labelled_only=False)
+  else:
+    index = test_frames(config)
+    iterator = _test_frame_iterator(config, index)
   rows = []
   trainer.infer(run, eval_fn, state, iterator, lambda outputs, batch: rows.append((outputs, batch)))
   skipped = trainer.skipped_frames(iterator)
@@ -133,7 +157,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
           flush=True)
   return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
-          'trainer.skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
+          'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
 
 
 def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -148,8 +172,16 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run, state, eval_fn = restore(config, workdir)
   out = config.features_out or os.path.join(workdir, 'features')
   written = {}
-  for split in dict.fromkeys(('train', config.eval_split)):
-    index = splits.load_index(config, split, tasks)
+  wanted = ['train', config.eval_split]
+  if config.predict.videos or config.predict.images:  # and the test list's frames
+    wanted.append(test_split(test_list(config)))
+  for split in dict.fromkeys(wanted):
+    if split.startswith('test_'):
+      index = test_frames(config)
+      iterator = _test_frame_iterator(run.config, index)
+    else:
+      index = splits.load_index(config, split, tasks)
+      iterator = splits.make_eval_iterator(run.config, index, labelled_only=False)
     features = probs = ok = None
 
     def on_batch(outputs, batch):
@@ -170,7 +202,6 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ok[rows] = True
 
     start = time.time()
-    iterator = splits.make_eval_iterator(run.config, index, labelled_only=False)
     trainer.infer(run, eval_fn, state, iterator, on_batch)
     if parallel.is_main_process():
       meta = {'workdir': workdir, 'step': int(state.step), 'tasks': list(run.tasks),

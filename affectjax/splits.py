@@ -76,7 +76,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data, labelled_only: b
   if is_temporal(config):
     return sequences.make_iterator(
         data, config.data, window=config.temporal.window, length=config.temporal.length,
-        global_batch_size=config.eval_batch_size, training=False,
+        global_batch_size=config.eval_batch_size, training=False, labelled_only=labelled_only,
         process_index=jax.process_index(), process_count=jax.process_count())
   return pipeline.make_eval_iterator(
       data, config.data, global_batch_size=config.eval_batch_size,

@@ -401,6 +401,22 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   evaluated = inference.evaluate_checkpoint(temporal_config, str(run_dir))
   np.testing.assert_allclose(evaluated['mtl_score'], final['mtl_score'], rtol=1e-5)
 
+  # Test predictions of the temporal run: the image run extracts the listed frames' features,
+  # the temporal run predicts them. Listing the validation frames gives the same segments, so
+  # the same decisions as the evaluation's predictions file.
+  eval_csv = open(run_dir / f'predictions_validation_step{summary["steps"]}.csv').read()
+  image_list = tmp_path / 'valframes.txt'
+  image_list.write_text(''.join(line.split(',')[0] + '\n'
+                                for line in eval_csv.splitlines()[1:]))
+  c.predict.images = str(image_list)
+  inference.extract_features(c, str(workdir))
+  assert sequences.FeatureSet(result['out'], 'test_valframes').ok.all()
+  temporal_config.predict.images = str(image_list)
+  temporal_config.predict.out = str(tmp_path / 'temporal_test.csv')
+  predicted = inference.predict_checkpoint(temporal_config, str(run_dir))
+  assert predicted['frames'] == predicted['predicted'] == len(eval_csv.splitlines()) - 1
+  assert open(predicted['files'][0]).read() == eval_csv
+
   # The temporal statistical model on blocks of the same features (8 EXPR classes here).
   stat_config = load_config('temporal_stat', 'stat_lstm,test')
   stat_config.temporal.features_dir = result['out']

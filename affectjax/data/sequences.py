@@ -120,12 +120,13 @@ class SequenceBatchMaker:
   shuffles the segments per epoch. window 'block' (the temporal statistical model): for a target
   frame, it and its `length - 1` previous frames; labels of the target only ([B, 1]); training
   follows the sampling scheme of `data.sampling` over the labelled target frames (e.g.
-  'balanced'), evaluation visits every labelled frame once.
+  'balanced'), evaluation visits every labelled frame once (every frame without
+  `labelled_only`: prediction).
   """
 
   def __init__(self, feature_set: FeatureSet, data_config, *, window: str, length: int,
                global_batch_size: int, process_index: int, process_count: int, seed: int = 0,
-               training: bool = True):
+               training: bool = True, labelled_only: bool = True):
     self.features = feature_set
     index = feature_set.index
     self.tasks = sampling.parse_tasks(data_config.tasks)
@@ -146,7 +147,8 @@ class SequenceBatchMaker:
         self.groups = sampling.make_groups(index, self.tasks, data_config.sampling)
         self.steps_per_epoch = sampling.steps_per_epoch(self.groups, self.global_batch)
       else:
-        self.eval_targets = sampling.eval_plan(index, self.tasks, self.global_batch)
+        self.eval_targets = sampling.eval_plan(index, self.tasks, self.global_batch,
+                                               labelled_only)
         self.steps_per_epoch = self.eval_targets.size // self.global_batch
     else:
       raise ValueError(f"temporal.window must be 'segment' or 'block', got {window!r}")
@@ -213,13 +215,15 @@ class SequenceBatchMaker:
 def make_iterator(feature_set: FeatureSet, data_config, *, length: int,
                   global_batch_size: int, window: str = 'segment', seed: int = 0,
                   training: bool = True, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None) -> pipeline.AffectIterator:
+                  num_epochs: int | None = None,
+                  labelled_only: bool = True) -> pipeline.AffectIterator:
   """Training (endless, or `num_epochs`) or evaluation (one pass) batches of windows of
   `length` frames (see `SequenceBatchMaker`)."""
   pipeline.check_batch(global_batch_size, process_index, process_count)
   maker = SequenceBatchMaker(feature_set, data_config, window=window, length=length,
                              global_batch_size=global_batch_size, process_index=process_index,
-                             process_count=process_count, seed=seed, training=training)
+                             process_count=process_count, seed=seed, training=training,
+                             labelled_only=labelled_only)
   counts = {'frames': len(feature_set.index), f'{window}s': len(maker.units),
             'steps' if not training else 'steps_per_epoch': maker.steps_per_epoch}
   print(f'{"train" if training else "eval"} {window}s of {length} frames: ' +
