@@ -13,7 +13,7 @@ import numpy as np
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
 from affectjax import logs, metrics as metrics_lib, parallel, predictions, splits, train, trainer
-from affectjax.data import pipeline, sequences, unlabelled
+from affectjax.data import sequences, unlabelled
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str):
@@ -40,7 +40,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   run, state, eval_fn = restore(config, workdir)
   config = run.config
   eval_metrics, rows = trainer.evaluate(run, eval_fn, state, data,
-                                keep_predictions=config.write_predictions, tune=True)
+                                        keep_predictions=config.write_predictions, tune=True)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
   step = int(state.step)
   if parallel.is_main_process():
@@ -81,9 +81,14 @@ def test_list(config: ml_collections.ConfigDict) -> str:
   return p.videos or p.images
 
 
+def list_name(list_path: str) -> str:
+  """A test list's name: its file name without the extension."""
+  return os.path.splitext(os.path.basename(list_path))[0]
+
+
 def test_split(list_path: str) -> str:
-  """The features folder of a test list's frames: `test_<list file name>`."""
-  return 'test_' + os.path.splitext(os.path.basename(list_path))[0]
+  """The features folder of a test list's frames: `test_<list name>`."""
+  return 'test_' + list_name(list_path)
 
 
 def test_frames(config: ml_collections.ConfigDict):
@@ -96,12 +101,10 @@ def test_frames(config: ml_collections.ConfigDict):
 
 
 def _test_frame_iterator(config: ml_collections.ConfigDict, index):
-  data_config = config.data.copy_and_resolve_references()
-  data_config.source = 'jpeg'  # test frames are read from the crop folders
-  return pipeline.make_eval_iterator(
-      index, data_config, global_batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      labelled_only=False)
+  """Every listed frame once, read from the crop folders (not from packed training data)."""
+  config = config.copy_and_resolve_references()
+  config.data.source = 'jpeg'
+  return splits.make_eval_iterator(config, index, labelled_only=False)
 
 
 def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -124,7 +127,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     index = test_frames(config)
     iterator = _test_frame_iterator(config, index)
   rows = []
-  trainer.infer(run, eval_fn, state, iterator, lambda outputs, batch: rows.append((outputs, batch)))
+  trainer.infer(run, eval_fn, state, iterator, lambda *pair: rows.append(pair))
   skipped = trainer.skipped_frames(iterator)
   decided, predicted = predictions.gather_decisions(
       rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
@@ -133,8 +136,7 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
                                                        index.video_id[have], p.va_window)
   step = int(state.step)
-  name = os.path.splitext(os.path.basename(list_path))[0]
-  out = p.out or os.path.join(workdir, f'predictions_{name}_step{step}')
+  out = p.out or os.path.join(workdir, f'predictions_{list_name(list_path)}_step{step}')
   written = []
   if parallel.is_main_process():
     if fmt == 'per_video':
@@ -173,10 +175,12 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = config.features_out or os.path.join(workdir, 'features')
   written = {}
   wanted = ['train', config.eval_split]
+  test_name = None
   if config.predict.videos or config.predict.images:  # and the test list's frames
-    wanted.append(test_split(test_list(config)))
+    test_name = test_split(test_list(config))
+    wanted.append(test_name)
   for split in dict.fromkeys(wanted):
-    if split.startswith('test_'):
+    if split == test_name:
       index = test_frames(config)
       iterator = _test_frame_iterator(run.config, index)
     else:
@@ -196,9 +200,7 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rows = np.asarray(batch['index'])[keep]
       features[rows] = embedding[keep]
       if probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2)
-        logits = np.asarray(outputs['expr'], np.float64)[keep]
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs[rows] = e / e.sum(axis=-1, keepdims=True)
+        probs[rows] = np.asarray(jax.nn.softmax(np.asarray(outputs['expr'])[keep], axis=-1))
       ok[rows] = True
 
     start = time.time()

@@ -117,6 +117,16 @@ def tune_au_thresholds(probs, target, grid: Sequence[float] = DEFAULT_THRESHOLD_
 DEFAULT_VA_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 61)
 
 
+def run_bounds(ids) -> tuple:
+  """(start, end) int64 [N] each: the first row and one past the last row of the run of equal
+  consecutive `ids` that holds each row (e.g. a video's rows in a frame index)."""
+  ids = np.asarray(ids)
+  n = len(ids)
+  starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else np.zeros(0, np.int64)
+  lengths = np.diff(np.r_[starts, n]).astype(np.int64)
+  return np.repeat(starts, lengths), np.repeat(np.r_[starts[1:], n], lengths)
+
+
 def smooth_per_video(values, video, window: int):
   """Centred moving average over `window` consecutive rows (odd; 1 = unchanged) within each run
   of equal `video` ids, rows in time order; near a video's ends the window shrinks to the rows
@@ -126,12 +136,8 @@ def smooth_per_video(values, video, window: int):
   if window <= 1 or len(values) == 0:
     return values
   half = window // 2
-  video = np.asarray(video)
-  n = len(values)
-  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]])
-  first = np.repeat(starts, np.diff(np.r_[starts, n]))  # each row's video start
-  last = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))  # its video end (excl.)
-  rows = np.arange(n)
+  first, last = run_bounds(video)
+  rows = np.arange(len(values))
   lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
   cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])
   counts = (hi - lo).reshape((-1,) + (1,) * (values.ndim - 1))

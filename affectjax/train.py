@@ -31,17 +31,17 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, tx: optax.GradientTransformation, seed: int,
-                       image_shape) -> TrainState:
-  """Initialises parameters on a dummy batch of `image_shape` (H, W, 3), or on the given
-  dummy inputs (a dict, for the temporal models).
+                       inputs) -> TrainState:
+  """Initialises parameters on a dummy batch: zeros of image shape `inputs` (H, W, 3), or
+  `inputs` itself when it is a dict of dummy arrays (the temporal models).
 
   Initialisation draws from an 'rbg' key: XLA compiles a whole-ResNet init with it several
   times faster on CPU than with threefry. The state's own key (dropout, augmentation) is a
   plain threefry key, which Orbax saves as an ordinary array.
   """
   init_key = jax.random.key(seed, impl='rbg')
-  dummy = (image_shape if isinstance(image_shape, Mapping)
-           else jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  dummy = (inputs if isinstance(inputs, Mapping)
+           else jnp.zeros((1,) + tuple(inputs), jnp.float32))
   variables = model.init({'params': init_key, 'dropout': init_key}, dummy, train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx,

@@ -163,7 +163,8 @@ def skipped_frames(iterator) -> int:
 
 def evaluate(run: Run, eval_step, state, data, *, keep_predictions: bool = False,
              tune: bool = False):
-  """A full pass over `index` (every frame exactly once); returns (metrics, predictions).
+  """A full pass over `data` (a split from `splits.load_split`: every frame exactly once);
+  returns (metrics, predictions).
 
   With `tune`, also the post-processing that does best on this pass: per-AU thresholds
   maximising each AU's F1 (`au_thresholds`, a list; `au_f1_tuned`) and the VA smoothing
@@ -186,14 +187,15 @@ def evaluate(run: Run, eval_step, state, data, *, keep_predictions: bool = False
   infer(run, eval_step, state, iterator, on_batch)
   results = accumulator.compute()
   results['skipped_frames'] = skipped_frames(iterator)  # padding rows in the batches
+  kept_rows = accumulator.predictions() if tune else {}
   if tune_au:
-    kept = accumulator.predictions()['au']
+    kept = kept_rows['au']
     thresholds = metrics_lib.tune_au_thresholds(kept['pred'], kept['target'])
     results['au_f1_tuned'] = metrics_lib.au_metrics(kept['pred'], kept['target'],
                                                     thresholds)['au_f1']
     results['au_thresholds'] = [float(t) for t in thresholds]
   if tune and 'va' in run.tasks:
-    kept = accumulator.predictions().get('va')
+    kept = kept_rows.get('va')
     if kept is not None and len(kept['pred']):
       video = index.video_id[kept['index']]
       window = metrics_lib.tune_va_window(kept['pred'], kept['target'], video)
@@ -217,8 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_data = splits.load_split(config, config.eval_split, tasks)
   train_iter = splits.make_train_iterator(config, train_data)
   config = splits.with_label_weights(config, splits.frame_index(train_data))
-  if config.data.decoded_cache and not splits.is_temporal(config):  # decode the evaluation frames now, not mid-training
-    pipeline.make_source(eval_data, config.data)
+  if config.data.decoded_cache and not splits.is_temporal(config):
+    pipeline.make_source(eval_data, config.data)  # decode the evaluation frames now
   run = build_run(config, train_iter.steps_per_epoch)
   config = run.config
   writer = logs.RunWriter(workdir, enabled=parallel.is_main_process())

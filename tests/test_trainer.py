@@ -65,7 +65,8 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
   checkpoints.close()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run_also_from_decoded_frames(uninterrupted, config, tmp_path):
+def test_resumed_run_reproduces_the_uninterrupted_run_also_from_decoded_frames(uninterrupted,
+                                                                             config, tmp_path):
   summary, _ = uninterrupted
   c = config.copy_and_resolve_references()
   c.halt_after_steps = 3  # between checkpoints and mid-epoch

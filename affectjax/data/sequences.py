@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from affectjax import labels
+from affectjax.metrics import run_bounds
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline
 from affectjax.data import sampling
@@ -85,11 +86,10 @@ def segment_rows(index, length: int) -> np.ndarray:
   the last segment of a video padded with -1."""
   if length < 1:
     raise ValueError(f'segment length must be positive, got {length}')
-  video = np.asarray(index.video_id)
-  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]]) if len(video) else np.zeros(0, int)
-  ends = np.r_[starts[1:], len(video)]
+  first, last = run_bounds(index.video_id)
+  starts = np.flatnonzero(first == np.arange(len(first)))
   segments = []
-  for start, end in zip(starts.tolist(), ends.tolist()):
+  for start, end in zip(starts.tolist(), last[starts].tolist()):
     for lo in range(start, end, length):
       row = np.full(length, -1, np.int64)
       row[:min(length, end - lo)] = np.arange(lo, min(lo + length, end))
@@ -103,11 +103,8 @@ def block_rows(index, size: int) -> np.ndarray:
   current frame is the last present entry."""
   if size < 1:
     raise ValueError(f'block size must be positive, got {size}')
-  video = np.asarray(index.video_id)
-  n = len(video)
-  starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]]) if n else np.zeros(0, int)
-  first = np.repeat(starts, np.diff(np.r_[starts, n])) if n else np.zeros(0, int)
-  rows = np.arange(n)
+  first, _ = run_bounds(index.video_id)
+  rows = np.arange(len(first))
   lo = np.maximum(first, rows - size + 1)
   block = lo[:, None] + np.arange(size)[None, :]
   return np.where(block <= rows[:, None], block, -1).astype(np.int64)
