@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from affectjax.train import DATA_AXIS
+DATA_AXIS = 'data'  # the mesh's one axis: the global batch is split along it
 
 
 def is_main_process() -> bool:

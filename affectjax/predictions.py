@@ -209,3 +209,29 @@ def write_predictions(path: str, rows: list, index, tasks: tuple, num_expr_class
   del num_expr_classes  # the class index is written as is
   decided, predicted = gather_decisions(rows, len(index), tasks)
   return write_mtl(path, index, decided, np.flatnonzero(predicted))
+
+
+def submission_format(requested: str, image_list: bool) -> str:
+  """The format of `predict.format`: 'auto' is `mtl` for an image list (ABAW3/4), else
+  `per_video` (ABAW1/2); otherwise one of `FORMATS`."""
+  fmt = requested if requested != 'auto' else ('mtl' if image_list else 'per_video')
+  if fmt not in FORMATS:
+    raise ValueError(f'predict.format must be auto or one of {FORMATS}, got {fmt!r}')
+  return fmt
+
+
+def write_submission(fmt: str, out: str, index, decided: dict, predicted: np.ndarray,
+                     tasks: tuple, num_expr_classes: int, frame_counts: dict | None = None
+                     ) -> list:
+  """Writes the decisions of a test list's frames in the submission format `fmt` to `out` (a
+  file for `mtl`, else a folder); returns the paths written. Frames without a prediction take
+  their video's nearest predicted frame's decision."""
+  if fmt == 'per_video':
+    return write_per_video(out, index, decided, predicted, tasks, num_expr_classes,
+                           frame_counts)
+  filled = {k: v[fill_rows(index, predicted)] for k, v in decided.items()}
+  if fmt == 'mtl':
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    return [write_mtl(out if out.endswith('.csv') else out + '.csv', index, filled,
+                      range(len(index)))]
+  return write_per_task(out, index, filled, tasks, num_expr_classes)

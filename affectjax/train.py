@@ -2,7 +2,9 @@
 
 The steps are written as per-device code with collectives over the mesh axis `DATA_AXIS`
 (`lax.psum`, and BatchNorm's `axis_name` when `model.sync_bn`), the way `pmap` code is written,
-and wrapped by `parallel.data_parallel` as `jax.jit(jax.shard_map(...))` over a 1-D mesh.
+and wrapped by `parallel.data_parallel` as `jax.jit(jax.shard_map(...))` over a 1-D mesh. What
+the model reads from a batch is the run kind's `model_inputs` (affectjax.kinds): the images, or
+the feature segments of the temporal models.
 """
 from typing import Any, Callable, Mapping
 
@@ -15,13 +17,16 @@ from flax.training import train_state
 from affectjax import losses
 from affectjax import optim
 from affectjax.models import preprocess
-
-DATA_AXIS = 'data'
+from affectjax.parallel import DATA_AXIS
 
 # Phases of the alternating scheme (see affectjax.data.pipeline): in the EXPR-only phase the
 # AU head is frozen and vice versa, as in the incomplete-labels paper's code.
 PHASE_JOINT, PHASE_EXPR, PHASE_AU, PHASE_BOTH = 0, 1, 2, 3
 FROZEN_HEADS_BY_PHASE = {PHASE_EXPR: ('au',), PHASE_AU: ('expr',)}
+
+
+# (batch, config, augmentation key or None) -> the model's input (affectjax.kinds).
+ModelInputs = Callable[[Mapping[str, jax.Array], ml_collections.ConfigDict, Any], Any]
 
 
 class TrainState(train_state.TrainState):
@@ -74,12 +79,9 @@ def prepare_images(images_uint8: jax.Array, config: ml_collections.ConfigDict,
   return images
 
 
-def prepare_inputs(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict,
-                   rng: jax.Array | None):
-  """The model's input: the prepared images, or for the temporal models (batches of feature
-  segments, affectjax.data.sequences) {'features', 'mask'}."""
-  if 'features' in batch:
-    return {k: batch[k] for k in ('features', 'probs', 'mask') if k in batch}
+def image_inputs(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict,
+                 rng: jax.Array | None) -> jax.Array:
+  """The model input of an image batch: its prepared `image`."""
   return prepare_images(batch['image'], config, rng)
 
 
@@ -96,8 +98,8 @@ def flatten_time(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> 
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-               config: ml_collections.ConfigDict,
-               lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
+               config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
+               model_inputs: ModelInputs = image_inputs) -> tuple[TrainState, dict]:
   """One optimisation step on this device's share of the global batch.
 
   Losses are global-batch means (sums, counts and CCC moments psum'd over DATA_AXIS inside
@@ -110,7 +112,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   rng, step_rng = jax.random.split(state.rng)
   device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
   aug_rng, dropout_rng = jax.random.split(device_rng)
-  inputs = prepare_inputs(batch, config, aug_rng)
+  inputs = model_inputs(batch, config, aug_rng)
 
   def loss_fn(params):
     outputs, new_vars = state.apply_fn(
@@ -154,8 +156,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              config: ml_collections.ConfigDict) -> dict:
+              config: ml_collections.ConfigDict,
+              model_inputs: ModelInputs = image_inputs) -> dict:
   """Per-device inference on this device's share; returns the model outputs (float32)."""
   outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                           prepare_inputs(batch, config, None), train=False)
+                           model_inputs(batch, config, None), train=False)
   return {k: v.astype(jnp.float32) for k, v in outputs.items()}

@@ -27,7 +27,6 @@ timing), which takes the JPEG decoding off the two cores the XLA step runs on.
   python benchmarks/bench_loop.py --checkpoint-every-epochs 1 --checkpoint-every 200
 """
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -38,8 +37,8 @@ import time
 import jax
 
 from affectjax import config as config_lib
-from affectjax import parallel, splits, train, trainer
-from affectjax.data import pipeline
+from affectjax import kinds, parallel, runs, trainer
+from affectjax.data import pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,10 +98,8 @@ def loop_images_per_second(config, steps: int) -> dict:
 
 def bare_step_images_per_second(config, batches: list, steps: int) -> float:
   """The same jitted step on the same batches held in host memory (compiled beforehand)."""
-  run = trainer.build_run(config, steps_per_epoch=1000)
-  step_fn = parallel.data_parallel(
-      functools.partial(train.train_step, config=run.config, lr_schedule=run.schedule),
-      run.mesh, donate_state=True)
+  run = runs.build_run(runs.resolve_config(config), data=None, steps_per_epoch=1000)
+  step_fn = run.train_step()
   state = parallel.replicate(run.state, run.mesh)
   state, _ = step_fn(state, parallel.global_batch(batches[0], run.mesh))
   jax.block_until_ready(state)
@@ -138,8 +135,7 @@ def main():
                       help='loop variants: jpeg (decode every epoch), cached (data.decoded_cache)')
   args = parser.parse_args()
   config = bench_config(args)
-  tasks = config_lib.task_tuple(config.tasks)
-  index = splits.load_index(config, 'train', tasks)
+  index = kinds.load_index(config, 'train')
   iterator = pipeline.make_train_iterator(index, config.data,
                                           global_batch_size=config.global_batch_size,
                                           seed=config.seed)
@@ -149,7 +145,7 @@ def main():
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
     if c.data.decoded_cache:  # built (or found) before timing, as a previous run would have
-      pipeline.make_source(index, c.data)
+      sources.make_source(index, c.data)
     variants[name] = c
   bare, loops = [], {name: [] for name in variants}
   for rep in range(args.reps):

@@ -16,12 +16,11 @@ share-bottom / feedback frameworks and its state carried across segments are not
 its VA smoothing is mode=eval's tuned window plus --config.predict.va_window.
 """
 from affectjax import config as config_lib
-
-ENCODERS = ('gru', 'lstm', 'transformer')
+from affectjax.models import temporal
 
 
 def get_config(arg=None):
-  encoder, variant = config_lib.parse_variant(arg, ENCODERS, 'gru', 'configs/temporal.py')
+  encoder, variant = config_lib.parse_variant(arg, tuple(temporal.ENCODERS), 'gru', 'configs/temporal.py')
   c = config_lib.base_config()
   c.kind = 'temporal'
   c.tasks = 'expr,au,va'

@@ -47,7 +47,7 @@ def random_batch(seed: int, phase: int = train.PHASE_JOINT, n: int = BATCH):
 
 def make_state_and_step(config, num_devices, tasks=('expr', 'au', 'va')):
   config = config.copy_and_resolve_references()
-  config.model.bn_axis_name = train.DATA_AXIS if config.model.sync_bn else None
+  config.model.bn_axis_name = parallel.DATA_AXIS if config.model.sync_bn else None
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch=10, num_epochs=1)
   model = affect.create_model(config.model, tasks, 7)
   state = train.create_train_state(model, optim.create_optimizer(config.optim, schedule),

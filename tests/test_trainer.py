@@ -11,7 +11,7 @@ import pytest
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import metrics as metrics_lib
-from affectjax import inference, parallel, splits, train, trainer
+from affectjax import evaluation, inference, kinds, parallel, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
   lines = open(workdir / predictions[0]).read().splitlines()
   assert lines[0] == 'image,valence,arousal,expression,aus'
   # One row per validation frame (the padding rows of the last batch are not written).
-  index = splits.load_index(config, 'validation', ('expr', 'au', 'va'))
+  index = kinds.load_index(config, 'validation', ('expr', 'au', 'va'))
   assert len(lines) - 1 == len(index)
   names = {f'{index.video_names[v]}/{f:05d}.jpg' for v, f in zip(index.video_id, index.frame)}
   assert {line.split(',')[0] for line in lines[1:]} == names
@@ -159,13 +159,13 @@ def test_eval_mode_and_unknown_config_field_through_the_command_line(uninterrupt
 def test_packed_shards_alone_serve_the_index(config, tmp_path):
   from affectjax.data import pack
   tasks = ('expr', 'au', 'va')
-  from_tree = splits.load_index(config, 'validation', tasks)
+  from_tree = kinds.load_index(config, 'validation', tasks)
   pack.pack_split(from_tree, str(tmp_path), threads=1)
   c = config.copy_and_resolve_references()
   c.data.root = ''
   c.data.source = 'arrayrecord'
   c.data.packed_dir = str(tmp_path)
-  from_pack = splits.load_index(c, 'validation', tasks)
+  from_pack = kinds.load_index(c, 'validation', tasks)
   assert len(from_pack) == len(from_tree)
   for key in ('video_id', 'frame', 'expr', 'au', 'va'):
     np.testing.assert_array_equal(getattr(from_pack, key), getattr(from_tree, key))
@@ -212,7 +212,7 @@ def test_unitask_study_trains_with_weights_from_the_training_labels(variant, con
     assert saved['expr_class_weights'] is None and saved['au_pos_weight'] is None
     assert saved['va'] == 'mse' and 'loss_va' in train_records[0]
     return
-  index = splits.load_index(c, 'train', ('expr', 'au', 'va'))
+  index = kinds.load_index(c, 'train', ('expr', 'au', 'va'))
   expr = index.expr[index.expr >= 0]
   np.testing.assert_allclose(saved['expr_class_weights'], compute_class_weight(
       'balanced', classes=np.arange(8), y=expr), rtol=1e-6)
@@ -268,9 +268,9 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   _, workdir = uninterrupted
   # Reference: the labelled evaluation path on the same checkpoint.
   c = _predict_config(config)
-  run, state, eval_fn = inference.restore(c, str(workdir))
-  index = splits.load_index(c, 'validation', ('expr', 'au', 'va'))
-  _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
+  index = kinds.load_index(c, 'validation', ('expr', 'au', 'va'))
+  run, state = inference.restore(c, str(workdir), index)
+  _, rows = evaluation.evaluate(run, run.eval_step(), state, index, keep_predictions=True)
   reference = open(predictions.write_predictions(
       str(tmp_path / 'reference.csv'), rows, index, run.tasks, 8)).read().splitlines()
   # The ABAW3/4 test list: the validation images in another order, under a header.
@@ -311,7 +311,7 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
 def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
   from affectjax.data import layout
   _, workdir = uninterrupted
-  root = splits.data_root(config)
+  root = kinds.data_root(config)
   videos = sorted(os.listdir(os.path.join(root, layout.IMAGE_DIR)))[:3]
   video_list = tmp_path / 'test_videos.txt'
   video_list.write_text(''.join(f'{v}.mp4\n' for v in videos))
@@ -372,9 +372,9 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   c.features_out = str(tmp_path / 'features')
   result = inference.extract_features(c, str(workdir))
   # Reference: the embedding output of the evaluation path on the same checkpoint.
-  run, state, eval_fn = inference.restore(c, str(workdir))
-  index = splits.load_index(c, 'validation', ('expr', 'au', 'va'))
-  _, rows = trainer.evaluate(run, eval_fn, state, index, keep_predictions=True)
+  index = kinds.load_index(c, 'validation', ('expr', 'au', 'va'))
+  run, state = inference.restore(c, str(workdir), index)
+  _, rows = evaluation.evaluate(run, run.eval_step(), state, index, keep_predictions=True)
   extracted = sequences.FeatureSet(result['out'], 'validation')
   assert extracted.meta['step'] == result['step'] and extracted.ok.all()
   for outputs, batch in rows:

@@ -267,10 +267,11 @@ class TfdsSource:
     return [self[r] for r in rows]
 
 
-def make_source(index, data_config):
-  """The source named by `data_config.source` ('jpeg' | 'arrayrecord' | 'tfds') for `index`;
-  with `data_config.decoded_cache`, the decoded-frame cache built from it (on first use)."""
-  kind = data_config.source
+def make_source(index, data_config, source_type: str | None = None):
+  """The source named by `source_type` or else `data_config.source` ('jpeg' | 'arrayrecord' |
+  'tfds') for `index`; with `data_config.decoded_cache`, the decoded-frame cache built from it
+  (on first use)."""
+  kind = source_type or data_config.source
   if kind == 'jpeg':
     source, origin = JpegTreeSource(index), f'jpeg:{os.path.abspath(index.root)}'
   elif kind in ('arrayrecord', 'tfds'):

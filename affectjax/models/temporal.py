@@ -14,10 +14,10 @@ Encoders (`encoder`):
   masked out of the attention. Context stays within a segment.
 Each task has its own head: `head_dims` Dense+ReLU+dropout layers (512, 256 in the paper), then
 the task's output layer; parameters live under 'head/<task>' so heads can be masked by path.
-Not implemented (see the note in docs/design.md): the paper's 'share-bottom' and 'feedback'
-frameworks and carrying an RNN's last state into the next segment.
+Encoders are modules in the table `ENCODERS`. Not implemented yet: the paper's 'share-bottom'
+and 'feedback' frameworks and carrying an RNN's last state into the next segment.
 """
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,9 +25,6 @@ import ml_collections
 import numpy as np
 
 from affectjax import labels
-
-ENCODERS = ('gru', 'lstm', 'transformer')  # and 'stat': `StatModel`
-
 
 def default_temporal_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
@@ -85,7 +82,66 @@ class TaskHead(nn.Module):
     return nn.Dense(self.out, name='out')(x)
 
 
+class SequenceEncoder(nn.Module):
+  """Base of the temporal encoders: `(x [B, L, D], mask [B, L], train) -> [B, L, hidden]`,
+  dropout applied to the output. Each encoder uses the fields it needs."""
+  hidden: int
+  num_layers: int
+  dropout: float
+  num_heads: int = 4
+  ff_dim: int = 1024
+
+
+class RecurrentEncoder(SequenceEncoder):
+  """`num_layers` unidirectional RNN layers of `hidden` units (`cell`), dropout after each;
+  padded frames after a segment's end do not affect the valid ones."""
+  cell: ClassVar[str] = 'gru'
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    lengths = mask.sum(axis=1).astype(jnp.int32)  # valid frames come first in a segment
+    for i in range(self.num_layers):
+      cell = (nn.GRUCell(self.hidden, name=f'gru{i}') if self.cell == 'gru'
+              else nn.OptimizedLSTMCell(self.hidden, name=f'lstm{i}'))
+      # A zero initial state derived from the input: under shard_map it is then per-device
+      # ('varying') like the scan's outputs, as jax.lax.scan requires.
+      zero = jnp.zeros_like(x[:, 0, :1]) * jnp.zeros((1, self.hidden), x.dtype)
+      carry = zero if self.cell == 'gru' else (zero, zero)
+      x = nn.RNN(cell, name=f'rnn{i}')(x, initial_carry=carry, seq_lengths=lengths)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return x
+
+
+class GRUEncoder(RecurrentEncoder):
+  cell: ClassVar[str] = 'gru'
+
+
+class LSTMEncoder(RecurrentEncoder):
+  cell: ClassVar[str] = 'lstm'
+
+
+class TransformerEncoder(SequenceEncoder):
+  """A Dense projection to `hidden`, sinusoidal positions, `num_layers` post-norm
+  `EncoderLayer`s (`num_heads`, `ff_dim`) with a padding mask, then dropout."""
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    x = nn.Dense(self.hidden, name='project')(x)
+    x = x + sinusoidal_positions(x.shape[1], self.hidden)[None]
+    attention_mask = nn.make_attention_mask(mask, mask)
+    for i in range(self.num_layers):
+      x = EncoderLayer(self.num_heads, self.ff_dim, self.dropout, name=f'layer{i}')(
+          x, attention_mask, train)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+# temporal.encoder -> its module. A new encoder is one `SequenceEncoder` and one entry here
+# ('stat', the temporal statistical model, is a model of its own: `StatModel`).
+ENCODERS = {'gru': GRUEncoder, 'lstm': LSTMEncoder, 'transformer': TransformerEncoder}
+
+
 class TemporalModel(nn.Module):
+  """A sequence encoder of `ENCODERS` and per-task heads, a prediction per frame."""
   encoder: str = 'gru'
   hidden: int = 1024
   num_layers: int = 1
@@ -98,30 +154,16 @@ class TemporalModel(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train: bool = False):
-    x = jnp.asarray(inputs['features'], jnp.float32)
-    mask = jnp.asarray(inputs['mask'], bool)
-    if self.encoder in ('gru', 'lstm'):
-      lengths = mask.sum(axis=1).astype(jnp.int32)  # valid frames come first in a segment
-      for i in range(self.num_layers):
-        cell = (nn.GRUCell(self.hidden, name=f'gru{i}') if self.encoder == 'gru'
-                else nn.OptimizedLSTMCell(self.hidden, name=f'lstm{i}'))
-        # A zero initial state derived from the input: under shard_map it is then per-device
-        # ('varying') like the scan's outputs, as jax.lax.scan requires.
-        zero = jnp.zeros_like(x[:, 0, :1]) * jnp.zeros((1, self.hidden), x.dtype)
-        carry = zero if self.encoder == 'gru' else (zero, zero)
-        x = nn.RNN(cell, name=f'rnn{i}')(x, initial_carry=carry, seq_lengths=lengths)
-        if i + 1 < self.num_layers:
-          x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    elif self.encoder == 'transformer':
-      x = nn.Dense(self.hidden, name='project')(x)
-      x = x + sinusoidal_positions(x.shape[1], self.hidden)[None]
-      attention_mask = nn.make_attention_mask(mask, mask)
-      for i in range(self.num_layers):
-        x = EncoderLayer(self.num_heads, self.ff_dim, self.dropout, name=f'layer{i}')(
-            x, attention_mask, train)
-    else:
-      raise ValueError(f'temporal.encoder must be one of {ENCODERS}, got {self.encoder!r}')
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.encoder not in ENCODERS:
+      raise ValueError(f'temporal.encoder must be one of {(*ENCODERS, "stat")}, got '
+                       f'{self.encoder!r}')
+    encoder = ENCODERS[self.encoder](self.hidden, self.num_layers, self.dropout, self.num_heads,
+                                     self.ff_dim, name='encoder')
+    # The encoder's layers live directly under this model (`gru0`, `layer0`, `project`...), as
+    # they did before encoders were modules of their own: existing checkpoints restore.
+    nn.share_scope(self, encoder)
+    x = encoder(jnp.asarray(inputs['features'], jnp.float32),
+                jnp.asarray(inputs['mask'], bool), train)
     return TaskHeads(tuple(self.tasks), self.num_expr_classes, tuple(self.head_dims),
                      self.dropout, name='head')(x, train)
 

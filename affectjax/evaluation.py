@@ -1,0 +1,78 @@
+"""The evaluation pass shared by the training loop and inference: a split's frames through the
+jitted inference step, the ABAW metrics, and the post-processing tuned on them."""
+import numpy as np
+from jax.experimental import multihost_utils
+
+from affectjax import labels, metrics as metrics_lib, parallel, train
+
+HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
+                 'va_ccc', 'mtl_score')
+# What evaluation consumers read of a batch: its labels and where its rows come from.
+LABEL_KEYS = labels.TASKS + ('valid', 'index')
+
+
+def infer(run, eval_step, state, iterator, on_batch) -> None:
+  """Runs `eval_step` over every batch of `iterator`; `on_batch(outputs, batch)` gets the
+  outputs and the labels (`LABEL_KEYS`) of the global batch, one row per frame, on every
+  process."""
+  for local_batch in iterator:
+    outputs = eval_step(state, parallel.global_batch(local_batch, run.mesh))
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    batch = multihost_utils.process_allgather(
+        {k: local_batch[k] for k in LABEL_KEYS}, tiled=True)
+    on_batch(*train.flatten_time(outputs, batch))  # segments: one row per frame
+
+
+def skipped_frames(iterator) -> int:
+  """Undecodable frames of an evaluation pass, summed over processes."""
+  return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
+
+
+def tune_post_processing(kept: dict, tasks: tuple, index) -> dict:
+  """The post-processing that does best on the kept predictions of an evaluation pass:
+  per-AU thresholds maximising each AU's F1 (`au_thresholds`; `au_f1_tuned`) and the VA
+  smoothing window maximising the mean CCC (`va_window`; `va_ccc_smoothed`, the centred moving
+  average over each video's VA-labelled frames)."""
+  results = {}
+  if 'au' in tasks:
+    au = kept['au']
+    thresholds = metrics_lib.tune_au_thresholds(au['pred'], au['target'])
+    results['au_f1_tuned'] = metrics_lib.au_metrics(au['pred'], au['target'],
+                                                    thresholds)['au_f1']
+    results['au_thresholds'] = [float(t) for t in thresholds]
+  va = kept.get('va')
+  if 'va' in tasks and va is not None and len(va['pred']):
+    video = index.video_id[va['index']]
+    window = metrics_lib.tune_va_window(va['pred'], va['target'], video)
+    results['va_window'] = window
+    results['va_ccc_smoothed'] = metrics_lib.va_metrics(
+        metrics_lib.smooth_per_video(va['pred'], video, window), va['target'])['va_ccc']
+  return results
+
+
+def evaluate(run, eval_step, state, data, *, keep_predictions: bool = False,
+             tune: bool = False):
+  """A full pass over `data` (a split loaded by the run's kind: every frame exactly once);
+  returns (metrics, the (outputs, batch) pairs when `keep_predictions`, else None).
+
+  With `tune`, also `tune_post_processing`'s settings and scores. Both scores are optimistic,
+  tuned on the very frames they are measured on: apply the settings to another split."""
+  config = run.config
+  accumulator = metrics_lib.MetricsAccumulator(run.tasks, config.num_expr_classes,
+                                               keep_predictions=tune and 'au' in run.tasks)
+  rows = [] if keep_predictions else None
+  iterator = run.kind.eval_iterator(config, data)
+
+  def on_batch(outputs, batch):
+    accumulator.update(outputs, batch)
+    if rows is not None:
+      rows.append((outputs, batch))
+
+  infer(run, eval_step, state, iterator, on_batch)
+  results = accumulator.compute()
+  results['skipped_frames'] = skipped_frames(iterator)  # padding rows in the batches
+  if tune:
+    results.update(tune_post_processing(accumulator.predictions(), run.tasks,
+                                        run.kind.frame_index(data)))
+  return results, rows
+

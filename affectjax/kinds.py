@@ -1,0 +1,193 @@
+"""What differs between image runs and temporal runs, chosen once by `config.kind`.
+
+A kind says how a split is loaded (`load_split`: the frame index of the face crops, or the
+per-frame features an image run extracted), how the frames of a test list are loaded, the
+training, evaluation and test iterators over what it loaded, the model, the dummy inputs that
+initialise it, and what the model reads from a batch on the device (`model_inputs`). The steps,
+the loop, checkpoints, evaluation and prediction are shared by every kind. A new kind of run is
+one class here and one entry in `KINDS`.
+
+`load_split` and `load_test` read the config's data fields only; everything after them uses the
+resolved config of `runs.resolve_config`.
+"""
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from affectjax import config as config_lib
+from affectjax import parallel, train
+from affectjax.data import index as index_lib
+from affectjax.data import pipeline, sampling, sequences, sources, synthetic, unlabelled
+from affectjax.models import affect, temporal
+
+
+def data_root(config: ml_collections.ConfigDict) -> str:
+  """The configured Aff-Wild2 root, or the synthetic Aff-Wild2 (generated once) when unset."""
+  if config.data.root:
+    return config.data.root
+  cache = config.data.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'affectjax')
+  logging.info('config.data.root is unset: using the synthetic Aff-Wild2 in %s', cache)
+  print(f'config.data.root is unset: training on the built-in synthetic Aff-Wild2 ({cache})',
+        flush=True)
+  return synthetic.ensure_synthetic(os.path.join(cache, 'synthetic'),
+                                    **config.data.synthetic.to_dict())
+
+
+def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple | None = None):
+  """The frame index of `split` for `tasks` (default: the config's): from the Aff-Wild2 root,
+  or from packed shards alone."""
+  tasks = tasks or config_lib.task_tuple(config.tasks)
+  if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
+    # Training from ArrayRecord shards without the raw tree: the pack carries its index.
+    index = sources.packed_index(config.data.packed_dir, split)
+    index = index.subset(sampling.labelled_rows(index, tasks))
+  else:
+    index = index_lib.build_index(
+        data_root(config), split, layout=config.data.layout, tasks=tasks,
+        num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
+  if parallel.is_main_process():
+    print(index.describe(), flush=True)
+  return index
+
+
+def test_list(config: ml_collections.ConfigDict) -> str:
+  """The test list file of `config.predict` (exactly one of videos / images)."""
+  p = config.predict
+  if bool(p.videos) == bool(p.images):
+    raise ValueError('mode=predict needs exactly one of predict.videos (a file with one test '
+                     'video per line) and predict.images (a file of <video>/<frame>.jpg lines)')
+  return p.videos or p.images
+
+
+def list_name(list_path: str) -> str:
+  """A test list's name: its file name without the extension."""
+  return os.path.splitext(os.path.basename(list_path))[0]
+
+
+def test_split(list_path: str) -> str:
+  """The features folder of a test list's frames: `test_<list name>`."""
+  return 'test_' + list_name(list_path)
+
+
+def _process_share() -> dict:
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+class ImageKind:
+  """Face crops through a CNN and its task heads (configs/mtl*.py, expr.py, ...)."""
+  name = 'image'
+  extracts_features = True  # mode=features writes its per-frame features
+
+  def load_split(self, config, split: str):
+    return load_index(config, split)
+
+  def frame_index(self, data):
+    return data
+
+  def load_test(self, config):
+    """The frame index (labels missing) of the test list, crops under predict.root."""
+    p = config.predict
+    return unlabelled.frames_index(
+        p.root or data_root(config),
+        videos=unlabelled.read_video_list(p.videos) if p.videos else None,
+        images=unlabelled.read_image_list(p.images) if p.images else None)
+
+  def train_iterator(self, config, data):
+    return pipeline.make_train_iterator(
+        data, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+        **_process_share())
+
+  def eval_iterator(self, config, data, labelled_only: bool = True, source=None):
+    return pipeline.make_eval_iterator(
+        data, config.data, global_batch_size=config.eval_batch_size,
+        labelled_only=labelled_only, source=source, **_process_share())
+
+  def test_iterator(self, config, data):
+    """Every listed frame once, read from the crop folders (not from packed training data)."""
+    return self.eval_iterator(config, data, labelled_only=False,
+                              source=sources.make_source(data, config.data, source_type='jpeg'))
+
+  def prepare_eval(self, config, data) -> None:
+    """Decodes the evaluation frames into the decoded-frame cache now, when it is enabled."""
+    if config.data.decoded_cache:
+      sources.make_source(data, config.data)
+
+  def create_model(self, config, tasks: tuple):
+    return affect.create_model(config.model, tasks, config.num_expr_classes)
+
+  def dummy_inputs(self, config, data) -> Any:
+    del data  # the image size is the config's
+    return (config.data.image_size, config.data.image_size, 3)
+
+  model_inputs = staticmethod(train.image_inputs)
+
+
+class TemporalKind:
+  """Windows of per-frame features through a temporal model (configs/temporal*.py)."""
+  name = 'temporal'
+  extracts_features = False
+  INPUT_KEYS = ('features', 'probs', 'mask')
+
+  def load_split(self, config, split: str):
+    """The extracted features of `split` (a `sequences.FeatureSet`; `.index` its frames)."""
+    features = sequences.FeatureSet(config.temporal.features_dir, split)
+    if parallel.is_main_process():
+      print(f'{split}: {len(features.index)} frames of {features.dim}-d features from '
+            f'{features.path} (checkpoint step {features.meta.get("step")})', flush=True)
+    return features
+
+  def frame_index(self, data):
+    return data.index
+
+  def load_test(self, config):
+    """The test frames' features, extracted by the image run's mode=features with the list."""
+    return sequences.FeatureSet(config.temporal.features_dir, test_split(test_list(config)))
+
+  def _iterator(self, config, data, **kwargs):
+    return sequences.make_iterator(data, config.data, window=config.temporal.window,
+                                   length=config.temporal.length, **kwargs, **_process_share())
+
+  def train_iterator(self, config, data):
+    return self._iterator(config, data, global_batch_size=config.global_batch_size,
+                          seed=config.seed)
+
+  def eval_iterator(self, config, data, labelled_only: bool = True):
+    return self._iterator(config, data, global_batch_size=config.eval_batch_size,
+                          training=False, labelled_only=labelled_only)
+
+  def test_iterator(self, config, data):
+    return self.eval_iterator(config, data, labelled_only=False)
+
+  def prepare_eval(self, config, data) -> None:
+    del config, data  # features are read from memory maps
+
+  def create_model(self, config, tasks: tuple):
+    return temporal.create_model(config.temporal, tasks, config.num_expr_classes)
+
+  def dummy_inputs(self, config, data) -> dict:
+    """Zeros shaped like a window of `data`'s features (and EXPR probabilities)."""
+    length = config.temporal.length
+    inputs = {'features': jnp.zeros((1, length, data.dim), jnp.float32),
+              'mask': jnp.ones((1, length), bool)}
+    if data.probs is not None:
+      inputs['probs'] = jnp.zeros((1, length, data.probs.shape[1]), jnp.float32)
+    return inputs
+
+  @staticmethod
+  def model_inputs(batch, config, rng):
+    del config, rng  # no device-side preprocessing or augmentation of features
+    return {k: batch[k] for k in TemporalKind.INPUT_KEYS if k in batch}
+
+
+KINDS = {'image': ImageKind(), 'temporal': TemporalKind()}
+
+
+def get_kind(config: ml_collections.ConfigDict):
+  """The kind named by `config.kind`."""
+  if config.kind not in KINDS:
+    raise ValueError(f'config.kind={config.kind!r}: expected one of {", ".join(KINDS)}')
+  return KINDS[config.kind]
