@@ -9,7 +9,8 @@ from absl import logging
 
 from affectjax import losses, parallel
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sampling, sequences, sources, synthetic
+from affectjax.data import pipeline, sampling, sequences, sources
+from affectjax.data.synthetic import generate as synthetic
 
 
 def data_root(config: ml_collections.ConfigDict) -> str:

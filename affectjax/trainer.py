@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
 from affectjax import logs, metrics as metrics_lib, optim, parallel, splits, train, weights
-from affectjax.data import pipeline, sequences
+from affectjax.data import sequences, sources
 from affectjax.models import affect, preprocess, temporal
 
 HEADLINE_KEYS = ('expr_f1', 'expr_acc', 'au_f1', 'au_acc', 'va_ccc_valence', 'va_ccc_arousal',
@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = splits.make_train_iterator(config, train_data)
   config = splits.with_label_weights(config, splits.frame_index(train_data))
   if config.data.decoded_cache and not splits.is_temporal(config):
-    pipeline.make_source(eval_data, config.data)  # decode the evaluation frames now
+    sources.make_source(eval_data, config.data)  # decode the evaluation frames now
   run = build_run(config, train_iter.steps_per_epoch)
   config = run.config
   writer = logs.RunWriter(workdir, enabled=parallel.is_main_process())

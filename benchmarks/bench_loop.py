@@ -39,7 +39,7 @@ import jax
 
 from affectjax import config as config_lib
 from affectjax import parallel, splits, train, trainer
-from affectjax.data import pipeline
+from affectjax.data import pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +149,7 @@ def main():
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
     if c.data.decoded_cache:  # built (or found) before timing, as a previous run would have
-      pipeline.make_source(index, c.data)
+      sources.make_source(index, c.data)
     variants[name] = c
   bare, loops = [], {name: [] for name in variants}
   for rep in range(args.reps):
