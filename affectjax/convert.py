@@ -5,8 +5,8 @@
 
 The output directory holds `variables/` (an Orbax checkpoint of {'params': {'backbone'},
 'batch_stats': {'backbone'}}) and `affectjax_weights.json` (architecture, the input
-preprocessing that belongs to the weights, source file and sha256); load both with
-`affectjax.weights.load_converted`.
+preprocessing that belongs to the weights, source file and sha256). `--config.init_from=<out>`
+loads them (`affectjax.checkpoint.init_from`, through `affectjax.weights.load_converted`).
 """
 import argparse
 import os
@@ -25,9 +25,6 @@ SOURCE_DEFAULTS = {
     'torch': {'stride_on': '3x3', 'stem_pool': 'torch', 'preprocessing': 'imagenet'},
     'pickle': {'stride_on': '1x1', 'stem_pool': 'ceil', 'preprocessing': 'vggface2'},
 }
-# Re-exported: the trainer reads converted weights through this module.
-META_FILE = weights.META_FILE
-load_converted = weights.load_converted
 
 
 def source_kind(path: str) -> str:

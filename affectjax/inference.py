@@ -64,7 +64,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     if rows is not None:
       path = predictions.write_predictions(
           os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
-          index, run.tasks, config.num_expr_classes)
+          index, run.tasks)
       print(f'  wrote {path}', flush=True)
   return eval_metrics
 

@@ -21,7 +21,8 @@ from absl import logging
 from affectjax import config as config_lib
 from affectjax import parallel, train
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sampling, sequences, sources, synthetic, unlabelled
+from affectjax.data import pipeline, sampling, sequences, sources, unlabelled
+from affectjax.data.synthetic import generate as synthetic
 from affectjax.models import affect, temporal
 
 

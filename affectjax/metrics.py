@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from affectjax import labels
+from affectjax.data import index as index_lib
 
 ABAW2_EXPR_WEIGHTS = (0.67, 0.33)  # (F1, accuracy)
 ABAW2_AU_WEIGHTS = (0.5, 0.5)  # (F1, accuracy)
@@ -117,16 +118,6 @@ def tune_au_thresholds(probs, target, grid: Sequence[float] = DEFAULT_THRESHOLD_
 DEFAULT_VA_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 61)
 
 
-def run_bounds(ids) -> tuple:
-  """(start, end) int64 [N] each: the first row and one past the last row of the run of equal
-  consecutive `ids` that holds each row (e.g. a video's rows in a frame index)."""
-  ids = np.asarray(ids)
-  n = len(ids)
-  starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else np.zeros(0, np.int64)
-  lengths = np.diff(np.r_[starts, n]).astype(np.int64)
-  return np.repeat(starts, lengths), np.repeat(np.r_[starts[1:], n], lengths)
-
-
 def smooth_per_video(values, video, window: int):
   """Centred moving average over `window` consecutive rows (odd; 1 = unchanged) within each run
   of equal `video` ids, rows in time order; near a video's ends the window shrinks to the rows
@@ -136,7 +127,7 @@ def smooth_per_video(values, video, window: int):
   if window <= 1 or len(values) == 0:
     return values
   half = window // 2
-  first, last = run_bounds(video)
+  first, last = index_lib.run_bounds(video)
   rows = np.arange(len(values))
   lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
   cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])

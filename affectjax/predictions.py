@@ -203,10 +203,9 @@ def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, t
   return written
 
 
-def write_predictions(path: str, rows: list, index, tasks: tuple, num_expr_classes: int) -> str:
+def write_predictions(path: str, rows: list, index, tasks: tuple) -> str:
   """mode=eval: the `mtl` CSV of every evaluated frame (padding and unreadable frames
   skipped), from the evaluation loop's (outputs, batch) pairs."""
-  del num_expr_classes  # the class index is written as is
   decided, predicted = gather_decisions(rows, len(index), tasks)
   return write_mtl(path, index, decided, np.flatnonzero(predicted))
 

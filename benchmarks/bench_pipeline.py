@@ -8,7 +8,7 @@ Candidates, timed in turn within each repetition on the same frames (a synthetic
   torchvision's RandomRotation), uint8 batches of 256; and flip only, leaving rotation to the
   device (affectjax.models.preprocess.augment);
 - `grain, decoded cache`: the same iterator reading pixels decoded once into a memory map
-  (`data.decoded_cache`, affectjax.data.decoded), with the rotation or flip only;
+  (`data.decoded_cache`, affectjax.data.decoded_cache), with the rotation or flip only;
 - `torchvision-style chain`: per sample PIL open + convert, Resize(112) (a no-op at 112, as in
   torchvision), RandomHorizontalFlip, RandomRotation(10) (PIL NEAREST), ToTensor, Normalize
   (float32), default collate (torch.stack), torch.set_num_threads(1).
@@ -35,7 +35,7 @@ import common
 from affectjax.data import index as index_lib
 from affectjax.data import pack
 from affectjax.data import pipeline
-from affectjax.data import synthetic
+from affectjax.data.synthetic import generate
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -111,8 +111,8 @@ def main():
   parser.add_argument('--rotate-deg', type=float, default=10.0)
   args = parser.parse_args()
   torch.set_num_threads(1)
-  root = args.root or synthetic.ensure_synthetic(args.work_dir, progress=False, num_videos=24,
-                                                 frames_per_video=150, seed=0)
+  root = args.root or generate.ensure_synthetic(args.work_dir, progress=False, num_videos=24,
+                                                frames_per_video=150, seed=0)
   index = index_lib.build_index(root, 'train', num_expr_classes=7,
                                 cache_dir=os.path.join(args.work_dir, 'index_cache'))
   packed_dir = os.path.join(args.work_dir, 'packed')

@@ -51,7 +51,7 @@ def test_torchvision_v15_basic_block_state_dict_round_trip(tmp_path, capsys):
   out = tmp_path / 'converted'
   assert convert.main(['--source', str(tmp_path / 'r18.pth'), '--out', str(out)]) == 0
   assert 'missing keys (0)' in capsys.readouterr().out
-  variables, meta = convert.load_converted(str(out))
+  variables, meta = weights.load_converted(str(out))
   assert (meta['arch'], meta['width'], meta['stride_on'], meta['stem_pool']) == (
       'resnet18', 8, '3x3', 'torch')
   assert meta['preprocessing']['channel_order'] == 'RGB'
@@ -146,7 +146,7 @@ def test_missing_and_unexpected_keys_are_reported_and_strict_fails(tmp_path, cap
   assert convert.main(args) == 0
   printed = capsys.readouterr().out
   assert 'missing keys (2)' in printed and 'unexpected keys (1)' in printed
-  variables, meta = convert.load_converted(str(tmp_path / 'out'))
+  variables, meta = weights.load_converted(str(tmp_path / 'out'))
   assert sorted(meta['report']['missing']) == ['batch_stats/layer1_0/bn1/var',
                                                'params/layer2_0/conv1/kernel']
   assert meta['report']['unexpected'] == ['layer9.0.conv1.weight']

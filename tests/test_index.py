@@ -9,7 +9,9 @@ import pytest
 from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import index as index_lib
-from affectjax.data.index import AnnotationError, DatasetLayoutError, build_index
+from affectjax.data.annotations import AnnotationError
+from affectjax.data.index import build_index
+from affectjax.data.layout import DatasetLayoutError
 
 TASK_FOLDER = {'expr': 'EXPR_Set', 'au': 'AU_Set', 'va': 'VA_Set'}
 HEADER = {'expr': ','.join(labels.EXPR_CLASSES_8), 'au': ','.join(labels.AU_NAMES),

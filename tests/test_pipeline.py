@@ -14,15 +14,16 @@ from affectjax import labels
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline
 from affectjax.data import sampling
-from affectjax.data import synthetic
+from affectjax.data import sources
+from affectjax.data.synthetic import generate
 
 BATCH = 8
 
 
 @pytest.fixture(scope='session')
 def dataset_root(tmp_path_factory):
-  return synthetic.ensure_synthetic(tmp_path_factory.getbasetemp() / 'synthetic', progress=False,
-                                    num_videos=8, frames_per_video=24, seed=1)
+  return generate.ensure_synthetic(tmp_path_factory.getbasetemp() / 'synthetic', progress=False,
+                                   num_videos=8, frames_per_video=24, seed=1)
 
 
 @pytest.fixture(scope='session')
@@ -303,7 +304,7 @@ def test_too_many_corrupt_frames_fail_naming_the_path(dataset_root, train_index,
   config.max_bad_frame_fraction = 0.05  # minimum sample: 200 frames
   it = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
   bad_paths = '|'.join(index.image_path(r) for r in bad_rows)
-  with pytest.raises(pipeline.DataError, match=rf'of \d+ frames read.*latest: ({bad_paths})'):
+  with pytest.raises(sources.DataError, match=rf'of \d+ frames read.*latest: ({bad_paths})'):
     _take(it, 100)
   assert it.maker.counter.read >= pipeline.minimum_sample(0.05)
 
@@ -369,7 +370,7 @@ def test_decoded_cache_bad_frames_and_workers(dataset_root, train_index, tmp_pat
   expected = list(pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
                                                num_epochs=2))
   cached = _cached(config.copy_and_resolve_references(), tmp_path)
-  source = pipeline.make_source(index, cached)
+  source = sources.make_source(index, cached)
   assert source.meta['bad_frames'] == 1 and not source.ok[bad_row] and source.ok.sum() == (
       len(index) - 1)
   it = pipeline.make_train_iterator(index, cached, global_batch_size=BATCH, seed=0,
@@ -387,16 +388,16 @@ def test_decoded_cache_bad_frames_and_workers(dataset_root, train_index, tmp_pat
 
 def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, tmp_path,
                                                                      monkeypatch):
-  from affectjax.data import decoded
+  from affectjax.data import decoded_cache
   config = _cached(_config(), tmp_path)
-  source = pipeline.make_source(train_index, config)
+  source = sources.make_source(train_index, config)
   with open(os.path.join(source.path, 'meta.json'), 'w') as f:
     f.write('{"format": "affectjax.decoded", "trunc')  # an interrupted write
-  again = pipeline.make_source(train_index, config)
+  again = sources.make_source(train_index, config)
   assert again.path == source.path and again.meta['num_frames'] == len(train_index)
   np.testing.assert_array_equal(again.images, source.images)
-  monkeypatch.setattr(decoded.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(
+  monkeypatch.setattr(decoded_cache.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(
       10**9, 10**9 - 1000, 1000))
   config.image_size = 40
   with pytest.raises(OSError, match=r'needs 0\.0 GB in .*decoded_cache_dir'):
-    pipeline.make_source(train_index, config)
+    sources.make_source(train_index, config)

@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from affectjax import labels
-from affectjax.data import faces
-from affectjax.data import synthetic
-from affectjax.data import synthetic_labels as sl
+from affectjax.data import layout
+from affectjax.data.synthetic import faces
+from affectjax.data.synthetic import generate
+from affectjax.data.synthetic import tracks
 
 TINY = dict(num_videos=3, frames_per_video=16, seed=3)
 SMALL = dict(num_videos=9, frames_per_video=60, seed=0, num_expr_classes=8)
@@ -21,7 +22,7 @@ def _tree_bytes(root: pathlib.Path) -> dict:
 
 
 def _task_file(root, task, split, video):
-  return (root / 'Annotations' / synthetic.TASK_DIRS[task] / synthetic.SPLIT_DIRS[split] /
+  return (root / 'Annotations' / layout.TASK_FOLDERS[task][0] / layout.SPLIT_FOLDERS[split][0] /
           f'{video}.txt')
 
 
@@ -33,14 +34,14 @@ def _read_lines(path):
 def small(tmp_path_factory):
   """(root, manifest) of a 9-video set with 8-class per-task EXPR files."""
   root = tmp_path_factory.mktemp('small') / 'data'
-  synthetic.generate(root, progress=False, **SMALL)
-  return root, json.loads((root / synthetic.MANIFEST).read_text())
+  generate.generate(root, progress=False, **SMALL)
+  return root, json.loads((root / generate.MANIFEST).read_text())
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-  synthetic.generate(tmp_path / 'a', progress=False, **TINY)
-  synthetic.generate(tmp_path / 'b', progress=False, **TINY)
-  synthetic.generate(tmp_path / 'c', progress=False, **dict(TINY, seed=4))
+  generate.generate(tmp_path / 'a', progress=False, **TINY)
+  generate.generate(tmp_path / 'b', progress=False, **TINY)
+  generate.generate(tmp_path / 'c', progress=False, **dict(TINY, seed=4))
   a, b, c = (_tree_bytes(tmp_path / n) for n in 'abc')
   assert len(a) > 50 and a == b
   shared = set(a) & set(c)
@@ -50,11 +51,11 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_video_files_do_not_depend_on_generation_order(tmp_path, small):
   """A video written on its own equals the same video inside the full generation."""
   root, manifest = small
-  plans = synthetic.plan_videos(SMALL['num_videos'], SMALL['frames_per_video'], SMALL['seed'])
+  plans = generate.plan_videos(SMALL['num_videos'], SMALL['frames_per_video'], SMALL['seed'])
   params = manifest['params']
   last = plans[-1]
-  with synthetic.tqdm.tqdm(disable=True) as bar:
-    synthetic._write_video(tmp_path, last, params, bar)
+  with generate.tqdm.tqdm(disable=True) as bar:
+    generate._write_video(tmp_path, last, params, bar)
   alone = _tree_bytes(tmp_path)
   assert alone and all(alone[k] == (root / k).read_bytes() for k in alone)
 
@@ -82,7 +83,7 @@ def test_layout_headers_and_line_counts(small):
   assert missing_images > 0  # annotated frames without a face crop
   with Image.open(frames[0]) as im:
     assert im.format == 'JPEG' and im.size == (112, 112) and im.mode == 'RGB'
-  for split, name in synthetic.MTL_FILES.items():
+  for split, name in layout.MTL_FILES.items():
     lines = _read_lines(root / name)
     assert lines[0] == ('image,valence,arousal,expression,AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,'
                         'AU23,AU24,AU25,AU26')
@@ -94,7 +95,7 @@ def test_mtl_rows_equal_per_task_labels(small):
   """Every s-Aff-Wild2 row repeats the per-task lines of its frame (sentinels where not annotated)."""
   root, manifest = small
   by_name = {v['name']: v for v in manifest['videos']}
-  for split, name in synthetic.MTL_FILES.items():
+  for split, name in layout.MTL_FILES.items():
     for row in _read_lines(root / name)[1:]:
       image, va, expr, au = row.split(',', 1)[0], row.split(',')[1:3], row.split(',')[3], row
       video, frame = image.split('/')
@@ -136,16 +137,16 @@ def test_label_values_coverage_and_pairs(small):
 def test_seven_class_files_mark_other_missing(small):
   """The written 8-class EXPR lines come from the latent track; with 7 classes Other becomes -1."""
   root, manifest = small
-  plans = synthetic.plan_videos(SMALL['num_videos'], SMALL['frames_per_video'], SMALL['seed'])
+  plans = generate.plan_videos(SMALL['num_videos'], SMALL['frames_per_video'], SMALL['seed'])
   others = 0
   for plan in plans:
     if 'expr' not in plan.tasks:
       continue
-    track = sl.simulate_track(synthetic._video_rng(SMALL['seed'], plan.index), plan.num_frames,
+    track = tracks.simulate_track(generate._video_rng(SMALL['seed'], plan.index), plan.num_frames,
                               plan.forced_expr)
     on_disk = _read_lines(_task_file(root, 'expr', plan.split, plan.name))
-    assert synthetic._task_lines('expr', track, 8) == on_disk
-    seven = synthetic._task_lines('expr', track, 7)
+    assert generate._task_lines('expr', track, 8) == on_disk
+    seven = generate._task_lines('expr', track, 7)
     assert seven[0] == ','.join(labels.EXPR_CLASSES_7)
     e8, e7 = (np.array(lines[1:], int) for lines in (on_disk, seven))
     np.testing.assert_array_equal(e7, np.where(e8 == 7, -1, e8))
@@ -155,12 +156,12 @@ def test_seven_class_files_mark_other_missing(small):
 
 def test_default_size_has_every_class_in_both_splits():
   """The default plan's latent tracks (no rendering): each 7-class label in train and validation."""
-  params = synthetic._params()
-  plans = synthetic.plan_videos(params['num_videos'], params['frames_per_video'], params['seed'])
-  counts = {split: np.zeros(8, int) for split in synthetic.SPLIT_DIRS}
+  params = generate._params()
+  plans = generate.plan_videos(params['num_videos'], params['frames_per_video'], params['seed'])
+  counts = {split: np.zeros(8, int) for split in layout.SPLIT_FOLDERS}
   for plan in plans:
     if 'expr' in plan.tasks:
-      track = sl.simulate_track(synthetic._video_rng(params['seed'], plan.index),
+      track = tracks.simulate_track(generate._video_rng(params['seed'], plan.index),
                                 plan.num_frames, plan.forced_expr)
       counts[plan.split] += np.bincount(track['expr'][~track['missing']['expr']], minlength=8)
   for split, c in counts.items():
@@ -169,7 +170,7 @@ def test_default_size_has_every_class_in_both_splits():
 
 
 def test_tracks_are_smooth_and_segmented():
-  track = sl.simulate_track(np.random.default_rng(0), 2000)
+  track = tracks.simulate_track(np.random.default_rng(0), 2000)
   changes = np.flatnonzero(np.diff(track['expr']) != 0)
   assert len(changes) > 20 and np.diff(changes).min() >= 12  # segments of 12..36 frames
   va_step = np.abs(np.diff(track['va'], axis=0)).mean(0)
@@ -222,47 +223,48 @@ def test_jpegs_are_rgb(small):
 
 def test_ensure_synthetic_reuses_and_regenerates(tmp_path, monkeypatch):
   calls = []
-  generate = synthetic.generate
-  monkeypatch.setattr(synthetic, 'generate', lambda *a, **k: calls.append(1) or generate(*a, **k))
-  root = synthetic.ensure_synthetic(tmp_path, progress=False, **TINY)
+  generate_set = generate.generate
+  monkeypatch.setattr(generate, 'generate',
+                      lambda *a, **k: calls.append(1) or generate_set(*a, **k))
+  root = generate.ensure_synthetic(tmp_path, progress=False, **TINY)
   first = _tree_bytes(root)
-  assert synthetic.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 1
-  other = synthetic.ensure_synthetic(tmp_path, progress=False, **dict(TINY, seed=9))
+  assert generate.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 1
+  other = generate.ensure_synthetic(tmp_path, progress=False, **dict(TINY, seed=9))
   assert other != root and len(calls) == 2
-  manifest = json.loads((root / synthetic.MANIFEST).read_text())
+  manifest = json.loads((root / generate.MANIFEST).read_text())
   manifest['params']['generator_version'] = -1  # as if written by an older generator
-  (root / synthetic.MANIFEST).write_text(json.dumps(manifest))
-  assert synthetic.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 3
+  (root / generate.MANIFEST).write_text(json.dumps(manifest))
+  assert generate.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 3
   assert _tree_bytes(root) == first
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted([root.name, other.name])
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
-  write_video = synthetic._write_video
+  write_video = generate._write_video
 
   def fail_on_third(root, plan, params, bar):
     if plan.index == 2:
       raise KeyboardInterrupt
     return write_video(root, plan, params, bar)
 
-  monkeypatch.setattr(synthetic, '_write_video', fail_on_third)
+  monkeypatch.setattr(generate, '_write_video', fail_on_third)
   with pytest.raises(KeyboardInterrupt):
-    synthetic.ensure_synthetic(tmp_path, progress=False, **TINY)
+    generate.ensure_synthetic(tmp_path, progress=False, **TINY)
   assert list(tmp_path.iterdir()) == []
-  monkeypatch.setattr(synthetic, '_write_video', write_video)
-  root = synthetic.ensure_synthetic(tmp_path, progress=False, **TINY)
-  assert (root / synthetic.MANIFEST).exists()
+  monkeypatch.setattr(generate, '_write_video', write_video)
+  root = generate.ensure_synthetic(tmp_path, progress=False, **TINY)
+  assert (root / generate.MANIFEST).exists()
 
 
 def test_generate_refuses_to_replace_other_folders(tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(FileExistsError):
-    synthetic.generate(tmp_path, progress=False, **TINY)
+    generate.generate(tmp_path, progress=False, **TINY)
   assert (tmp_path / 'notes.txt').read_text() == 'mine'
 
 
 def test_cli_prints_summary(tmp_path, capsys):
-  synthetic.main(['--out', str(tmp_path / 'cli'), '--num-videos', '3', '--frames-per-video', '10',
+  generate.main(['--out', str(tmp_path / 'cli'), '--num-videos', '3', '--frames-per-video', '10',
                   '--seed', '1'])
   out = capsys.readouterr().out
   assert 'train' in out and 'validation' in out and 'EXPR' in out

@@ -272,7 +272,7 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   run, state = inference.restore(c, str(workdir), index)
   _, rows = evaluation.evaluate(run, run.eval_step(), state, index, keep_predictions=True)
   reference = open(predictions.write_predictions(
-      str(tmp_path / 'reference.csv'), rows, index, run.tasks, 8)).read().splitlines()
+      str(tmp_path / 'reference.csv'), rows, index, run.tasks)).read().splitlines()
   # The ABAW3/4 test list: the validation images in another order, under a header.
   names = [line.split(',')[0] for line in reference[1:]]
   image_list = tmp_path / 'MTL_test_set.txt'

@@ -19,14 +19,20 @@ import numpy as np
 from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import layout as layout_lib
-from affectjax.data.annotations import AnnotationError  # re-exported: part of the index API
-from affectjax.data.layout import DatasetLayoutError  # re-exported: part of the index API
-
-__all__ = ['AffWild2Index', 'AnnotationError', 'DatasetLayoutError', 'build_index',
-           'format_summary']
 
 _FORMAT_VERSION = 1
 _TWO_SUBJECT_SUFFIXES = ('_left', '_right')
+
+
+def run_bounds(ids) -> tuple:
+  """(start, end) int64 [N] each: the first row and one past the last row of the run of equal
+  consecutive `ids` that holds each row (e.g. a video's rows in a frame index, which are
+  contiguous: rows are sorted by video and frame)."""
+  ids = np.asarray(ids)
+  n = len(ids)
+  starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else np.zeros(0, np.int64)
+  lengths = np.diff(np.r_[starts, n]).astype(np.int64)
+  return np.repeat(starts, lengths), np.repeat(np.r_[starts[1:], n], lengths)
 
 
 def source_video(video: str) -> str:
@@ -323,7 +329,7 @@ def build_index(root, split: str, *, layout: str = 'auto', tasks=labels.TASKS,
   Keeps frames with at least one label of `tasks` and (if `check_images`) a crop on disk; labels
   of other tasks are set to their sentinels. The result is cached (see `_cache_paths`) and
   rebuilt when an annotation file's size or mtime, the set of files, a crop folder's mtime or an
-  argument changes. Raises AnnotationError / DatasetLayoutError on bad input.
+  argument changes. Raises annotations.AnnotationError / layout.DatasetLayoutError on bad input.
   """
   if split not in layout_lib.SPLIT_FOLDERS:
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")

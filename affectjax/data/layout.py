@@ -13,6 +13,8 @@ import numpy as np
 from affectjax import labels
 
 IMAGE_DIR = 'cropped_aligned'
+ANNOTATIONS_DIR = 'Annotations'  # holds the task folders (also matched: none, or any subfolder)
+# The first name of each is the one the organisers use today (and the synthetic set writes).
 TASK_FOLDERS = {'expr': ('EXPR_Set', 'EXPR_Recognition_Challenge'),
                 'au': ('AU_Set', 'AU_Detection_Challenge'),
                 'va': ('VA_Set', 'VA_Estimation_Challenge')}
@@ -73,7 +75,7 @@ def _child(entries, names, want_dir=True):
 def _annotation_dir(root, root_entries):
   """The folder holding the task folders, or None."""
   subdirs = [e.path for _, e in sorted(root_entries.items()) if e.is_dir()]
-  for candidate in [_child(root_entries, ('Annotations',)), root] + subdirs:
+  for candidate in [_child(root_entries, (ANNOTATIONS_DIR,)), root] + subdirs:
     if candidate and any(_child(_entries(candidate), names) for names in TASK_FOLDERS.values()):
       return candidate
   return None

@@ -16,9 +16,10 @@ phase segment in the epoch plan (same augmentation draw), so batch shapes, phase
 determinism are unaffected. Evaluation turns the row into a `valid=False` row (zero image,
 sentinel labels, index -1) and the iterator's `num_skipped` counts them, derived from the
 batches, so it is exact with worker processes too. Each process (and each worker process)
-counts the frames it reads, logs each bad path once (the first ten), and raises `DataError`
-when bad frames exceed `max_bad_frame_fraction` of its frames read so far, once it has read
-`minimum_sample(max_bad_frame_fraction)` frames; with workers these counters are per worker.
+counts the frames it reads, logs each bad path once (the first ten), and raises
+`sources.DataError` when bad frames exceed `max_bad_frame_fraction` of its frames read so far,
+once it has read `minimum_sample(max_bad_frame_fraction)` frames; with workers these counters
+are per worker.
 
 Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
 `worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
@@ -33,15 +34,10 @@ from absl import flags
 from absl import logging
 
 from affectjax import labels
-from affectjax.data import decode
+from affectjax.data import host_augment
 from affectjax.data import sampling
-from affectjax.data import sources as sources_lib
-from affectjax.data.sources import DataError  # re-exported: part of the pipeline API
+from affectjax.data import sources
 
-__all__ = ['DataError', 'AffectIterator', 'default_data_config', 'make_source',
-           'make_train_iterator', 'make_eval_iterator', 'steps_per_epoch']
-
-make_source = sources_lib.make_source
 _AUGMENT_STREAM = 0xA5A5
 _MAX_SUBSTITUTES = 64
 _MAX_WARNINGS = 10
@@ -59,7 +55,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'packed_dir': '',  # arrayrecord: affectjax.data.pack --out; tfds: the TFDS data_dir
       'cache_dir': '',  # where build_index caches the frame index ('' = next to the data)
       # Decode every frame once into a uint8 memory map and read pixels from it afterwards
-      # (affectjax.data.decoded): ~10x less host CPU per frame, 37.6 KB of disk per 112px frame.
+      # (affectjax.data.decoded_cache): ~10x less host CPU per frame, 37.6 KB of disk per 112px
+      # frame.
       'decoded_cache': False,
       'decoded_cache_dir': '',  # '' = cache_dir, else ~/.cache/affectjax (+ /decoded)
       'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
@@ -67,7 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       'read_threads': 1,  # threads per process building batches ahead (0 = on demand)
       'prefetch_buffer_size': 2,  # batches buffered per process (and per worker)
       'max_bad_frame_fraction': 0.001,  # fail above this fraction of undecodable frames
-      'augment': decode.default_augment_config(),
+      'augment': host_augment.default_augment_config(),
   })
 
 
@@ -102,7 +99,7 @@ class BadFrameCounter:
           logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
       too_many = self.bad > self.max_fraction * self.read
       if bad_paths and too_many and self.read >= minimum_sample(self.max_fraction):
-        raise DataError(
+        raise sources.DataError(
             f'{self.bad} of {self.read} frames read so far could not be read or decoded '
             f'({self.bad / self.read:.2%} > max_bad_frame_fraction={self.max_fraction}); '
             f'latest: {self.last_path}')
@@ -190,9 +187,9 @@ class BatchMaker:
     params = None
     if self.augment is not None:  # drawn for the global batch: independent of process_count
       rng = np.random.default_rng([self.seed, int(k), _AUGMENT_STREAM])
-      params = decode.sample_augment(rng, self.global_batch, self.augment).rows(
+      params = host_augment.sample_augment(rng, self.global_batch, self.augment).rows(
           self.offset, self.offset + self.batch)
-    writer = decode.RowWriter(self.image_size, self.augment)
+    writer = host_augment.RowWriter(self.image_size, self.augment)
     wanted = np.flatnonzero(rows >= 0)
     records = self.source.__getitems__(rows[wanted].tolist())
     bad_paths, num_read, filled = [], len(records), []
@@ -220,8 +217,8 @@ class BatchMaker:
       if writer.write_record(out, record, params, i):
         return record, attempt
       bad_paths.append(self.index.image_path(int(record['index'])))
-    raise DataError(f'no decodable frame among the substitutes for a bad frame; bad frames '
-                    f'here: {bad_paths}')
+    raise sources.DataError(f'no decodable frame among the substitutes for a bad frame; bad '
+                            f'frames here: {bad_paths}')
 
   def _set_labels(self, batch: dict, filled: list) -> None:
     """Labels of the (batch row, index row) pairs, gathered from the index in one go (sources
@@ -243,7 +240,7 @@ class BatchMaker:
 
 
 def _augments(augment) -> bool:
-  return bool(augment.flip or decode.needs_warp(augment) or augment.color_jitter)
+  return bool(augment.flip or host_augment.needs_warp(augment) or augment.color_jitter)
 
 
 class AffectIterator(grain.DatasetIterator):
@@ -355,7 +352,7 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
   if sampling.steps_per_epoch(groups, global_batch_size) == 0:
     raise ValueError(f'no complete batch of {global_batch_size} frames per epoch: frames per '
                      f'phase {groups.counts()}')
-  maker = BatchMaker(source or make_source(index, data_config), index, data_config,
+  maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
                      process_count=process_count, seed=seed, groups=groups)
   counts = sampling.frame_counts(index, tasks, groups)
@@ -373,7 +370,7 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   check_batch(global_batch_size, process_index, process_count)
   tasks = sampling.parse_tasks(data_config.tasks)
   rows = sampling.eval_plan(index, tasks, global_batch_size, labelled_only)
-  maker = BatchMaker(source or make_source(index, data_config), index, data_config,
+  maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
                      process_count=process_count, eval_rows=rows)
   shares = rows.reshape(-1, process_count, maker.batch)[:, process_index]

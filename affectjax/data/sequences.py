@@ -1,7 +1,7 @@
 """Segments of per-frame features for the temporal models (affectjax.models.temporal).
 
 Per-frame features are written by `--config.mode=features` of an image run
-(`trainer.extract_features`): per split a folder with `features.npy` (float16 [N, D], memory-
+(`inference.extract_features`): per split a folder with `features.npy` (float16 [N, D], memory-
 mapped when read), `ok.npy` (bool [N], False where the crop could not be read), `index.npz` (the
 `AffWild2Index` of the N frames, labels included) and `meta.json`.
 
@@ -21,7 +21,6 @@ import os
 import numpy as np
 
 from affectjax import labels
-from affectjax.metrics import run_bounds
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline
 from affectjax.data import sampling
@@ -86,7 +85,7 @@ def segment_rows(index, length: int) -> np.ndarray:
   the last segment of a video padded with -1."""
   if length < 1:
     raise ValueError(f'segment length must be positive, got {length}')
-  first, last = run_bounds(index.video_id)
+  first, last = index_lib.run_bounds(index.video_id)
   starts = np.flatnonzero(first == np.arange(len(first)))
   segments = []
   for start, end in zip(starts.tolist(), last[starts].tolist()):
@@ -103,7 +102,7 @@ def block_rows(index, size: int) -> np.ndarray:
   current frame is the last present entry."""
   if size < 1:
     raise ValueError(f'block size must be positive, got {size}')
-  first, _ = run_bounds(index.video_id)
+  first, _ = index_lib.run_bounds(index.video_id)
   rows = np.arange(len(first))
   lo = np.maximum(first, rows - size + 1)
   block = lo[:, None] + np.arange(size)[None, :]

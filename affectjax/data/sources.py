@@ -285,9 +285,9 @@ def make_source(index, data_config, source_type: str | None = None):
     raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
   if not data_config.get('decoded_cache', False):
     return source
-  from affectjax.data import decoded  # deferred: only the cache needs it
-  return decoded.build(source, index, int(data_config.image_size),
-                       decoded.cache_folder(data_config), origin)
+  from affectjax.data import decoded_cache  # deferred: only the cache needs it
+  return decoded_cache.build(source, index, int(data_config.image_size),
+                             decoded_cache.cache_folder(data_config), origin)
 
 
 def _tfds_source(index, data_config) -> TfdsSource:

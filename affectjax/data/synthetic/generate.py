@@ -23,16 +23,14 @@ import numpy as np
 import tqdm
 
 from affectjax import labels
-from affectjax.data import faces
-from affectjax.data import synthetic_labels as sl
+from affectjax.data import annotations
+from affectjax.data import layout
+from affectjax.data.synthetic import faces
+from affectjax.data.synthetic import tracks
 
 GENERATOR_VERSION = 4
 MANIFEST = 'synthetic_manifest.json'
-SPLIT_DIRS = {'train': 'Train_Set', 'validation': 'Validation_Set'}
-MTL_FILES = {'train': 'training_set_annotations.txt',
-             'validation': 'validation_set_annotations.txt'}
-TASK_DIRS = {'va': 'VA_Set', 'expr': 'EXPR_Set', 'au': 'AU_Set'}
-MTL_HEADER = 'image,valence,arousal,expression,' + ','.join(labels.AU_NAMES)
+SPLITS = tuple(layout.SPLIT_FOLDERS)  # ('train', 'validation')
 # Task sets per video, cycled within each split; the first ones differ so tiny sets lack each task.
 TASK_PATTERNS = (('expr', 'au', 'va'), ('expr',), ('au', 'va'), ('va',), ('expr', 'au'), ('au',),
                  ('expr', 'va'), ('expr', 'au', 'va'), ('expr', 'au', 'va'))
@@ -71,7 +69,7 @@ def plan_videos(num_videos: int, frames_per_video: int, seed: int, val_fraction:
   num_val = min(max(1, round(num_sources * val_fraction)), num_sources - 1)
   order = rng.permutation(num_sources)
   split_of = {int(s): ('validation' if k < num_val else 'train') for k, s in enumerate(order)}
-  by_split = {sp: sorted(s for s in split_of if split_of[s] == sp) for sp in SPLIT_DIRS}
+  by_split = {sp: sorted(s for s in split_of if split_of[s] == sp) for sp in SPLITS}
   paired = set()  # Alternate pairs between train and validation, starting with train.
   for k in range(num_pairs):
     pool = [s for s in by_split[('train', 'validation')[k % 2]] if s not in paired]
@@ -79,7 +77,7 @@ def plan_videos(num_videos: int, frames_per_video: int, seed: int, val_fraction:
     paired.add(pool[0])
   lengths = np.maximum(
       8, np.round(frames_per_video * (1 + length_jitter * rng.uniform(-1, 1, num_sources))))
-  videos, per_split = [], {sp: [] for sp in SPLIT_DIRS}
+  videos, per_split = [], {sp: [] for sp in SPLITS}
   for s in range(num_sources):
     names = ([_source_name(s) + '_left', _source_name(s) + '_right'] if s in paired
              else [_source_name(s)])
@@ -100,6 +98,12 @@ def _video_rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
 
 
+def task_file(root: pathlib.Path, task: str, split: str, video: str) -> pathlib.Path:
+  """Where the per-task annotation file of a video is written (the first of layout's names)."""
+  return (root / layout.ANNOTATIONS_DIR / layout.TASK_FOLDERS[task][0] /
+          layout.SPLIT_FOLDERS[split][0] / f'{video}.txt')
+
+
 def _write_text(path: pathlib.Path, lines: list):
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text('\n'.join(lines) + '\n')
@@ -113,7 +117,7 @@ def _task_lines(task: str, track: dict, num_expr_classes: int) -> list:
     body = ['-5,-5' if m else f'{v:.3f},{a:.3f}' for m, (v, a) in zip(missing, track['va'])]
   elif task == 'expr':
     head = ','.join(labels.expr_classes(num_expr_classes))
-    expr = sl.expr_for_classes(track['expr'], num_expr_classes)
+    expr = tracks.expr_for_classes(track['expr'], num_expr_classes)
     body = [str(labels.EXPR_MISSING if m else e) for m, e in zip(missing, expr)]
   else:
     head = ','.join(labels.AU_NAMES)
@@ -143,10 +147,10 @@ def _mtl_rows(plan: VideoPlan, track: dict) -> list:
 def _write_video(root: pathlib.Path, plan: VideoPlan, params: dict, bar) -> tuple:
   """Renders and writes one video's frames and per-task files; returns (stats, MTL rows)."""
   rng = _video_rng(params['seed'], plan.index)
-  track = sl.simulate_track(rng, plan.num_frames, plan.forced_expr)
+  track = tracks.simulate_track(rng, plan.num_frames, plan.forced_expr)
   identity = faces.Identity.sample(rng)
-  scenes, quality = sl.sample_scenes(rng, plan.num_frames, params['image_size'])
-  frame_dir = root / 'cropped_aligned' / plan.name
+  scenes, quality = tracks.sample_scenes(rng, plan.num_frames, params['image_size'])
+  frame_dir = root / layout.IMAGE_DIR / plan.name
   frame_dir.mkdir(parents=True, exist_ok=True)
   for k in range(plan.num_frames):
     if track['has_image'][k]:
@@ -158,11 +162,11 @@ def _write_video(root: pathlib.Path, plan: VideoPlan, params: dict, bar) -> tupl
       (frame_dir / f'{k + 1:05d}.jpg').write_bytes(jpeg.tobytes())
     bar.update(1)
   for task in plan.tasks:
-    path = (root / 'Annotations' / TASK_DIRS[task] / SPLIT_DIRS[plan.split] / f'{plan.name}.txt')
-    _write_text(path, _task_lines(task, track, params['num_expr_classes']))
+    _write_text(task_file(root, task, plan.split, plan.name),
+                _task_lines(task, track, params['num_expr_classes']))
   stats = {'name': plan.name, 'split': plan.split, 'frames': plan.num_frames,
            'images': int(track['has_image'].sum()), 'tasks': list(plan.tasks)}
-  expr = sl.expr_for_classes(track['expr'], params['num_expr_classes'])
+  expr = tracks.expr_for_classes(track['expr'], params['num_expr_classes'])
   for task in plan.tasks:
     ok = ~track['missing'][task] & (expr >= 0 if task == 'expr' else True)
     stats[f'{task}_labels'] = int(ok.sum())
@@ -174,7 +178,7 @@ def _write_video(root: pathlib.Path, plan: VideoPlan, params: dict, bar) -> tupl
 
 def _split_counts(videos: list, num_expr_classes: int, mtl_rows: dict) -> dict:
   counts = {}
-  for split in SPLIT_DIRS:
+  for split in SPLITS:
     vs = [v for v in videos if v['split'] == split]
     c = {'videos': len(vs), 'frames': sum(v['frames'] for v in vs),
          'images': sum(v['images'] for v in vs), 'mtl_rows': mtl_rows[split]}
@@ -199,14 +203,14 @@ def _params(num_videos: int = 64, frames_per_video: int = 140, seed: int = 0,
 def _write_dataset(root: pathlib.Path, params: dict, progress: bool) -> dict:
   plans = plan_videos(params['num_videos'], params['frames_per_video'], params['seed'],
                       params['val_fraction'], params['length_jitter'])
-  videos, rows = [], {split: [MTL_HEADER] for split in SPLIT_DIRS}
+  videos, rows = [], {split: [','.join(annotations.MTL_HEADER)] for split in SPLITS}
   with tqdm.tqdm(total=sum(p.num_frames for p in plans), unit='frame', disable=not progress,
                  desc='synthetic Aff-Wild2', mininterval=2.0) as bar:
     for plan in plans:
       stats, mtl = _write_video(root, plan, params, bar)
       videos.append(stats)
       rows[plan.split].extend(mtl)
-  for split, name in MTL_FILES.items():
+  for split, name in layout.MTL_FILES.items():
     _write_text(root / name, rows[split])
   counts = _split_counts(videos, params['num_expr_classes'],
                          {s: len(r) - 1 for s, r in rows.items()})
@@ -265,7 +269,7 @@ def generate(out_dir, *, num_videos: int = 64, frames_per_video: int = 140, seed
 def format_summary(summary: dict) -> str:
   """Human-readable lines: per split videos, frames, images and per-task label counts."""
   lines = [f'synthetic Aff-Wild2 at {summary["root"]} ({summary["seconds"]:.1f} s)']
-  for split in SPLIT_DIRS:
+  for split in SPLITS:
     c = summary[split]
     lines.append(f'  {split:10s} videos {c["videos"]:4d}  frames {c["frames"]:6d}  images '
                  f'{c["images"]:6d}  EXPR {c["expr_labels"]:6d}  AU {c["au_labels"]:6d}  '
@@ -290,7 +294,8 @@ def ensure_synthetic(cache_dir, progress: bool = True, **kwargs) -> pathlib.Path
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(prog='python -m affectjax.data.synthetic',
+                                   description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='output folder (replaced if synthetic)')
   parser.add_argument('--num-videos', type=int, default=64)
   parser.add_argument('--frames-per-video', type=int, default=140)

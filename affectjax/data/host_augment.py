@@ -158,7 +158,7 @@ class RowWriter:
   def write_record(self, out: np.ndarray, record: dict, params: AugmentParams | None,
                    i: int) -> bool:
     """`write` for a source record: JPEG bytes (`'jpeg'`) or already decoded pixels
-    (`'image'`, uint8 [S, S, 3], None for a bad frame; see affectjax.data.decoded)."""
+    (`'image'`, uint8 [S, S, 3], None for a bad frame; see affectjax.data.decoded_cache)."""
     if 'jpeg' in record:
       return self.write(out, record['jpeg'], params, i)
     if record['image'] is None:

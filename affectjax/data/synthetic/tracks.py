@@ -8,7 +8,7 @@ small smooth noise, so all three tasks are visible in the rendered face.
 import numpy as np
 
 from affectjax import labels
-from affectjax.data import faces
+from affectjax.data.synthetic import faces
 
 _TARGET = {name: i for i, name in enumerate(labels.AU_NAMES + faces.OTHER_AU_NAMES)}
 OTHER = 7  # Index of 'Other' in labels.EXPR_CLASSES_8.

@@ -6,7 +6,7 @@ rows of the index, plus `ok.npy`, bool [N], False for frames that could not be r
 decoded), and afterwards reads pixels from it instead of decoding JPEG. Host augmentation
 (flip, warp, colour) is still applied per batch, to the same pixels as from the JPEG: batches
 are identical with and without the cache (the decoder output is the same; see
-`decode.RowWriter.place`). Bad frames keep their meaning: a frame with `ok=False` is counted,
+`host_augment.RowWriter.place`). Bad frames keep their meaning: a frame with `ok=False` is counted,
 substituted (training) or left as padding (evaluation) exactly as an undecodable JPEG.
 
 Why: on a GPU host the JPEG decode is the input pipeline's main cost (about 11,000 crops/s per
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from affectjax.data import decode
+from affectjax.data import host_augment
 
 FORMAT = 'affectjax.decoded'
 VERSION = 1
@@ -114,7 +114,7 @@ def _decode_rows(source, images, ok, start: int, stop: int, image_size: int) -> 
   records = source.__getitems__(list(range(start, stop)))
   bad = 0
   for row, record in zip(range(start, stop), records):
-    image = decode.decode_jpeg(record['jpeg'], image_size)
+    image = host_augment.decode_jpeg(record['jpeg'], image_size)
     if image is None:
       images[row] = 0
       bad += 1
