@@ -51,17 +51,11 @@ def main(argv):
   _maybe_initialize_distributed(config)
   # After flags are parsed (grain workers read absl flags).
   from affectjax import inference, trainer
-  if config.mode == 'train':
-    trainer.train_and_evaluate(config, FLAGS.workdir)
-  elif config.mode == 'eval':
-    inference.evaluate_checkpoint(config, FLAGS.workdir)
-  elif config.mode == 'predict':
-    inference.predict_checkpoint(config, FLAGS.workdir)
-  elif config.mode == 'features':
-    inference.extract_features(config, FLAGS.workdir)
-  else:
-    raise app.UsageError(f"config.mode must be 'train', 'eval', 'predict' or 'features', got "
-                         f"{config.mode!r}")
+  modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
+           'predict': inference.predict_checkpoint, 'features': inference.extract_features}
+  if config.mode not in modes:
+    raise app.UsageError(f'config.mode must be one of {", ".join(modes)}, got {config.mode!r}')
+  modes[config.mode](config, FLAGS.workdir)
 
 
 def _parse_flags(argv):

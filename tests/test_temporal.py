@@ -242,3 +242,17 @@ def test_blocks_hold_the_frame_and_its_past_and_label_the_frame(tmp_path):
                                   global_batch_size=4, seed=1)
   batch = next(train)
   assert batch['expr'].shape == (4, 1) and (batch['expr'] >= 0).all()
+
+
+@pytest.mark.parametrize('encoder,layers', [
+    ('gru', ('gru0', 'gru1')), ('lstm', ('lstm0', 'lstm1')),
+    ('transformer', ('layer0', 'layer1', 'project'))])
+def test_encoder_parameters_keep_the_checkpoint_layout(encoder, layers):
+  """Encoders are modules of their own (temporal.ENCODERS), but their parameters stay directly
+  under the model, as in the runs saved before: those checkpoints still restore."""
+  model = temporal.TemporalModel(encoder=encoder, hidden=H, num_layers=2, num_heads=2,
+                                 ff_dim=12, head_dims=(HEAD,), tasks=('expr', 'va'))
+  params = model.init(jax.random.key(0), _inputs())['params']
+  assert sorted(params) == sorted(layers + ('head',))
+  assert sorted(params['head']) == ['expr', 'va']
+  assert sorted(params['head']['expr']) == ['hidden0', 'out']
