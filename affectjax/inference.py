@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
-from affectjax import config as config_lib
+from affectjax import labels
 from affectjax import logs, metrics as metrics_lib, parallel, predictions, splits, train, trainer
 from affectjax.data import sequences, unlabelled
 
@@ -34,7 +34,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str):
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """mode=eval: restores a checkpoint of WORKDIR, evaluates a split, writes metrics/predictions."""
   workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   data = splits.load_split(config, config.eval_split, tasks)
   index = splits.frame_index(data)
   run, state, eval_fn = restore(config, workdir)
@@ -170,7 +170,7 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if splits.is_temporal(config):
     raise ValueError('mode=features extracts per-frame features with an image run')
   workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   run, state, eval_fn = restore(config, workdir)
   out = config.features_out or os.path.join(workdir, 'features')
   written = {}

@@ -14,14 +14,13 @@ from flax.training import train_state
 
 from affectjax import losses
 from affectjax import optim
+from affectjax.data import sampling
 from affectjax.models import preprocess
 
 DATA_AXIS = 'data'
 
-# Phases of the alternating scheme (see affectjax.data.pipeline): in the EXPR-only phase the
-# AU head is frozen and vice versa, as in the incomplete-labels paper's code.
-PHASE_JOINT, PHASE_EXPR, PHASE_AU, PHASE_BOTH = 0, 1, 2, 3
-FROZEN_HEADS_BY_PHASE = {PHASE_EXPR: ('au',), PHASE_AU: ('expr',)}
+# The heads each phase of the sampling scheme freezes (defined with the phases).
+FROZEN_HEADS_BY_PHASE = sampling.FROZEN_TASKS_BY_PHASE
 
 
 class TrainState(train_state.TrainState):

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from affectjax import checkpoint as ckpt_lib
-from affectjax import config as config_lib
+from affectjax import labels
 from affectjax import logs, metrics as metrics_lib, optim, parallel, splits, train, weights
 from affectjax.data import sequences, sources
 from affectjax.models import affect, preprocess, temporal
@@ -71,7 +71,7 @@ def read_weights_meta(path: str) -> dict | None:
 def build_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Run:
   """Model, optimiser, mesh and the replicated initial state."""
   config = config.copy_and_resolve_references()
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   config.model.dtype = resolve_dtype(config.dtype)
   config.model.bn_axis_name = train.DATA_AXIS if config.model.sync_bn else None
   with config.unlocked():
@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic evaluation and checkpoints; resumes from WORKDIR if it has any."""
   t_start = time.time()
   workdir = os.path.abspath(workdir)
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   train_data = splits.load_split(config, 'train', tasks)
   eval_data = splits.load_split(config, config.eval_split, tasks)
   train_iter = splits.make_train_iterator(config, train_data)

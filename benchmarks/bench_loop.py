@@ -38,6 +38,7 @@ import time
 import jax
 
 from affectjax import config as config_lib
+from affectjax import labels
 from affectjax import parallel, splits, train, trainer
 from affectjax.data import pipeline, sources
 
@@ -138,7 +139,7 @@ def main():
                       help='loop variants: jpeg (decode every epoch), cached (data.decoded_cache)')
   args = parser.parse_args()
   config = bench_config(args)
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   index = splits.load_index(config, 'train', tasks)
   iterator = pipeline.make_train_iterator(index, config.data,
                                           global_batch_size=config.global_batch_size,
