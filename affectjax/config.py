@@ -5,7 +5,7 @@ finishes with `apply_variant(config, arg)`, so `--config=configs/mtl.py:demo` wo
 """
 import ml_collections
 
-from affectjax import labels, losses, optim
+from affectjax import losses, optim
 from affectjax.data import pipeline
 from affectjax.models import affect, temporal
 
@@ -85,16 +85,6 @@ def base_config() -> ml_collections.ConfigDict:
       'initialize': 'auto',  # 'auto' (cluster detected) | 'yes' | 'no'
       'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
   return c
-
-
-def task_tuple(tasks: str) -> tuple:
-  """'expr,au' -> ('expr', 'au'), validated against labels.TASKS."""
-  parsed = tuple(t.strip() for t in tasks.split(',') if t.strip())
-  unknown = [t for t in parsed if t not in labels.TASKS]
-  if not parsed or unknown:
-    raise ValueError(f'config.tasks={tasks!r}: expected a comma-separated subset of '
-                     f'{",".join(labels.TASKS)}')
-  return parsed
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from affectjax import config as config_lib
-from affectjax import parallel, train
+from affectjax import labels, parallel, train
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline, sampling, sequences, sources, unlabelled
 from affectjax.data.synthetic import generate as synthetic
@@ -41,7 +40,7 @@ def data_root(config: ml_collections.ConfigDict) -> str:
 def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple | None = None):
   """The frame index of `split` for `tasks` (default: the config's): from the Aff-Wild2 root,
   or from packed shards alone."""
-  tasks = tasks or config_lib.task_tuple(config.tasks)
+  tasks = tasks or labels.parse_tasks(config.tasks)
   if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
     # Training from ArrayRecord shards without the raw tree: the pack carries its index.
     index = sources.packed_index(config.data.packed_dir, split)

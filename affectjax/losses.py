@@ -24,7 +24,6 @@ import ml_collections
 
 from affectjax import labels
 
-VA_KEYS = ('valence', 'arousal')  # column order of batch['va'] and outputs['va']
 CCC_EPS = 1e-8
 
 
@@ -178,7 +177,7 @@ def _local_stats(outputs, batch, cfg):
   valid = jnp.asarray(batch['valid'], bool)
   stats = {}
   if 'expr' in outputs:
-    mask = labels.expr_mask(batch['expr']) & valid
+    mask = labels.has_label('expr', batch['expr']) & valid
     if cfg.expr == 'ce':
       pair = softmax_cross_entropy(outputs['expr'], batch['expr'], mask,
                                    cfg.expr_class_weights, cfg.label_smoothing)
@@ -198,7 +197,7 @@ def _local_stats(outputs, batch, cfg):
     mask = jnp.all(labels.va_mask(batch['va']), axis=-1) & valid
     stats['va_frames'] = jnp.sum(mask, dtype=jnp.float32)
     if 'va' in outputs:
-      for col, key in enumerate(VA_KEYS):
+      for col, key in enumerate(labels.VA_NAMES):
         pred, target = outputs['va'][:, col], batch['va'][:, col]
         stats[f'moments_{key}'] = ccc_moments(pred, target, mask)
         stats[f'se_{key}'] = squared_error(pred, target, mask)
@@ -256,7 +255,7 @@ def multitask_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any],
     if not set(kinds) <= {'ccc', 'mse'}:
       raise ValueError(f'unknown va loss {loss_config.va!r}')
     loss_va = jnp.zeros((), jnp.float32)
-    for key, col_weight in zip(VA_KEYS, loss_config.va_column_weights):
+    for key, col_weight in zip(labels.VA_NAMES, loss_config.va_column_weights):
       aux[f'ccc_{key}'] = ccc_from_moments(stats[f'moments_{key}'])
       aux[f'mse_{key}'] = _mean(stats[f'se_{key}'])
       if 'ccc' in kinds:  # An empty VA batch has CCC 0; its 1 - CCC term must be 0, not 1.

@@ -146,7 +146,7 @@ def va_metrics(pred, target):
   """VA CCC per dimension, their mean and the MSE; pred, target float [N,2] (valence, arousal)."""
   pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
   out = {f'va_ccc_{key}': ccc(pred[:, col], target[:, col])
-         for col, key in enumerate(('valence', 'arousal'))}
+         for col, key in enumerate(labels.VA_NAMES)}
   out['va_ccc'] = 0.5 * (out['va_ccc_valence'] + out['va_ccc_arousal'])
   out['va_mse'] = float(np.mean(np.square(pred - target))) if len(pred) else 0.0
   out['count_va'] = len(pred)
@@ -217,12 +217,12 @@ class MetricsAccumulator:
     index = batch.get('index')
     if 'expr' in self.tasks:
       logits, target = np.asarray(outputs['expr']), np.asarray(batch['expr'])
-      rows = valid & labels.expr_mask(target)
+      rows = valid & labels.has_label('expr', target)
       self._confusion += confusion_matrix(logits.argmax(-1), target, self.num_expr_classes, rows)
       self._keep('expr', logits[rows], target[rows], None if index is None else index[rows])
     if 'au' in self.tasks:
       probs, target = sigmoid(outputs['au']), np.asarray(batch['au'])
-      rows = valid & labels.au_mask(target).any(-1)
+      rows = valid & labels.has_label('au', target)
       target = np.where(valid[:, None], target, labels.AU_MISSING)
       for total, count in zip(self._au_counts, binary_counts(probs >= 0.5, target)):
         total += count

@@ -24,7 +24,7 @@ from affectjax import metrics
 
 MTL_HEADER = 'image,valence,arousal,expression,aus'
 FORMATS = ('mtl', 'per_task', 'per_video')
-_TASK_NAMES = {'va': 'VA', 'expr': 'EXPR', 'au': 'AU'}
+FILE_ORDER = ('va', 'expr', 'au')  # per-task files are written in the organisers' task order
 
 
 def decode_outputs(outputs: dict, tasks: tuple, au_threshold=0.5) -> dict:
@@ -33,17 +33,14 @@ def decode_outputs(outputs: dict, tasks: tuple, au_threshold=0.5) -> dict:
 
   Untrained tasks get the missing-label sentinels, as in the annotation files.
   """
-  n = len(next(iter(outputs.values())))
-  expr = np.full(n, labels.EXPR_MISSING, np.int64)
-  au = np.full((n, labels.NUM_AUS), labels.AU_MISSING, np.int64)
-  va = np.full((n, 2), labels.VA_MISSING, np.float64)
+  decided = labels.missing_labels(len(next(iter(outputs.values()))), 'decision')
   if 'expr' in tasks:
-    expr = np.argmax(outputs['expr'], axis=-1)
+    decided['expr'] = np.argmax(outputs['expr'], axis=-1)
   if 'au' in tasks:
-    au = (metrics.sigmoid(outputs['au']) >= au_threshold).astype(np.int64)
+    decided['au'] = (metrics.sigmoid(outputs['au']) >= au_threshold).astype(np.int64)
   if 'va' in tasks:
-    va = np.clip(outputs['va'], -1.0, 1.0)
-  return {'expr': expr, 'au': au, 'va': va}
+    decided['va'] = np.clip(outputs['va'], -1.0, 1.0)
+  return decided
 
 
 def read_au_thresholds(path: str):
@@ -73,9 +70,7 @@ def gather_decisions(rows: list, num_frames: int, tasks: tuple, au_threshold=0.5
   """(decisions per index row, predicted bool [num_frames]) from the evaluation loop's
   (outputs, batch) pairs; `batch['index']` maps each valid row to its index row.
   `au_threshold`: a scalar or one per AU."""
-  decided = {'expr': np.full(num_frames, labels.EXPR_MISSING, np.int64),
-             'au': np.full((num_frames, labels.NUM_AUS), labels.AU_MISSING, np.int64),
-             'va': np.full((num_frames, 2), labels.VA_MISSING, np.float64)}
+  decided = labels.missing_labels(num_frames, 'decision')
   predicted = np.zeros(num_frames, bool)
   for outputs, batch in rows:
     keep = np.asarray(batch['valid'], bool)
@@ -118,6 +113,11 @@ def _image_name(index, row: int) -> str:
   return f'{index.video_names[index.video_id[row]]}/{index.frame[row]:05d}.jpg'
 
 
+def _header(task: str, num_expr_classes: int) -> str:
+  """The task's header line, as in the training files: class names, AU names or valence,arousal."""
+  return ','.join(labels.TASK_TABLE[task].header(num_expr_classes))
+
+
 def _task_line(task: str, decided: dict, row: int) -> str:
   if task == 'va':
     v, a = decided['va'][row]
@@ -125,14 +125,6 @@ def _task_line(task: str, decided: dict, row: int) -> str:
   if task == 'expr':
     return str(decided['expr'][row])
   return ','.join(str(x) for x in decided['au'][row])
-
-
-def _task_header(task: str, num_expr_classes: int) -> str:
-  if task == 'va':
-    return 'valence,arousal'
-  if task == 'expr':
-    return ','.join(labels.expr_classes(num_expr_classes))
-  return ','.join(labels.AU_NAMES)
 
 
 def write_mtl(path: str, index, decided: dict, rows) -> str:
@@ -150,10 +142,10 @@ def write_per_task(out_dir: str, index, decided: dict, tasks: tuple,
   """ABAW5+: one CSV per trained task over every index row."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for task in (t for t in ('va', 'expr', 'au') if t in tasks):
-    path = os.path.join(out_dir, f'{_TASK_NAMES[task]}.csv')
+  for task in (t for t in FILE_ORDER if t in tasks):
+    path = os.path.join(out_dir, f'{labels.TASK_TABLE[task].submission_name}.csv')
     with open(path, 'w') as f:
-      f.write(f'image_location,{_task_header(task, num_expr_classes)}\n')
+      f.write(f'image_location,{_header(task, num_expr_classes)}\n')
       for row in range(len(index)):
         f.write(f'{_image_name(index, row)},{_task_line(task, decided, row)}\n')
     paths.append(path)
@@ -181,8 +173,8 @@ def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, t
   without a prediction filled from the nearest predicted frame."""
   frame_counts = frame_counts or {}
   written = []
-  for task in (t for t in ('va', 'expr', 'au') if t in tasks):
-    os.makedirs(os.path.join(out_dir, _TASK_NAMES[task]), exist_ok=True)
+  for task in (t for t in FILE_ORDER if t in tasks):
+    os.makedirs(os.path.join(out_dir, labels.TASK_TABLE[task].submission_name), exist_ok=True)
   for video_id, video in enumerate(index.video_names):
     rows = np.flatnonzero(index.video_id == video_id)
     have = rows[predicted[rows]]
@@ -194,10 +186,10 @@ def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, t
       raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
     frames = np.arange(1, count + 1, dtype=np.int64)
     source = have[nearest_predicted(frames, index.frame[have].astype(np.int64))]
-    for task in (t for t in ('va', 'expr', 'au') if t in tasks):
-      path = os.path.join(out_dir, _TASK_NAMES[task], f'{video}.txt')
+    for task in (t for t in FILE_ORDER if t in tasks):
+      path = os.path.join(out_dir, labels.TASK_TABLE[task].submission_name, f'{video}.txt')
       with open(path, 'w') as f:
-        f.write(_task_header(task, num_expr_classes) + '\n')
+        f.write(_header(task, num_expr_classes) + '\n')
         f.writelines(_task_line(task, decided, int(row)) + '\n' for row in source)
       written.append(path)
   return written

@@ -16,8 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from affectjax import config as config_lib
-from affectjax import kinds, losses, optim, parallel, train, weights
+from affectjax import kinds, labels, losses, optim, parallel, train, weights
 from affectjax.models import preprocess
 
 
@@ -121,7 +120,7 @@ def build_run(config: ml_collections.ConfigDict, data, steps_per_epoch: int = 1)
   if 'input_preprocessing' not in config:
     raise ValueError('build_run needs a resolved config: runs.resolve_config(config)')
   kind = kinds.get_kind(config)
-  tasks = config_lib.task_tuple(config.tasks)
+  tasks = labels.parse_tasks(config.tasks)
   mesh = parallel.make_mesh(config.num_devices)
   if config.global_batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise ValueError(f'global_batch_size={config.global_batch_size} and eval_batch_size='

@@ -16,13 +16,9 @@ from flax.training import train_state
 
 from affectjax import losses
 from affectjax import optim
+from affectjax.data import sampling
 from affectjax.models import preprocess
 from affectjax.parallel import DATA_AXIS
-
-# Phases of the alternating scheme (see affectjax.data.pipeline): in the EXPR-only phase the
-# AU head is frozen and vice versa, as in the incomplete-labels paper's code.
-PHASE_JOINT, PHASE_EXPR, PHASE_AU, PHASE_BOTH = 0, 1, 2, 3
-FROZEN_HEADS_BY_PHASE = {PHASE_EXPR: ('au',), PHASE_AU: ('expr',)}
 
 
 # (batch, config, augmentation key or None) -> the model's input (affectjax.kinds).
@@ -136,7 +132,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     updates, opt_state = old.tx.update(grads, old.opt_state, old.params, value=total)
     new = old.replace(step=old.step + 1, params=optax.apply_updates(old.params, updates),
                       opt_state=opt_state, batch_stats=batch_stats)
-    for frozen_phase, tasks in FROZEN_HEADS_BY_PHASE.items():
+    for frozen_phase, tasks in sampling.FROZEN_TASKS_BY_PHASE.items():
       frozen = phase == frozen_phase
       new = new.replace(
           params=keep_frozen_heads(new.params, old.params, frozen, tasks),

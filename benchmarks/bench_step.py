@@ -31,6 +31,7 @@ import optax
 import common
 from affectjax import config as config_lib
 from affectjax import parallel, train
+from affectjax.data import sampling
 from affectjax.models import affect, preprocess
 
 # The PyTorch reference network lives with the tests (one definition, also used to check weight
@@ -65,7 +66,7 @@ def multitask_batch(batch: int, size: int, missing: float = 0.3, seed: int = 0) 
   va[rng.random(batch) < missing] = -5.0
   return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
           'expr': expr, 'au': au, 'va': va, 'valid': np.ones(batch, bool),
-          'phase': np.full(batch, train.PHASE_JOINT, np.int32),
+          'phase': np.full(batch, sampling.PHASE_JOINT, np.int32),
           'index': np.arange(batch, dtype=np.int32)}
 
 

@@ -82,9 +82,9 @@ def test_per_task_merges_labels_per_frame(merged_root):
   np.testing.assert_array_equal(index.expr[b], [2])
   assert index.expr.dtype == np.int8 and index.au.dtype == np.int8
   assert index.va.dtype == np.float32 and index.frame.dtype == np.int32
-  np.testing.assert_array_equal(index.has_expr(), [1, 1, 1, 0, 1])
-  np.testing.assert_array_equal(index.has_au(), [1, 1, 0, 0, 0])
-  np.testing.assert_array_equal(index.has_va(), [1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(index.has_label('expr'), [1, 1, 1, 0, 1])
+  np.testing.assert_array_equal(index.has_label('au'), [1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(index.has_label('va'), [1, 0, 1, 1, 0])
   s = index.summary
   assert s['layout'] == 'per_task' and s['annotation_files'] == {'expr': 2, 'au': 1, 'va': 1}
   assert s['frames_seen'] == 8 and s['kept'] == 5 == len(index)
@@ -312,7 +312,7 @@ def test_save_load_subset(merged_root, tmp_path):
       index.video_names, index.summary, index.root)
   assert index_lib.AffWild2Index.load(path, root='/elsewhere').image_path(0).startswith(
       '/elsewhere/cropped_aligned/a/')
-  sub = index.subset(index.has_va())
+  sub = index.subset(index.has_label('va'))
   np.testing.assert_array_equal(sub.frame, [1, 4, 5])
   assert sub.video_names == index.video_names and sub.summary['subset'] == {'from': 5, 'rows': 3}
   assert 'subset: 3 of 5 rows' in sub.describe()

@@ -168,12 +168,12 @@ def test_head_dropout_acts_in_training_only():
 
 
 def test_va5_targets_fit_the_tanh_range():
-  """The losses' 5-vector (heads.VA5_NAMES order) stays in [-1, 1], the range of the va5 head."""
+  """The losses' 5-vector (labels.VA5_NAMES order) stays in [-1, 1], the range of the va5 head."""
   corners = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1], [0.2, -0.6]], np.float32)
   got = np.asarray(losses.va5_targets(jnp.asarray(corners)))
   v, a = corners[:, 0], corners[:, 1]
   np.testing.assert_allclose(got[:, :2], np.stack([a, v], -1))
-  assert got.shape == (5, len(heads.VA5_NAMES)) and np.abs(got).max() == 1
+  assert got.shape == (5, len(labels.VA5_NAMES)) and np.abs(got).max() == 1
 
 
 def test_invalid_configs_raise():

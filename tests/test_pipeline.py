@@ -193,7 +193,7 @@ def test_alternating_phases(train_index):
   config.sampling = 'alternating'
   it = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=0,
                                     num_epochs=2)
-  e, a = train_index.has_expr(), train_index.has_au()
+  e, a = train_index.has_label('expr'), train_index.has_label('au')
   expected = {'expr_only': int((e & ~a).sum()), 'au_only': int((a & ~e).sum()),
               'both': int((e & a).sum())}
   assert it.frame_counts['phases'] == expected
@@ -238,7 +238,7 @@ def test_balanced_iterator_epoch_length(train_index):
   config = _config()
   config.sampling = 'balanced'
   it = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=0)
-  assert it.steps_per_epoch == int(train_index.has_expr().sum()) // BATCH
+  assert it.steps_per_epoch == int(train_index.has_label('expr').sum()) // BATCH
   batch = next(it)
   assert (batch['expr'] >= 0).all()
 
@@ -250,7 +250,7 @@ def test_tasks_and_image_size(train_index):
   it = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=0)
   batch = next(it)
   assert batch['image'].shape == (BATCH, 32, 32, 3)
-  assert it.steps_per_epoch == int(train_index.has_expr().sum()) // BATCH
+  assert it.steps_per_epoch == int(train_index.has_label('expr').sum()) // BATCH
   assert (batch['expr'] >= 0).all() and (batch['au'] == -1).all() and (batch['va'] == -5).all()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from affectjax import config as config_lib
 from affectjax import optim, parallel, train
+from affectjax.data import sampling
 from affectjax.models import affect, preprocess
 
 IMAGE = 16
@@ -32,7 +33,7 @@ def tiny_config(**overrides):
   return c
 
 
-def random_batch(seed: int, phase: int = train.PHASE_JOINT, n: int = BATCH):
+def random_batch(seed: int, phase: int = sampling.PHASE_JOINT, n: int = BATCH):
   rng = np.random.default_rng(seed)
   expr = rng.integers(0, 7, n).astype(np.int32)
   expr[rng.random(n) < 0.3] = -1
@@ -127,14 +128,14 @@ def test_single_device_step_matches_a_plain_jax_gradient():
   assert_trees_close(jax.device_get(new_state.params), expected, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize('phase,frozen,trained', [(train.PHASE_EXPR, 'au', 'expr'),
-                                                  (train.PHASE_AU, 'expr', 'au')])
+@pytest.mark.parametrize('phase,frozen,trained', [(sampling.PHASE_EXPR_ONLY, 'au', 'expr'),
+                                                  (sampling.PHASE_AU_ONLY, 'expr', 'au')])
 def test_alternating_phase_freezes_the_absent_head_and_its_optimizer_state(phase, frozen,
                                                                            trained):
   config = tiny_config(**{'optim.optimizer': 'adam'})
   tasks = ('expr', 'au')
   # A joint step first, so the frozen head has non-zero Adam moments that would move it.
-  batches = [random_batch(0, train.PHASE_BOTH), random_batch(1, phase)]
+  batches = [random_batch(0, sampling.PHASE_BOTH), random_batch(1, phase)]
   state, step, mesh = make_state_and_step(config, 2, tasks)
   state, _ = step(state, parallel.global_batch(batches[0], mesh))
   before = jax.device_get(state)

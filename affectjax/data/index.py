@@ -93,17 +93,13 @@ class AffWild2Index:
     """'<root>/cropped_aligned/<video>/' per video (built once: image_paths runs per batch)."""
     return [os.path.join(self.image_dir, v, '') for v in self.video_names]
 
-  def has_expr(self) -> np.ndarray:
-    """bool [N]: an expression label is present."""
-    return labels.expr_mask(self.expr)
+  def label_columns(self) -> dict:
+    """{task: its label column}, every task in `labels.TASKS` order."""
+    return {task: getattr(self, task) for task in labels.TASKS}
 
-  def has_au(self) -> np.ndarray:
-    """bool [N]: at least one AU label is present."""
-    return labels.au_mask(self.au).any(axis=1)
-
-  def has_va(self) -> np.ndarray:
-    """bool [N]: valence or arousal (or both) is present."""
-    return labels.va_mask(self.va).any(axis=1)
+  def has_label(self, task: str) -> np.ndarray:
+    """bool [N]: the row has a label of `task` (for AU and VA: of at least one column)."""
+    return labels.has_label(task, getattr(self, task))
 
   def subset(self, selection) -> 'AffWild2Index':
     """A new index of the rows picked by a bool [N] mask or an index array; ids unchanged."""
@@ -112,8 +108,9 @@ class AffWild2Index:
       raise ValueError(f'mask has shape {rows.shape}, expected ({len(self)},)')
     summary = dict(self.summary, subset={'from': len(self), 'rows': int(
         rows.sum() if rows.dtype == bool else rows.size)})
-    return AffWild2Index(self.video_names, self.video_id[rows], self.frame[rows], self.expr[rows],
-                         self.au[rows], self.va[rows], self.root, self.split, summary)
+    columns = {task: column[rows] for task, column in self.label_columns().items()}
+    return AffWild2Index(self.video_names, self.video_id[rows], self.frame[rows], **columns,
+                         root=self.root, split=self.split, summary=summary)
 
   def describe(self) -> str:
     """Human-readable multi-line summary: frames per task, kept/dropped by reason, videos."""
@@ -124,7 +121,7 @@ class AffWild2Index:
     arrays = dict(
         format_version=np.int32(_FORMAT_VERSION),
         video_names=np.array(self.video_names, dtype=np.str_).reshape(-1),
-        video_id=self.video_id, frame=self.frame, expr=self.expr, au=self.au, va=self.va,
+        video_id=self.video_id, frame=self.frame, **self.label_columns(),
         root=np.array(self.root), split=np.array(self.split),
         summary=np.array(json.dumps(self.summary)), fingerprint=np.array(fingerprint))
     fd, tmp = tempfile.mkstemp(suffix='.tmp', dir=os.path.dirname(os.path.abspath(path)))
@@ -154,8 +151,9 @@ def _load(path, root=None):
       raise ValueError(f'{path}: index format {int(z["format_version"])}, '
                        f'this version reads {_FORMAT_VERSION}')
     index = AffWild2Index(
-        tuple(z['video_names'].tolist()), z['video_id'], z['frame'], z['expr'], z['au'], z['va'],
-        root or str(z['root']), str(z['split']), json.loads(str(z['summary'])))
+        tuple(z['video_names'].tolist()), z['video_id'], z['frame'],
+        **{task: z[task] for task in labels.TASKS}, root=root or str(z['root']),
+        split=str(z['split']), summary=json.loads(str(z['summary'])))
     return index, str(z['fingerprint'])
 
 
@@ -193,12 +191,11 @@ class _Collector:
     self.lines = dict.fromkeys(tasks, 0)
     self.labelled = dict.fromkeys(tasks, 0)
     self.kept_labels = dict.fromkeys(tasks, 0)
-    self.videos, self.parts = [], {'frame': [], 'expr': [], 'au': [], 'va': []}
+    self.videos, self.parts = [], {name: [] for name in ('frame',) + labels.TASKS}
 
-  def add(self, video, frame, expr, au, va, lines):
-    """One video's rows (labels of unrequested tasks already at their sentinels)."""
-    present = {'expr': labels.expr_mask(expr), 'au': labels.au_mask(au).any(axis=1),
-               'va': labels.va_mask(va).any(axis=1)}
+  def add(self, video, frame, task_labels, lines):
+    """One video's rows: frame numbers and {task: labels} (of unrequested tasks: sentinels)."""
+    present = {t: labels.has_label(t, task_labels[t]) for t in self.tasks}
     keep = np.zeros(frame.shape, bool)
     for t in self.tasks:
       keep |= present[t]
@@ -214,7 +211,7 @@ class _Collector:
       self.kept_labels[t] += int((present[t] & keep).sum())
     if keep.any():
       self.videos.append(video)
-      for name, column in zip(self.parts, (frame, expr, au, va)):
+      for name, column in dict(task_labels, frame=frame).items():
         self.parts[name].append(column[keep])
     else:
       self.counts['videos_dropped'] += 1
@@ -230,12 +227,15 @@ class _Collector:
   def _concatenate(self, name):
     """One column of all kept rows; drops its parts at once so peak memory stays near one copy."""
     parts, self.parts[name] = self.parts[name], None
-    return np.concatenate(parts) if parts else _empty_labels(0).get(name, np.zeros(0, np.int32))
+    if parts:
+      return np.concatenate(parts)
+    return labels.missing_labels(0, 'index').get(name, np.zeros(0, np.int32))
 
   def finish(self, root, split, summary):
     """The AffWild2Index of everything added; `summary` holds the build settings."""
     sizes = [part.size for part in self.parts['frame']]
-    frame, expr, au, va = (self._concatenate(name) for name in ('frame', 'expr', 'au', 'va'))
+    frame = self._concatenate('frame')
+    columns = {task: self._concatenate(task) for task in labels.TASKS}
     c = self.counts
     summary = dict(
         summary, frames_seen=c['frames_seen'], kept=int(frame.size),
@@ -246,14 +246,7 @@ class _Collector:
         annotation_lines=self.lines, labelled=self.labelled, kept_labels=self.kept_labels)
     video_id = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
     return AffWild2Index(tuple(self.videos), video_id, frame.astype(np.int32, copy=False),
-                         expr, au, va, root, split, summary)
-
-
-def _empty_labels(n):
-  """Sentinel-filled (expr int8 [n], au int8 [n, 12], va float32 [n, 2])."""
-  return {'expr': np.full(n, labels.EXPR_MISSING, np.int8),
-          'au': np.full((n, labels.NUM_AUS), labels.AU_MISSING, np.int8),
-          'va': np.full((n, 2), labels.VA_MISSING, np.float32)}
+                         **columns, root=root, split=split, summary=summary)
 
 
 def _collect_per_task(sources, tasks, num_expr_classes, collector):
@@ -263,12 +256,11 @@ def _collect_per_task(sources, tasks, num_expr_classes, collector):
   for video in sorted(set().union(*(sources.files[t] for t in tasks))):
     parsed = {t: readers[t](sources.files[t][video]) for t in tasks if video in sources.files[t]}
     n = max(values.shape[0] for values in parsed.values())
-    merged = _empty_labels(n)
+    merged = labels.missing_labels(n, 'index')
     for t, values in parsed.items():
       merged[t][:values.shape[0]] = values
     lines = {t: parsed[t].shape[0] if t in parsed else 0 for t in tasks}
-    collector.add(video, np.arange(1, n + 1, dtype=np.int32), merged['expr'], merged['au'],
-                  merged['va'], lines)
+    collector.add(video, np.arange(1, n + 1, dtype=np.int32), merged, lines)
 
 
 def _collect_mtl(sources, tasks, num_expr_classes, collector):
@@ -276,11 +268,10 @@ def _collect_mtl(sources, tasks, num_expr_classes, collector):
   rows = annotations.read_mtl_file(sources.mtl_file, num_expr_classes)
   bounds = np.searchsorted(rows.video_id, np.arange(len(rows.video_names) + 1))
   for v, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-    merged = _empty_labels(hi - lo)
+    merged = labels.missing_labels(hi - lo, 'index')
     for t in tasks:
       merged[t] = getattr(rows, t)[lo:hi]
-    collector.add(rows.video_names[v], rows.frame[lo:hi], merged['expr'], merged['au'],
-                  merged['va'], dict.fromkeys(tasks, hi - lo))
+    collector.add(rows.video_names[v], rows.frame[lo:hi], merged, dict.fromkeys(tasks, hi - lo))
 
 
 def _digest(value) -> str:
@@ -335,10 +326,7 @@ def build_index(root, split: str, *, layout: str = 'auto', tasks=labels.TASKS,
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
   if layout not in layout_lib.LAYOUTS:
     raise ValueError(f'layout must be one of {layout_lib.LAYOUTS}, got {layout!r}')
-  unknown = set(tasks) - set(labels.TASKS)
-  if unknown or not tasks or isinstance(tasks, str):
-    raise ValueError(f'tasks must be a non-empty subset of {labels.TASKS}, got {tasks!r}')
-  tasks = tuple(t for t in labels.TASKS if t in tasks)
+  tasks = labels.parse_tasks(tasks)
   labels.expr_classes(num_expr_classes)  # validates 7 or 8
   root = os.path.abspath(os.fspath(root))
   sources = layout_lib.find_sources(root, split, layout, tasks)

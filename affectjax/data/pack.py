@@ -103,7 +103,7 @@ def main(argv=None):
   parser.add_argument('--threads', type=int, default=8, help='concurrent file reads')
   parser.add_argument('--cache-dir', default=None, help='where build_index caches the index')
   args = parser.parse_args(argv)
-  tasks = tuple(t.strip() for t in args.tasks.split(',') if t.strip())
+  tasks = labels.parse_tasks(args.tasks)
   splits = ('train', 'validation') if args.split == 'both' else (args.split,)
   for split in splits:
     index = index_lib.build_index(args.root, split, layout=args.layout, tasks=tasks,

@@ -119,9 +119,7 @@ def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> 
   allocate = np.zeros if zero_images else np.empty
   return {
       'image': allocate((batch_size, image_size, image_size, 3), np.uint8),
-      'expr': np.full(batch_size, labels.EXPR_MISSING, np.int32),
-      'au': np.full((batch_size, labels.NUM_AUS), labels.AU_MISSING, np.int32),
-      'va': np.full((batch_size, 2), labels.VA_MISSING, np.float32),
+      **labels.missing_labels(batch_size, 'batch'),
       'valid': np.zeros(batch_size, bool),
       'phase': np.zeros(batch_size, np.int32),
       'index': np.full(batch_size, -1, np.int32),
@@ -138,7 +136,7 @@ class BatchMaker:
   def __init__(self, source, index, data_config, *, global_batch_size, process_index,
                process_count, seed=0, groups=None, eval_rows=None):
     self.source, self.index = source, index
-    self.tasks = sampling.parse_tasks(data_config.tasks)
+    self.tasks = labels.parse_tasks(data_config.tasks)
     self.image_size = int(data_config.image_size)
     self.global_batch = int(global_batch_size)
     self.batch = self.global_batch // process_count
@@ -177,7 +175,7 @@ class BatchMaker:
       batch['phase'] = phases[positions]
     else:
       batch = self._fill(self.eval_rows, positions, None, k)
-    self._mask_tasks(batch)
+    labels.mask_untrained(batch, self.tasks)  # the index may carry other tasks' labels
     return batch
 
   def _fill(self, plan_rows, positions, bounds, k) -> dict:
@@ -226,17 +224,10 @@ class BatchMaker:
     if not filled:
       return
     rows, index_rows = (np.array(column) for column in zip(*filled))
-    for key in ('expr', 'au', 'va'):
-      batch[key][rows] = getattr(self.index, key)[index_rows]
+    for task in labels.TASKS:
+      batch[task][rows] = getattr(self.index, task)[index_rows]
     batch['index'][rows] = index_rows
     batch['valid'][rows] = True
-
-  def _mask_tasks(self, batch: dict) -> None:
-    """Labels of tasks not requested become sentinels (the index may carry them)."""
-    sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
-    for task, sentinel in sentinels.items():
-      if task not in self.tasks:
-        batch[task][...] = sentinel
 
 
 def _augments(augment) -> bool:
@@ -330,7 +321,7 @@ def check_batch(global_batch_size: int, process_index: int, process_count: int) 
 
 def steps_per_epoch(index, data_config, global_batch_size: int) -> int:
   """Training steps (global batches) per epoch for this index and sampling scheme."""
-  groups = sampling.make_groups(index, sampling.parse_tasks(data_config.tasks),
+  groups = sampling.make_groups(index, labels.parse_tasks(data_config.tasks),
                                 data_config.sampling)
   return sampling.steps_per_epoch(groups, global_batch_size)
 
@@ -347,7 +338,7 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
   `image uint8 [B,H,W,3], expr int32 [B], au int32 [B,12], va float32 [B,2], valid bool [B],
   phase int32 [B], index int32 [B]` with B = global_batch_size // process_count."""
   check_batch(global_batch_size, process_index, process_count)
-  tasks = sampling.parse_tasks(data_config.tasks)
+  tasks = labels.parse_tasks(data_config.tasks)
   groups = sampling.make_groups(index, tasks, data_config.sampling)
   if sampling.steps_per_epoch(groups, global_batch_size) == 0:
     raise ValueError(f'no complete batch of {global_batch_size} frames per epoch: frames per '
@@ -368,7 +359,7 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   exactly once, in index order, padded with `valid=False` rows to whole batches;
   `iterator.num_skipped` counts undecodable frames."""
   check_batch(global_batch_size, process_index, process_count)
-  tasks = sampling.parse_tasks(data_config.tasks)
+  tasks = labels.parse_tasks(data_config.tasks)
   rows = sampling.eval_plan(index, tasks, global_batch_size, labelled_only)
   maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,

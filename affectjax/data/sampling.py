@@ -10,29 +10,22 @@ import dataclasses
 
 import numpy as np
 
-from affectjax import labels
-
 SAMPLING_SCHEMES = ('joint', 'alternating', 'balanced')
+# Batch phases (`batch['phase']`, the same on every row of a batch): `joint` and `balanced`
+# batches are all PHASE_JOINT; `alternating` runs, each epoch, the frames with EXPR labels only,
+# then those with AU labels only, then those with both.
 PHASE_JOINT, PHASE_EXPR_ONLY, PHASE_AU_ONLY, PHASE_BOTH = 0, 1, 2, 3
 PHASE_NAMES = {PHASE_JOINT: 'joint', PHASE_EXPR_ONLY: 'expr_only', PHASE_AU_ONLY: 'au_only',
                PHASE_BOTH: 'both'}
+# The task heads a training step leaves unchanged in each phase (the others train): in the
+# EXPR-only phase the AU head is frozen and vice versa, as in the incomplete-labels paper's code.
+FROZEN_TASKS_BY_PHASE = {PHASE_EXPR_ONLY: ('au',), PHASE_AU_ONLY: ('expr',)}
 _PLAN_STREAM = 0x5A4D  # separates plan randomness from augmentation randomness
-
-
-def parse_tasks(tasks) -> tuple:
-  """'expr,au' or ('expr', 'au') -> ('expr', 'au') in canonical order; validated."""
-  if isinstance(tasks, str):
-    tasks = [t.strip() for t in tasks.split(',') if t.strip()]
-  unknown = set(tasks) - set(labels.TASKS)
-  if not tasks or unknown:
-    raise ValueError(f'tasks must be a non-empty subset of {labels.TASKS}, got {tasks!r}')
-  return tuple(t for t in labels.TASKS if t in tasks)
 
 
 def label_presence(index, tasks: tuple) -> dict:
   """task -> bool [N]: the row carries that task's label (only the requested tasks)."""
-  present = {'expr': index.has_expr, 'au': index.has_au, 'va': index.has_va}
-  return {t: np.asarray(present[t]()) for t in tasks}
+  return {t: np.asarray(index.has_label(t)) for t in tasks}
 
 
 def labelled_rows(index, tasks: tuple) -> np.ndarray:

@@ -125,7 +125,7 @@ class SequenceBatchMaker:
                training: bool = True, labelled_only: bool = True):
     self.features = feature_set
     index = feature_set.index
-    self.tasks = sampling.parse_tasks(data_config.tasks)
+    self.tasks = labels.parse_tasks(data_config.tasks)
     self.window = window
     self.global_batch = int(global_batch_size)
     self.batch = self.global_batch // process_count
@@ -192,19 +192,13 @@ class SequenceBatchMaker:
     else:
       target, labelled = rows, present
     safe_target = np.where(labelled, target, 0)
-    batch.update({
-        'valid': labelled & fs.ok[safe_target],
-        'expr': np.where(labelled, ix.expr[safe_target], labels.EXPR_MISSING).astype(np.int32),
-        'au': np.where(labelled[..., None], ix.au[safe_target],
-                       labels.AU_MISSING).astype(np.int32),
-        'va': np.where(labelled[..., None], ix.va[safe_target],
-                       labels.VA_MISSING).astype(np.float32),
-        'index': target.astype(np.int32),
-    })
-    sentinels = {'expr': labels.EXPR_MISSING, 'au': labels.AU_MISSING, 'va': labels.VA_MISSING}
-    for task, sentinel in sentinels.items():
-      if task not in self.tasks:
-        batch[task][...] = sentinel
+    batch['valid'] = labelled & fs.ok[safe_target]
+    for task in labels.TASK_TABLE.values():
+      present = labelled.reshape(labelled.shape + (1,) * len(task.shape))
+      batch[task.name] = np.where(present, getattr(ix, task.name)[safe_target],
+                                  task.missing).astype(task.batch_dtype)
+    batch['index'] = target.astype(np.int32)
+    labels.mask_untrained(batch, self.tasks)
     return batch
 
 

@@ -92,7 +92,6 @@ def frames_index(root: str, *, videos=None, images=None, split: str = 'test'):
   n = frame.size
   summary = {'layout': 'test_list', 'tasks': list(labels.TASKS), 'kept': int(n),
              'videos': len(names)}
-  return index_lib.AffWild2Index(
-      tuple(names), video_id, frame, np.full(n, labels.EXPR_MISSING, np.int8),
-      np.full((n, labels.NUM_AUS), labels.AU_MISSING, np.int8),
-      np.full((n, 2), labels.VA_MISSING, np.float32), os.fspath(root), split, summary)
+  return index_lib.AffWild2Index(tuple(names), video_id, frame,
+                                 **labels.missing_labels(n, 'index'), root=os.fspath(root),
+                                 split=split, summary=summary)

@@ -6,10 +6,8 @@ import jax.numpy as jnp
 
 from affectjax import labels
 
-# The temporal-statistical paper's 5-vector, in this order (targets: losses.va5_targets). Every
-# entry lies in [-1, 1] when valence and arousal do (the differences are (a - v) / 2 and
-# (v - a) / 2), so tanh fits all five.
-VA5_NAMES = ('arousal', 'valence', 'mean', 'arousal_minus_mean', 'valence_minus_mean')
+# Output activations by the name labels.TASK_TABLE (and labels.VA5_OUTPUT) give them.
+ACTIVATIONS = {'linear': lambda y: y, 'tanh': jnp.tanh}
 
 
 class MultiTaskHead(nn.Module):
@@ -17,8 +15,9 @@ class MultiTaskHead(nn.Module):
 
   features [B, D] -> dict: 'embedding' [B, hidden] (after ReLU, before dropout), and per task
   'expr' [B, num_expr_classes] logits, 'au' [B, 12] logits, 'va' [B, 2] tanh (valence, arousal),
-  'va5' [B, 5] tanh (VA5_NAMES) when va5. All float32 whatever the backbone's compute dtype.
-  hidden=0 puts the task layers directly on the features (embedding = features).
+  'va5' [B, 5] tanh (labels.VA5_NAMES) when va5 (`labels.model_outputs`). All float32 whatever
+  the backbone's compute dtype. hidden=0 puts the task layers directly on the features
+  (embedding = features).
   """
   tasks: Sequence[str] = labels.TASKS
   num_expr_classes: int = 7
@@ -33,19 +32,15 @@ class MultiTaskHead(nn.Module):
       raise ValueError(f'unknown tasks {sorted(unknown)}; expected a subset of {labels.TASKS}')
     if self.va5 and 'va' not in self.tasks:
       raise ValueError("va5 needs the 'va' task")
+    if 'expr' in self.tasks:
+      labels.expr_classes(self.num_expr_classes)  # validates 7 or 8
     dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
     x = features.astype(jnp.float32)
     if self.hidden:
       x = nn.relu(dense(self.hidden, 'hidden')(x))
     out = {'embedding': x}
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    if 'expr' in self.tasks:
-      labels.expr_classes(self.num_expr_classes)  # validates 7 or 8
-      out['expr'] = dense(self.num_expr_classes, 'expr')(x)
-    if 'au' in self.tasks:
-      out['au'] = dense(labels.NUM_AUS, 'au')(x)
-    if 'va' in self.tasks:
-      out['va'] = jnp.tanh(dense(2, 'va')(x))
-      if self.va5:
-        out['va5'] = jnp.tanh(dense(len(VA5_NAMES), 'va5')(x))
+    for name, size, activation in labels.model_outputs(self.tasks, self.num_expr_classes,
+                                                       self.va5):
+      out[name] = ACTIVATIONS[activation](dense(size, name)(x))
     return out

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from affectjax import labels
+from affectjax.models import heads
 
 def default_temporal_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
@@ -179,14 +180,11 @@ class TaskHeads(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    sizes = {'expr': self.num_expr_classes, 'au': labels.NUM_AUS, 'va': 2, 'va5': 5}
-    names = [t for t in labels.TASKS if t in self.tasks]
-    if self.va5 and 'va' in names:
-      names.append('va5')
     out = {}
-    for task in names:
-      y = TaskHead(self.dims, sizes[task], self.dropout, name=task)(x, train)
-      out[task] = jnp.tanh(y) if task in ('va', 'va5') else y
+    for name, size, activation in labels.model_outputs(self.tasks, self.num_expr_classes,
+                                                       self.va5):
+      out[name] = heads.ACTIVATIONS[activation](
+          TaskHead(self.dims, size, self.dropout, name=name)(x, train))
     return out
 
 

@@ -113,19 +113,16 @@ def _task_lines(task: str, track: dict, num_expr_classes: int) -> list:
   """Header then one line per frame of the per-task annotation file."""
   missing = track['missing'][task]
   if task == 'va':
-    head = 'valence,arousal'
     body = ['-5,-5' if m else f'{v:.3f},{a:.3f}' for m, (v, a) in zip(missing, track['va'])]
   elif task == 'expr':
-    head = ','.join(labels.expr_classes(num_expr_classes))
     expr = tracks.expr_for_classes(track['expr'], num_expr_classes)
     body = [str(labels.EXPR_MISSING if m else e) for m, e in zip(missing, expr)]
   else:
-    head = ','.join(labels.AU_NAMES)
     au = track['au_intensity'] > 0.5
     sentinel = ','.join([str(labels.AU_MISSING)] * labels.NUM_AUS)
     body = [sentinel if m else ','.join('1' if x else '0' for x in row)
             for m, row in zip(missing, au)]
-  return [head] + body
+  return [','.join(labels.TASK_TABLE[task].header(num_expr_classes))] + body
 
 
 def _mtl_rows(plan: VideoPlan, track: dict) -> list:
