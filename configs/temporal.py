@@ -20,7 +20,8 @@ from affectjax.models import temporal
 
 
 def get_config(arg=None):
-  encoder, variant = config_lib.parse_variant(arg, tuple(temporal.ENCODERS), 'gru', 'configs/temporal.py')
+  encoder, variant = config_lib.parse_variant(arg, tuple(temporal.ENCODERS), 'gru',
+                                              'configs/temporal.py')
   c = config_lib.base_config()
   c.kind = 'temporal'
   c.tasks = 'expr,au,va'
