@@ -11,7 +11,7 @@ one class here and one entry in `KINDS`.
 resolved config of `runs.resolve_config`.
 """
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,23 @@ def list_name(list_path: str) -> str:
 def test_split(list_path: str) -> str:
   """The features folder of a test list's frames: `test_<list name>`."""
   return 'test_' + list_name(list_path)
+
+
+class Kind(Protocol):
+  """The interface of a kind of run (`ImageKind`, `TemporalKind`)."""
+  name: str
+  extracts_features: bool  # mode=features can write its per-frame features
+
+  def load_split(self, config, split: str) -> Any: ...  # what the iterators read
+  def frame_index(self, data) -> Any: ...  # the AffWild2Index of what load_split returned
+  def load_test(self, config) -> Any: ...  # the frames of config.predict's test list
+  def train_iterator(self, config, data) -> Any: ...
+  def eval_iterator(self, config, data, labelled_only: bool = True) -> Any: ...
+  def test_iterator(self, config, data) -> Any: ...
+  def prepare_eval(self, config, data) -> None: ...  # before training: caches to build
+  def create_model(self, config, tasks: tuple) -> Any: ...
+  def dummy_inputs(self, config, data) -> Any: ...  # initialises the model
+  def model_inputs(self, batch, config, rng) -> Any: ...  # on the device, in the steps
 
 
 def _process_share() -> dict:
@@ -183,10 +200,10 @@ class TemporalKind:
     return {k: batch[k] for k in TemporalKind.INPUT_KEYS if k in batch}
 
 
-KINDS = {'image': ImageKind(), 'temporal': TemporalKind()}
+KINDS: dict[str, Kind] = {'image': ImageKind(), 'temporal': TemporalKind()}
 
 
-def get_kind(config: ml_collections.ConfigDict):
+def get_kind(config: ml_collections.ConfigDict) -> Kind:
   """The kind named by `config.kind`."""
   if config.kind not in KINDS:
     raise ValueError(f'config.kind={config.kind!r}: expected one of {", ".join(KINDS)}')

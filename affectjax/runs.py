@@ -24,7 +24,7 @@ from affectjax.models import preprocess
 class Run:
   """Everything a run derives from its resolved config before the first step."""
   config: ml_collections.ConfigDict  # resolved (`resolve_config`)
-  kind: Any  # a `kinds.KINDS` entry
+  kind: kinds.Kind
   tasks: tuple
   mesh: Any
   model: Any
