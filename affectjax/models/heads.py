@@ -27,9 +27,7 @@ class MultiTaskHead(nn.Module):
 
   @nn.compact
   def __call__(self, features, train: bool = False):
-    unknown = set(self.tasks) - set(labels.TASKS)
-    if unknown:
-      raise ValueError(f'unknown tasks {sorted(unknown)}; expected a subset of {labels.TASKS}')
+    labels.parse_tasks(self.tasks)  # validates the names
     if self.va5 and 'va' not in self.tasks:
       raise ValueError("va5 needs the 'va' task")
     if 'expr' in self.tasks:
