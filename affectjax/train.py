@@ -95,7 +95,7 @@ def flatten_time(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
-               model_inputs: ModelInputs = image_inputs) -> tuple[TrainState, dict]:
+               model_inputs: ModelInputs) -> tuple[TrainState, dict]:
   """One optimisation step on this device's share of the global batch.
 
   Losses are global-batch means (sums, counts and CCC moments psum'd over DATA_AXIS inside
@@ -153,7 +153,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
               config: ml_collections.ConfigDict,
-              model_inputs: ModelInputs = image_inputs) -> dict:
+              model_inputs: ModelInputs) -> dict:
   """Per-device inference on this device's share; returns the model outputs (float32)."""
   outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                            model_inputs(batch, config, None), train=False)

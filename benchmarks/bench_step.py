@@ -112,7 +112,8 @@ def build_multitask(arch: str, width: int, size: int, batch: int) -> tuple:
       train.create_train_state(model, tx, 0, (size, size, 3)), mesh)
   step = parallel.data_parallel(
       functools.partial(train.train_step, config=config,
-                        lr_schedule=optax.constant_schedule(config.optim.learning_rate)),
+                        lr_schedule=optax.constant_schedule(config.optim.learning_rate),
+                        model_inputs=train.image_inputs),
       mesh, donate_state=True)
   device_batch = parallel.global_batch(multitask_batch(batch, size), mesh)
   compiled, cost = compile_step(step, state, device_batch)

@@ -55,7 +55,8 @@ def make_state_and_step(config, num_devices, tasks=('expr', 'au', 'va')):
                                    0, (IMAGE, IMAGE, 3))
   mesh = parallel.make_mesh(num_devices)
   step = parallel.data_parallel(
-      functools.partial(train.train_step, config=config, lr_schedule=schedule), mesh)
+      functools.partial(train.train_step, config=config, lr_schedule=schedule,
+                        model_inputs=train.image_inputs), mesh)
   return parallel.replicate(state, mesh), step, mesh
 
 
