@@ -94,6 +94,16 @@ class Progress:
       self._bar.close()
 
 
+def format_bytes(n: float) -> str:
+  """A size in readable units: 512 B, 3.4 KB, 56.1 MB, 7.20 GB (powers of 1000, as `df -H`)."""
+  n = float(n)
+  for unit, scale in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('KB', 1e3)):
+    if abs(n) >= scale:
+      value = n / scale
+      return f'{value:.2f} {unit}' if unit in ('TB', 'GB') else f'{value:.1f} {unit}'
+  return f'{int(n)} B'
+
+
 def format_metrics(metrics: Mapping, keys=None) -> str:
   """'expr_f1 0.712  au_f1 0.603 ...' for the scalar metrics (all or `keys`)."""
   scalars = _scalar_items(metrics)
