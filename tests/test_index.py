@@ -62,7 +62,7 @@ def merged_root(tmp_path):
   root = str(tmp_path / 'data')
   per_task(root, 'expr', 'a', [0, 3, -1, 6])
   per_task(root, 'au', 'a', [au_row(0), au_row(11), NO_AU])
-  per_task(root, 'va', 'a', ['0.5,-0.25', '-5,-5', '-5,-5', '-1,1', '0.125,-5'])
+  per_task(root, 'va', 'a', ['0.5,-0.25', '-5,-5', '-5,-5', '-1,1', '0.125,-0.5'])
   per_task(root, 'expr', 'b', [-1, 2, 5])
   images(root, 'a', range(1, 6))
   images(root, 'b', [1, 2])
@@ -77,7 +77,7 @@ def test_per_task_merges_labels_per_frame(merged_root):
   np.testing.assert_array_equal(index.expr[a], [0, 3, 6, -1])
   np.testing.assert_array_equal(index.au[a], [au_row(0), au_row(11), NO_AU, NO_AU])
   np.testing.assert_array_equal(index.va[a], np.float32([[.5, -.25], [-5, -5], [-1, 1],
-                                                          [.125, -5]]))
+                                                          [.125, -.5]]))
   np.testing.assert_array_equal(index.frame[b], [2])  # frame 1 unlabelled, frame 3 no image
   np.testing.assert_array_equal(index.expr[b], [2])
   assert index.expr.dtype == np.int8 and index.au.dtype == np.int8
@@ -94,6 +94,39 @@ def test_per_task_merges_labels_per_frame(merged_root):
   assert s['kept_labels'] == {'expr': 4, 'au': 2, 'va': 3}
   text = index.describe()
   assert 'no_image 1' in text and 'kept: 5 frames in 2 videos' in text
+  # Files shorter than their video's longest (a's EXPR and AU files) are counted and named.
+  assert s['annotation_gaps']['short_files'] == 2 and s['annotation_gaps']['crops_beyond'] == 0
+  assert 'warning: 2 per-task annotation files have fewer lines' in text
+  assert 'EXPR_Set/Train_Set/a.txt: 4 lines, 5 in the longest' in text.replace(os.sep, '/')
+
+
+def test_crops_after_the_last_annotated_frame_are_counted(tmp_path):
+  root = str(tmp_path / 'data')
+  per_task(root, 'expr', 'a', [0, 3])
+  images(root, 'a', range(1, 6))
+  s = build_index(root, 'train', tasks=('expr',), use_cache=False).summary
+  assert s['annotation_gaps']['crops_beyond'] == 3
+  assert 'a: 3 crops after line 2' in s['annotation_gaps']['examples'][0]
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', r'the file is empty \(0 bytes\)'),
+    (b'\n\n', r'the file is empty'),
+    (b'Valence,Arousal\n', r'line 2: no annotation line after the header'),
+    (b'Valence,Arousal\n0.5,0.5\n-5,0.3\n', r'line 3: valence and arousal must both be'),
+])
+def test_empty_half_filled_and_half_labelled_files_are_errors(tmp_path, content, message):
+  from affectjax.data import annotations
+  root = str(tmp_path / 'data')
+  per_task(root, 'expr', 'a', [0, 3])
+  path = os.path.join(root, 'Annotations', 'VA_Set', 'Train_Set', 'a.txt')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(content)
+  images(root, 'a', [1, 2])
+  with pytest.raises(annotations.AnnotationError, match=message) as error:
+    build_index(root, 'train', tasks=('expr', 'va'), use_cache=False)
+  assert path in str(error.value)
 
 
 def test_tasks_argument_leaves_other_labels_missing(merged_root):
@@ -183,7 +216,7 @@ def test_parsers_match_a_python_reference(tmp_path):
   au[::9] = -1
   floats = [repr(round(float(x), int(d))) for x, d in zip(rng.uniform(-1, 1, 600),
                                                           rng.integers(0, 17, 600))]
-  floats[:4] = ['-5', '1e-3', ' 0.25', '-0']  # exponent and space take the strtod fallback
+  floats[:6] = ['-5', '-5', '1e-3', ' 0.25', '-0', '0']  # exponent, space: the strtod fallback
   va_rows = [f'{a},{b}' for a, b in zip(floats[::2], floats[1::2])]
   expr = rng.integers(-1, 8, 300)
   p = [per_task(str(tmp_path), t, 'v', r) for t, r in (('au', au), ('va', va_rows),
@@ -203,7 +236,7 @@ def test_mtl_layout(tmp_path):
              'u/00010.jpg,0.5,-0.5,-1,' + ','.join(map(str, au_row(2))),
              'v_left/00001.jpg,0.25,0.75,3,' + ','.join(['-1'] * 12),
              'u/00003.jpg,-5,-5,-1,' + ','.join(['-1'] * 12),
-             'prefix/u/00004.JPG,-5,0.5,-1,' + ','.join(['-1'] * 12)])
+             'prefix/u/00004.JPG,0.75,0.5,-1,' + ','.join(['-1'] * 12)])
   images(root, 'u', [3, 4, 10])
   images(root, 'v_left', [1])
   index = build_index(root, 'train', use_cache=False)
@@ -211,7 +244,7 @@ def test_mtl_layout(tmp_path):
   np.testing.assert_array_equal(index.frame, [4, 10, 1])
   np.testing.assert_array_equal(index.expr, [-1, -1, 3])
   np.testing.assert_array_equal(index.au, [NO_AU, au_row(2), NO_AU])
-  np.testing.assert_array_equal(index.va, [[-5, .5], [.5, -.5], [.25, .75]])
+  np.testing.assert_array_equal(index.va, [[.75, .5], [.5, -.5], [.25, .75]])
   assert index.source_videos == ('u', 'v')
   assert index.summary['dropped'] == {'no_requested_label': 1, 'no_image': 1}
   expr_only = build_index(root, 'train', tasks=('expr',), layout='mtl', use_cache=False)
@@ -227,7 +260,9 @@ def test_mtl_layout(tmp_path):
 
 def test_mtl_file_parsed_in_pieces_keeps_rows_and_line_numbers(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
-  rows = [f'v{k % 3}/{k + 1:05d}.jpg,{rng.uniform(-1, 1):.3f},-5,{k % 8},' +
+  va = [f'{rng.uniform(-1, 1):.3f},{rng.uniform(-1, 1):.3f}' if k % 2 == 0 else '-5,-5'
+        for k in range(60)]
+  rows = [f'v{k % 3}/{k + 1:05d}.jpg,{va[k]},{k % 8},' +
           ','.join(map(str, rng.integers(-1, 2, 12))) for k in range(60)]
   rows = rows[::-1]  # unsorted on purpose
   path = mtl(str(tmp_path), rows)

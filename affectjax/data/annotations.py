@@ -40,11 +40,17 @@ def read_text(path: str):
   """(header line, the text after it) of a file; '\r' removed, trailing blank lines stripped."""
   with open(path, 'rb') as f:
     data = f.read().replace(b'\r', b'')
+  if not data.strip():
+    raise AnnotationError(f'{path}: the file is empty ({len(data)} bytes): expected a header '
+                          'line, then one line per frame (a copy cut short?)')
   header, _, text = data.partition(b'\n')
   if header.strip() and _LOOKS_NUMERIC.fullmatch(header):
     raise line_error(path, 1, 'expected a header line, found numbers (is the header missing?)',
                      header)
-  return header, text.rstrip(b'\n \t')
+  text = text.rstrip(b'\n \t')
+  if not text:
+    raise line_error(path, 2, 'no annotation line after the header (a copy cut short?)', b'')
+  return header, text
 
 
 class Table:
@@ -214,6 +220,9 @@ def checked_va(table: Table, va: np.ndarray) -> np.ndarray:
   """float32 [rows, 2] (valence, arousal), validated to lie in [-1, 1] or be -5."""
   ok = ((va >= -1.0) & (va <= 1.0)) | (va == labels.VA_MISSING)  # NaN fails both
   check_rows(table, ~ok.all(axis=1), 'valence/arousal must lie in [-1, 1] or be -5 (missing)')
+  missing = va == labels.VA_MISSING
+  check_rows(table, missing.any(axis=1) & ~missing.all(axis=1),
+             'valence and arousal must both be labelled or both be -5 (missing), not one of them')
   return va.astype(np.float32)
 
 
@@ -259,8 +268,7 @@ def read_mtl_file(path: str, num_classes: int) -> MtlRows:
   parts = [_parse_mtl_table(_mtl_table(path, piece, first_row), num_classes)
            for first_row, piece in pieces]
   if not parts:
-    return MtlRows((), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int8),
-                   np.zeros((0, labels.NUM_AUS), np.int8), np.zeros((0, 2), np.float32))
+    raise line_error(path, 2, 'no annotation row after the header (a copy cut short?)', b'')
   local_names = [p.pop('names') for p in parts]
   names = np.unique(np.concatenate(local_names))
   for p, local in zip(parts, local_names):

@@ -20,7 +20,7 @@ from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import layout as layout_lib
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _TWO_SUBJECT_SUFFIXES = ('_left', '_right')
 
 
@@ -176,6 +176,12 @@ def format_summary(summary: dict) -> str:
   for t in tasks:
     lines.append(f"  {t:<6}{s['annotation_lines'][t]:>12}{s['labelled'][t]:>12}"
                  f"{s['kept_labels'][t]:>12}")
+  gaps = s.get('annotation_gaps', {})
+  if gaps.get('short_files') or gaps.get('crops_beyond'):
+    lines.append(
+        f"  warning: {gaps['short_files']} per-task annotation files have fewer lines than the "
+        f"longest file of their video, and {gaps['crops_beyond']} crops lie after the last "
+        f"annotated frame of their video (no label: not used), e.g. {'; '.join(gaps['examples'])}")
   if 'subset' in s:
     lines.append(f"  subset: {s['subset']['rows']} of {s['subset']['from']} rows selected")
   return '\n'.join(lines)
@@ -192,9 +198,18 @@ class _Collector:
     self.labelled = dict.fromkeys(tasks, 0)
     self.kept_labels = dict.fromkeys(tasks, 0)
     self.videos, self.parts = [], {name: [] for name in ('frame',) + labels.TASKS}
+    # Per-task layout: annotation files shorter than their video's longest, crops after the
+    # last annotated frame (counted and reported: files cut short lose labels silently).
+    self.gaps = {'short_files': 0, 'crops_beyond': 0, 'examples': []}
 
-  def add(self, video, frame, task_labels, lines):
-    """One video's rows: frame numbers and {task: labels} (of unrequested tasks: sentinels)."""
+  def note_gap(self, kind: str, count: int, example: str) -> None:
+    self.gaps[kind] += count
+    if len(self.gaps['examples']) < 3:
+      self.gaps['examples'].append(example)
+
+  def add(self, video, frame, task_labels, lines, every_frame: bool = False):
+    """One video's rows: frame numbers and {task: labels} (of unrequested tasks: sentinels);
+    `every_frame`: the annotations have a line for every frame (per-task files)."""
     present = {t: labels.has_label(t, task_labels[t]) for t in self.tasks}
     keep = np.zeros(frame.shape, bool)
     for t in self.tasks:
@@ -204,7 +219,7 @@ class _Collector:
     self.counts['frames_seen'] += frame.size
     self.counts['no_requested_label'] += int((~keep).sum())
     if self.image_dir is not None:
-      has_image = self._has_image(video, frame)
+      has_image = self._has_image(video, frame, every_frame)
       self.counts['no_image'] += int((keep & ~has_image).sum())
       keep &= has_image
     for t in self.tasks:
@@ -216,12 +231,15 @@ class _Collector:
     else:
       self.counts['videos_dropped'] += 1
 
-  def _has_image(self, video, frame):
+  def _has_image(self, video, frame, every_frame=False):
     """bool per frame: its crop exists. One scandir of the video folder."""
     on_disk = layout_lib.image_frames(os.path.join(self.image_dir, video))
     if on_disk is None:
       self.counts['videos_without_images'] += 1
       return np.zeros(frame.shape, bool)
+    beyond = int((np.asarray(on_disk) > frame.size).sum()) if every_frame else 0
+    if beyond:
+      self.note_gap('crops_beyond', beyond, f'{video}: {beyond} crops after line {frame.size}')
     return np.isin(frame, on_disk)
 
   def _concatenate(self, name):
@@ -243,6 +261,7 @@ class _Collector:
         videos=len(self.videos), videos_dropped=c['videos_dropped'],
         videos_without_images=c['videos_without_images'],
         two_subject_videos=sum(source_video(v) != v for v in self.videos),
+        annotation_gaps=self.gaps,
         annotation_lines=self.lines, labelled=self.labelled, kept_labels=self.kept_labels)
     video_id = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
     return AffWild2Index(tuple(self.videos), video_id, frame.astype(np.int32, copy=False),
@@ -260,7 +279,11 @@ def _collect_per_task(sources, tasks, num_expr_classes, collector):
     for t, values in parsed.items():
       merged[t][:values.shape[0]] = values
     lines = {t: parsed[t].shape[0] if t in parsed else 0 for t in tasks}
-    collector.add(video, np.arange(1, n + 1, dtype=np.int32), merged, lines)
+    for t, values in parsed.items():
+      if values.shape[0] < n:
+        collector.note_gap('short_files', 1, f'{sources.files[t][video]}: {values.shape[0]} '
+                                             f'lines, {n} in the longest file of the video')
+    collector.add(video, np.arange(1, n + 1, dtype=np.int32), merged, lines, every_frame=True)
 
 
 def _collect_mtl(sources, tasks, num_expr_classes, collector):
