@@ -1,5 +1,18 @@
-"""Orbax checkpoints: exact resume (state + input-pipeline position), best-K, weights-only init."""
+"""Orbax checkpoints: exact resume (state + input-pipeline position), best-K, weights-only init.
+
+A save that cannot be written (a full disk, a quota, a lost mount) stops the run with one
+`CheckpointSaveError` naming the step, the folder, the cause and the latest complete checkpoint,
+which stays intact (Orbax writes each step under a temporary name and renames it when complete;
+the failed step's temporary folder is removed). Before each save the free space is checked
+against the size of the state, so a disk that is already too full fails before writing.
+"""
+import glob
+import logging as py_logging
 import os
+import re
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
@@ -9,10 +22,11 @@ from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
-from affectjax import weights
+from affectjax import logs, weights
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 SCORE_KEY = 'score'
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a step still being written
 
 
 def state_tree(state) -> dict:
@@ -22,6 +36,80 @@ def state_tree(state) -> dict:
 
 def _score(metrics: dict) -> float:
   return float(metrics.get(SCORE_KEY, -np.inf))
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message says what is still there."""
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost cause of an (Orbax, tensorstore, asyncio) error, in one line."""
+  while error.__cause__ is not None or (error.__context__ is not None and
+                                        not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  found = re.search(r'(No space left on device|Disk quota exceeded|Read-only file system|'
+                    r'Permission denied)', text)
+  return found.group(1) if found else text[:300]
+
+
+def state_bytes(tree) -> int:
+  """Bytes of a state's arrays (their global sizes), about what a checkpoint of it takes."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x)))
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _mute_closed_loop_errors() -> None:
+  """After a failed save, tensorstore still completes the save's other writes and reports each
+  to Orbax's event loop, which the failure closed: every one would print a traceback of
+  "RuntimeError: Event loop is closed" (through sys.excepthook), hundreds for a full disk.
+  Those, only, are dropped."""
+  previous = sys.excepthook
+  if getattr(previous, 'affectjax_mutes_closed_loop', False):
+    return
+
+  def hook(kind, value, traceback):
+    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      previous(kind, value, traceback)
+
+  hook.affectjax_mutes_closed_loop = True
+  sys.excepthook = hook
+
+
+def _settle(directory: str, timeout: float = 10.0) -> None:
+  """Waits until nothing under `directory` changes for half a second: the writer threads of a
+  failed save finish failing (each remaining write hits the same full disk) before its
+  temporary folder is removed and the failure reported."""
+  def sizes():
+    return sorted((p, os.path.getsize(p)) for p in glob.glob(
+        os.path.join(directory, '*' + _TMP_SUFFIX + '*', '**'), recursive=True)
+        if os.path.isfile(p))
+  deadline, last = time.monotonic() + timeout, None
+  while time.monotonic() < deadline:
+    now = sizes()
+    if now == last:
+      return
+    last = now
+    time.sleep(0.5)
+
+
+class _QuietOrbaxErrors(py_logging.Filter):
+  """Drops Orbax's error-level log records (its background threads log each failure with
+  tracebacks, hundreds of lines for a full disk): the failure reaches the run as a
+  CheckpointSaveError with the cause, and --verbosity shows everything again."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno >= py_logging.ERROR and
+                f'{os.sep}orbax{os.sep}' in (record.pathname or ''))
+
+
+def quiet_orbax_errors() -> None:
+  """Installs `_QuietOrbaxErrors` on the absl logger and `_mute_closed_loop_errors` (the
+  command line does, unless verbose)."""
+  _mute_closed_loop_errors()
+  logger = py_logging.getLogger('absl')
+  if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxErrors())
 
 
 class Checkpoints:
@@ -42,6 +130,8 @@ class Checkpoints:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'input'))
+    self.failure = None  # the CheckpointSaveError of a failed save
+    self._pending = None  # the step of the latest save started
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,15 +148,57 @@ class Checkpoints:
 
   def save(self, step: int, state, input_state: dict | None, score: float | None = None,
            force: bool = False) -> bool:
-    """Starts an asynchronous save; `score` (higher is better) ranks it for best-K."""
+    """Starts an asynchronous save; `score` (higher is better) ranks it for best-K.
+    CheckpointSaveError if this save, or the previous one still being written, fails."""
     if step in self.manager.all_steps():
       return False
-    args = {'state': ocp.args.StandardSave(state_tree(state))}
+    tree = state_tree(state)
+    self._check_space(step, state_bytes(tree))
+    args = {'state': ocp.args.StandardSave(tree)}
     args['input'] = ocp.args.JsonSave(input_state if input_state is not None else {})
     # Saves without an evaluation carry empty metrics (ranked last), not None (Orbax warns).
     metrics = {SCORE_KEY: float(score)} if score is not None else {}
-    return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
-                             force=force)
+    self._pending = step
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                               force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from None
+
+  def _check_space(self, step: int, size: int) -> None:
+    need = int(size * 1.05) + (256 << 10)  # metadata and the input state
+    free = shutil.disk_usage(self.directory).free
+    if need > free:
+      self.failure = CheckpointSaveError(
+          f'cannot save checkpoint step {step} in {self.directory}: it needs about '
+          f'{logs.format_bytes(need)}, the disk has {logs.format_bytes(free)} free. '
+          f'{self._what_is_kept()}')
+      raise self.failure
+
+  def _what_is_kept(self) -> str:
+    try:
+      steps = [s for s in self.manager.all_steps() if os.path.isdir(
+          os.path.join(self.directory, str(s)))]
+    except Exception:  # pylint: disable=broad-except
+      steps = []
+    if not steps:
+      return 'No checkpoint of this run is complete yet.'
+    return (f'The latest complete checkpoint, step {max(steps)}, is intact: free some space and '
+            'run the same command again to resume from it.')
+
+  def _failed(self, error: BaseException) -> CheckpointSaveError:
+    """The error of a failed save, after removing its temporary folders."""
+    if self.failure is None:
+      _settle(self.directory)
+      steps = []
+      for tmp in glob.glob(os.path.join(self.directory, '*' + _TMP_SUFFIX + '*')):
+        steps.append(os.path.basename(tmp).split('.')[0])
+        shutil.rmtree(tmp, ignore_errors=True)
+      steps = sorted(set(steps)) or ([str(self._pending)] if self._pending is not None else [])
+      self.failure = CheckpointSaveError(
+          f'could not save checkpoint step {", ".join(steps) or "?"} in {self.directory}: '
+          f'{_root_cause(error)}. {self._what_is_kept()}')
+    return self.failure
 
   def restore(self, state, step: int | None = None) -> tuple[Any, dict]:
     """Restores `step` (default latest) into the structure and shardings of `state`."""
@@ -79,10 +211,18 @@ class Checkpoints:
     return state.replace(**restored['state']), dict(restored['input'] or {})
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the pending save; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from None
 
   def close(self):
-    self.manager.close()
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if self.failure is None:  # a failure already reported is not reported twice
+        raise self._failed(e) from None
 
 
 def read_variables(path: str) -> dict:

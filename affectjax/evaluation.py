@@ -28,6 +28,29 @@ def skipped_frames(iterator) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.asarray([iterator.num_skipped]))))
 
 
+def reading_counts(state: dict) -> tuple[int, int]:
+  """(frames read, frames that could not be read or decoded), summed over processes, from an
+  input iterator's state (`get_state()`, or the state that came with a training batch: the
+  counts up to that batch, not the batches read ahead)."""
+  counts = np.asarray([state.get('frames_read', 0), state.get('bad_frames', 0)], np.int64)
+  read, bad = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(axis=0)
+  return int(read), int(bad)
+
+
+def format_frame_counts(metrics: dict) -> str:
+  """'unreadable frames: training 3 of 1,200 read (substituted), validation 1 of 300 (left
+  out of the score)' from an evaluation's metrics (`skipped_frames`, `eval_frames` and, during
+  training, `train_bad_frames`, `train_frames_read`)."""
+  parts = []
+  if 'train_frames_read' in metrics:
+    parts.append(f"training {metrics['train_bad_frames']:,} of {metrics['train_frames_read']:,} "
+                 'read' + (' (substituted)' if metrics['train_bad_frames'] else ''))
+  if 'eval_frames' in metrics:
+    parts.append(f"evaluation {metrics['skipped_frames']:,} of {metrics['eval_frames']:,}"
+                 + (' (left out of the score)' if metrics['skipped_frames'] else ''))
+  return 'unreadable frames: ' + ', '.join(parts)
+
+
 def tune_post_processing(kept: dict, tasks: tuple, index) -> dict:
   """The post-processing that does best on the kept predictions of an evaluation pass:
   per-AU thresholds maximising each AU's F1 (`au_thresholds`; `au_f1_tuned`) and the VA
@@ -70,7 +93,8 @@ def evaluate(run, eval_step, state, data, *, keep_predictions: bool = False,
 
   infer(run, eval_step, state, iterator, on_batch)
   results = accumulator.compute()
-  results['skipped_frames'] = skipped_frames(iterator)  # padding rows in the batches
+  results['skipped_frames'] = skipped_frames(iterator)  # left out of the metrics
+  results['eval_frames'] = reading_counts(iterator.get_state())[0]
   if tune:
     results.update(tune_post_processing(accumulator.predictions(), run.tasks,
                                         run.kind.frame_index(data)))

@@ -20,17 +20,57 @@ def _scalar_items(metrics: Mapping) -> dict:
   return out
 
 
-class RunWriter:
-  """Writes `WORKDIR/metrics.jsonl` (every record, lists included) and TensorBoard scalars."""
+RESUME_SPLIT = 'resume'  # metrics.jsonl: the marker row of a resumed run
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+def read_records(path: str) -> list:
+  """The rows of a metrics.jsonl; a last line cut short by a killed process is left out."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if number < len(lines):
+        raise ValueError(f'{path}:{number}: not a JSON record') from None
+  return records
+
+
+class RunWriter:
+  """Writes `WORKDIR/metrics.jsonl` (every record, lists included) and TensorBoard scalars.
+
+  A run resumed from the checkpoint of `resume_step` first drops the rows of the steps after
+  it (written by the interrupted run, then trained again) and writes a marker row
+  `{'step': resume_step, 'split': 'resume', 'superseded_rows': n}`; TensorBoard drops those
+  steps' events too (`purge_step`). So each step has one row per split, that of the run whose
+  weights continue.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      purge_step = None
+      if resume_step is not None:
+        self._truncate_after(int(resume_step))
+        purge_step = int(resume_step) + 1
       from tensorboardX import SummaryWriter  # deferred: heavy import
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
+
+  def _truncate_after(self, step: int) -> None:
+    records = read_records(self.path)
+    kept = [r for r in records if r['step'] <= step]
+    kept.append({'step': step, 'split': RESUME_SPLIT, 'time': time.time(),
+                 'superseded_rows': len(records) - len(kept)})
+    tmp = f'{self.path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, self.path)
 
   def write(self, step: int, split: str, metrics: Mapping):
     """Appends one record `{'step', 'split', 'time', **metrics}` and the scalars to TensorBoard."""

@@ -7,7 +7,9 @@ checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eva
 per-frame features for the temporal models of configs/temporal.py).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
 """
+import errno
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -50,12 +52,33 @@ def main(argv):
   config = FLAGS.config
   _maybe_initialize_distributed(config)
   # After flags are parsed (grain workers read absl flags).
-  from affectjax import inference, trainer
+  from affectjax import checkpoint, inference, trainer
   modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
            'predict': inference.predict_checkpoint, 'features': inference.extract_features}
   if config.mode not in modes:
     raise app.UsageError(f'config.mode must be one of {", ".join(modes)}, got {config.mode!r}')
-  modes[config.mode](config, FLAGS.workdir)
+  verbose = FLAGS['verbosity'].present
+  if not verbose:
+    checkpoint.quiet_orbax_errors()
+  try:
+    modes[config.mode](config, FLAGS.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose or not _is_user_error(e):
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _is_user_error(error: Exception) -> bool:
+  """Errors whose message says all (what, where, what to do): shown without a traceback
+  (docs/reliability.md); --verbosity=0 shows the traceback too."""
+  from affectjax import checkpoint, workdir
+  from affectjax.data import annotations, layout, sources
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    return True
+  return isinstance(error, (workdir.WorkdirLocked, checkpoint.CheckpointSaveError,
+                            sources.DataError, annotations.AnnotationError,
+                            layout.DatasetLayoutError, FloatingPointError))
 
 
 def _parse_flags(argv):

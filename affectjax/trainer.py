@@ -12,6 +12,7 @@ import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, runs
+from affectjax import workdir as workdir_lib
 
 
 def is_periodic_save(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
@@ -132,9 +133,15 @@ class StepLedger:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains with periodic evaluation and checkpoints; resumes from WORKDIR if it has any."""
-  t_start = time.time()
+  """Trains with periodic evaluation and checkpoints; resumes from WORKDIR if it has any.
+  The workdir is locked for the run (`affectjax.workdir`): a second run on it stops at once."""
   workdir = os.path.abspath(workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=parallel.is_main_process()):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  t_start = time.time()
   kind = kinds.get_kind(config)
   train_data = kind.load_split(config, 'train')
   eval_data = kind.load_split(config, config.eval_split)
@@ -142,12 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = kind.train_iterator(config, train_data)
   kind.prepare_eval(config, eval_data)
   run = runs.build_run(config, train_data, train_iter.steps_per_epoch)
-  writer = logs.RunWriter(workdir, enabled=parallel.is_main_process())
-  if parallel.is_main_process():
-    _save_config(config, workdir)
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                      keep_latest=config.keep_checkpoints,
                                      keep_best=config.keep_best_checkpoints)
+  writer = logs.RunWriter(workdir, enabled=parallel.is_main_process(),
+                          resume_step=checkpoints.latest_step())
+  if parallel.is_main_process():
+    _save_config(config, workdir)
   state = run.state
   if checkpoints.latest_step() is not None:
     state, input_state = checkpoints.restore(parallel.replicate(state, run.mesh))
@@ -167,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ledger = StepLedger(checkpoints, writer, progress, run.steps_per_epoch)
   best = {'score': -np.inf, 'step': None, 'metrics': None}
   last_metrics, stop_reason = {}, 'finished'
+  trained_input = train_iter.get_state()  # the input state after the latest trained batch
   try:
     with _Preemption() as preemption:
       batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
@@ -174,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step >= run.total_steps:
           break
         state, step_metrics = step_fn(state, batch)
-        step += 1
+        step, trained_input = step + 1, input_state
         last = step >= run.total_steps
         ledger.add_step(step, step_metrics, step % config.log_every_steps == 0 or last)
         score = None
@@ -186,10 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           progress.exclude(time.perf_counter() - eval_start)  # img/s counts training only
           score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
           eval_metrics['score'] = score
+          read, bad = evaluation.reading_counts(trained_input)
+          eval_metrics.update(train_frames_read=read, train_bad_frames=bad)
           writer.write(step, config.eval_split, eval_metrics)
           progress.write(f'[step {step}, epoch {step / run.steps_per_epoch:.2f}] '
                          f'{config.eval_split}: score {score:.4f}  ' +
-                         logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS))
+                         logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) +
+                         '\n  ' + evaluation.format_frame_counts(eval_metrics))
           last_metrics = eval_metrics
           if score > best['score']:
             best = {'score': score, 'step': step, 'metrics': eval_metrics}
@@ -211,7 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.close()
     progress.close()
     writer.close()
-  summary = {'stop_reason': stop_reason, 'steps': step, 'seconds': time.time() - t_start,
+  read, bad = evaluation.reading_counts(trained_input)
+  summary = {'stop_reason': stop_reason, 'steps': step, 'train_frames_read': read,
+             'train_bad_frames': bad, 'seconds': time.time() - t_start,
              'best_score': best['score'], 'best_step': best['step'],
              'final_metrics': last_metrics, 'workdir': workdir,
              'images_per_second': (float(np.median(ledger.throughput)) if ledger.throughput
@@ -231,7 +245,10 @@ def format_summary(summary: dict, run: runs.Run) -> str:
   if summary['best_step'] is not None:
     lines.append(f"  best validation score {summary['best_score']:.4f} at step "
                  f"{summary['best_step']}")
-  if summary['final_metrics']:
-    lines.append('  final validation: ' + logs.format_metrics(summary['final_metrics'],
-                                                              evaluation.HEADLINE_KEYS))
+  final = summary['final_metrics']
+  if final:
+    lines.append('  final validation: ' + logs.format_metrics(final, evaluation.HEADLINE_KEYS))
+  lines.append('  ' + evaluation.format_frame_counts(
+      {k: v for k, v in final.items() if k in ('skipped_frames', 'eval_frames')} |
+      {k: summary[k] for k in ('train_frames_read', 'train_bad_frames')}))
   return '\n'.join(lines)

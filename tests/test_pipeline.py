@@ -297,16 +297,55 @@ def test_corrupt_frame_is_skipped_and_counted(dataset_root, train_index, val_ind
   assert sorted(rows.tolist()) == [r for r in range(len(val_copy)) if r != bad_row]
 
 
-def test_too_many_corrupt_frames_fail_naming_the_path(dataset_root, train_index, tmp_path):
-  bad_rows = list(range(0, len(train_index), 4))
+@pytest.mark.parametrize('worker_count', [0, 2])
+def test_too_many_corrupt_frames_fail_from_the_first_frames(dataset_root, train_index, tmp_path,
+                                                            worker_count):
+  # 30% corrupt crops: the run stops within its first batches (counted from the first frame,
+  # in the iterating process also with worker processes), naming a bad path.
+  bad_rows = [r for r in range(len(train_index)) if r % 10 in (0, 3, 6)]
   index = _copy_with_corrupt_frames(dataset_root, tmp_path, bad_rows, train_index)
   config = _config()
-  config.max_bad_frame_fraction = 0.05  # minimum sample: 200 frames
+  config.max_bad_frame_fraction = 0.05
+  config.worker_count = worker_count
   it = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
   bad_paths = '|'.join(index.image_path(r) for r in bad_rows)
-  with pytest.raises(sources.DataError, match=rf'of \d+ frames read.*latest: ({bad_paths})'):
-    _take(it, 100)
-  assert it.maker.counter.read >= pipeline.minimum_sample(0.05)
+  try:
+    with pytest.raises(sources.DataError, match=rf'of \d+ frames read.*latest: ({bad_paths})'):
+      _take(it, 100)
+  finally:
+    it.close()
+  assert pipeline.BAD_FRAME_FLOOR < it.bad_frames['bad'] <= 2 * pipeline.BAD_FRAME_FLOOR
+  assert it.bad_frames['read'] < 100
+  ev = pipeline.make_eval_iterator(index, config, global_batch_size=BATCH)
+  with pytest.raises(sources.DataError, match='could not be read or decoded'):
+    list(ev)
+
+
+def test_bad_frame_tolerance_floor_and_counts_resume():
+  counter = pipeline.BadFrameCounter(0.001)
+  counter.add(20, [f'f{i}' for i in range(pipeline.BAD_FRAME_FLOOR)])  # the floor: tolerated
+  with pytest.raises(sources.DataError, match=r'11 of 21 frames.*latest: f10'):
+    counter.add(1, ['f10'])
+  assert pipeline.allowed_bad_frames(100_000, 0.001) == 100
+  with pytest.raises(sources.DataError):  # 0 tolerates none
+    pipeline.BadFrameCounter(0.0).add(1, ['x'])
+
+
+def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_index, tmp_path):
+  index = _copy_with_corrupt_frames(dataset_root, tmp_path, list(range(0, len(train_index), 5)),
+                                    train_index)
+  config = _config()
+  config.max_bad_frame_fraction = 0.5
+  whole = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  _take(whole, 6)
+  first = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  _take(first, 3)
+  resumed = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  resumed.set_state(first.get_state())
+  _take(resumed, 3)
+  assert whole.bad_frames['bad'] >= 2
+  assert (resumed.bad_frames['read'], resumed.bad_frames['bad']) == (
+      whole.bad_frames['read'], whole.bad_frames['bad'])
 
 
 def test_worker_processes_give_the_same_batches_and_resume(train_index):

@@ -1,6 +1,7 @@
 """The training loop end to end on the synthetic Aff-Wild2: resume, preemption, NaN stop, eval, CLI."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
   for key in ('expr_f1', 'au_f1', 'va_ccc', 'mtl_score', 'score'):
     assert np.isfinite(evals[-1][key])
   assert all(np.isfinite(r['loss']) for r in trains)
+  # Reading counts from the first frame: every frame of every training batch, and of the
+  # validation pass, none unreadable.
+  assert summary['train_frames_read'] == summary['steps'] * config.global_batch_size
+  assert summary['train_bad_frames'] == 0
+  assert evals[-1]['train_frames_read'] == summary['train_frames_read']
+  assert evals[-1]['eval_frames'] == len(kinds.load_index(config, 'validation'))
+  assert evals[-1]['skipped_frames'] == 0
+  assert not os.path.exists(workdir / 'run.lock')  # released at the end
   assert os.listdir(workdir / 'tensorboard')
   assert json.load(open(workdir / 'config.json'))['tasks'] == 'expr,au,va'
   checkpoints = ckpt_lib.Checkpoints(str(workdir / 'checkpoints'))
@@ -69,9 +78,13 @@ def test_resumed_run_reproduces_the_uninterrupted_run_also_from_decoded_frames(u
                                                                              config, tmp_path):
   summary, _ = uninterrupted
   c = config.copy_and_resolve_references()
-  c.halt_after_steps = 3  # between checkpoints and mid-epoch
+  c.halt_after_steps = 8
+  c.checkpoint_every_steps = 3  # saves at 3, 5 (evaluation), 6 and 8 (halt); keeps 6 and 8
   first = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert first['steps'] == 3 and first['stop_reason'].startswith('halted')
+  assert first['steps'] == 8 and first['stop_reason'].startswith('halted')
+  # As if killed (SIGKILL) before the save of step 8: the latest checkpoint is step 6
+  # (mid-epoch), and metrics.jsonl has a row of step 8 that the resumed run will redo.
+  shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')
   c.halt_after_steps = 0
   # Resumed reading decoded pixels (data.decoded_cache): the same batches, the same run.
   c.data.decoded_cache, c.data.decoded_cache_dir = True, str(tmp_path / 'decoded')
@@ -80,6 +93,15 @@ def test_resumed_run_reproduces_the_uninterrupted_run_also_from_decoded_frames(u
   assert_same_params(params_of(resumed), params_of(summary))
   built = sorted(f.split('-')[0] for f in os.listdir(tmp_path / 'decoded' / 'decoded'))
   assert built == ['train', 'validation']
+  # One row per step and split: the interrupted run's rows after step 6 gave way to the
+  # resumed run's, with a marker row where it resumed.
+  records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  keys = [(r['step'], r['split']) for r in records]
+  assert len(keys) == len(set(keys))
+  assert [r['step'] for r in records if r['split'] == 'train'] == [2, 4, 6, 8, 10]
+  assert [r['step'] for r in records if r['split'] == 'validation'] == [5, 10]
+  marker = [r for r in records if r['split'] == 'resume']
+  assert [(m['step'], m['superseded_rows']) for m in marker] == [(6, 1)]
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(config, tmp_path, monkeypatch):

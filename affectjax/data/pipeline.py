@@ -14,18 +14,19 @@ uint8 array. Everything is a pure function of (seed, k, process_index), so:
 Bad frames (unreadable or undecodable JPEG). Training substitutes the next frame of the same
 phase segment in the epoch plan (same augmentation draw), so batch shapes, phases and
 determinism are unaffected. Evaluation turns the row into a `valid=False` row (zero image,
-sentinel labels, index -1) and the iterator's `num_skipped` counts them, derived from the
-batches, so it is exact with worker processes too. Each process (and each worker process)
-counts the frames it reads, logs each bad path once (the first ten), and raises
-`sources.DataError` when bad frames exceed `max_bad_frame_fraction` of its frames read so far,
-once it has read `minimum_sample(max_bad_frame_fraction)` frames; with workers these counters
-are per worker.
+sentinel labels, index -1) and the iterator's `num_skipped` counts them. Each batch carries
+how many frames were read to build it and which were bad (`READ_KEY`, `BAD_KEY`); the iterator
+removes these before returning the batch and keeps the counts, from the first frame, in the
+process that iterates (worker processes or not), in its resumable state. It logs each bad path
+once (the first ten) and raises `sources.DataError` as soon as the bad frames exceed
+`allowed_bad_frames(read so far)`: `max_bad_frame_fraction` of the frames read so far, but at
+least `BAD_FRAME_FLOOR` frames (so one unlucky bad frame in the first batch does not stop a
+run; 0 tolerates none). Evaluation counts each pass on its own.
 
 Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
 `worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
 """
 import functools
-import threading
 
 import grain
 import ml_collections
@@ -68,47 +69,41 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-def minimum_sample(max_fraction: float) -> int:
-  """Frames read before the bad-frame fraction is enforced: enough that one unlucky bad frame
-  early on cannot exceed the tolerance by chance."""
+BAD_FRAME_FLOOR = 10  # bad frames always tolerated when max_bad_frame_fraction > 0
+READ_KEY, BAD_KEY = 'frames_read', 'bad_rows'  # host-only batch entries, removed by the iterator
+
+
+def allowed_bad_frames(read: int, max_fraction: float) -> float:
+  """Bad frames tolerated after `read` frames: the fraction, with a floor of BAD_FRAME_FLOOR."""
   if max_fraction <= 0:
     return 0
-  return int(min(100_000, max(100, np.ceil(10.0 / max_fraction))))
+  return max(BAD_FRAME_FLOOR, max_fraction * read)
 
 
 class BadFrameCounter:
-  """Frames read and bad frames seen by this process; raises DataError above the tolerance."""
+  """Frames read and bad frames seen by an iterator; raises DataError above the tolerance."""
 
-  def __init__(self, max_fraction: float):
+  def __init__(self, max_fraction: float, read: int = 0, bad: int = 0):
     self.max_fraction = float(max_fraction)
-    self.read = self.bad = 0
+    self.read, self.bad = int(read), int(bad)
     self.last_path = None
     self._warned = set()
-    self._lock = threading.Lock()
 
   def add(self, num_read: int, bad_paths: list) -> None:
-    with self._lock:
-      self.read += num_read
-      self.bad += len(bad_paths)
-      for path in bad_paths:
-        self.last_path = path
-        if path not in self._warned and len(self._warned) < _MAX_WARNINGS:
-          self._warned.add(path)
-          more = ' (further bad frames are not logged one by one)' if len(
-              self._warned) == _MAX_WARNINGS else ''
-          logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
-      too_many = self.bad > self.max_fraction * self.read
-      if bad_paths and too_many and self.read >= minimum_sample(self.max_fraction):
-        raise sources.DataError(
-            f'{self.bad} of {self.read} frames read so far could not be read or decoded '
-            f'({self.bad / self.read:.2%} > max_bad_frame_fraction={self.max_fraction}); '
-            f'latest: {self.last_path}')
-
-  def __getstate__(self):  # worker processes start their own counts
-    return {'max_fraction': self.max_fraction}
-
-  def __setstate__(self, state):
-    self.__init__(state['max_fraction'])
+    self.read += int(num_read)
+    self.bad += len(bad_paths)
+    for path in bad_paths:
+      self.last_path = path
+      if path not in self._warned and len(self._warned) < _MAX_WARNINGS:
+        self._warned.add(path)
+        more = ' (further bad frames are not logged one by one)' if len(
+            self._warned) == _MAX_WARNINGS else ''
+        logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
+    if bad_paths and self.bad > allowed_bad_frames(self.read, self.max_fraction):
+      raise sources.DataError(
+          f'{self.bad} of {self.read} frames read so far could not be read or decoded '
+          f'({self.bad / self.read:.1%} > data.max_bad_frame_fraction={self.max_fraction}, '
+          f'beyond the first {BAD_FRAME_FLOOR} tolerated); latest: {self.last_path}')
 
 
 def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> dict:
@@ -148,7 +143,6 @@ class BatchMaker:
     self.augment = augment if self.training and _augments(augment) else None
     self.steps_per_epoch = (sampling.steps_per_epoch(groups, self.global_batch) if self.training
                             else eval_rows.size // self.global_batch)
-    self.counter = BadFrameCounter(data_config.max_bad_frame_fraction)
     self._plan = None
 
   def __getstate__(self):
@@ -190,22 +184,23 @@ class BatchMaker:
     writer = host_augment.RowWriter(self.image_size, self.augment)
     wanted = np.flatnonzero(rows >= 0)
     records = self.source.__getitems__(rows[wanted].tolist())
-    bad_paths, num_read, filled = [], len(records), []
+    bad_rows, num_read, filled = [], len(records), []
     for i, record in zip(wanted.tolist(), records):
       ok = writer.write_record(batch['image'][i], record, params, i)
       if not ok:
-        bad_paths.append(self.index.image_path(int(record['index'])))
+        bad_rows.append(int(record['index']))
         if bounds is not None:  # training: substitute; evaluation: leave the row invalid
           record, attempts = self._substitute(plan_rows, positions[i], bounds, writer,
-                                              batch['image'][i], params, i, bad_paths)
+                                              batch['image'][i], params, i, bad_rows)
           num_read, ok = num_read + attempts, True
       if ok:
         filled.append((i, int(record['index'])))
     self._set_labels(batch, filled)
-    self.counter.add(num_read, bad_paths)
+    batch[READ_KEY] = np.int64(num_read)
+    batch[BAD_KEY] = np.asarray(bad_rows, np.int32)
     return batch
 
-  def _substitute(self, plan_rows, position, bounds, writer, out, params, i, bad_paths):
+  def _substitute(self, plan_rows, position, bounds, writer, out, params, i, bad_rows):
     """(record, frames read): the next decodable frame after `position` in its phase segment
     of the plan (wrapping), written to `out` with sample i's augmentation."""
     segment = np.searchsorted(bounds, position, side='right') - 1
@@ -214,9 +209,9 @@ class BatchMaker:
       record = self.source[int(plan_rows[lo + (int(position) - lo + attempt) % (hi - lo)])]
       if writer.write_record(out, record, params, i):
         return record, attempt
-      bad_paths.append(self.index.image_path(int(record['index'])))
+      bad_rows.append(int(record['index']))
     raise sources.DataError(f'no decodable frame among the substitutes for a bad frame; bad '
-                            f'frames here: {bad_paths}')
+                            f'frames here: {[self.index.image_path(r) for r in bad_rows]}')
 
   def _set_labels(self, batch: dict, filled: list) -> None:
     """Labels of the (batch row, index row) pairs, gathered from the index in one go (sources
@@ -255,6 +250,7 @@ class AffectIterator(grain.DatasetIterator):
     self.step = 0  # batches delivered, including before a restore
     self.num_skipped = 0  # evaluation: frames dropped as undecodable
     self._expected_valid = expected_valid  # evaluation: real (non-padding) rows per batch
+    self.counter = BadFrameCounter(data_config.max_bad_frame_fraction)
 
   @property
   def epoch(self) -> int:
@@ -263,12 +259,16 @@ class AffectIterator(grain.DatasetIterator):
 
   @property
   def bad_frames(self) -> dict:
-    """This process's reading counts (worker processes keep their own, see module doc)."""
-    c = self.maker.counter
+    """This process's reading counts since the first batch (resumes included)."""
+    c = self.counter
     return {'read': c.read, 'bad': c.bad, 'last_path': c.last_path}
 
   def __next__(self) -> dict:
     batch = next(self._parent)
+    if READ_KEY in batch:
+      bad_rows = batch.pop(BAD_KEY)
+      self.counter.add(batch.pop(READ_KEY),
+                       [self.maker.index.image_path(int(r)) for r in bad_rows])
     if self._expected_valid is not None:
       self.num_skipped += int(self._expected_valid[self.step]) - int(batch['valid'].sum())
     self.step += 1
@@ -276,6 +276,7 @@ class AffectIterator(grain.DatasetIterator):
 
   def get_state(self) -> dict:
     return {'step': self.step, 'num_skipped': self.num_skipped,
+            'frames_read': self.counter.read, 'bad_frames': self.counter.bad,
             'steps_per_epoch': self.steps_per_epoch, 'global_batch_size': self.maker.global_batch}
 
   def set_state(self, state: dict) -> None:
@@ -291,6 +292,8 @@ class AffectIterator(grain.DatasetIterator):
     previous.close()
     self.step = int(state['step'])
     self.num_skipped = int(state.get('num_skipped', 0))
+    self.counter = BadFrameCounter(self.counter.max_fraction, state.get('frames_read', 0),
+                                   state.get('bad_frames', 0))
 
 
 def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):

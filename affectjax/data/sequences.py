@@ -150,7 +150,6 @@ class SequenceBatchMaker:
       raise ValueError(f"temporal.window must be 'segment' or 'block', got {window!r}")
     if training and self.steps_per_epoch == 0:
       raise ValueError(f'fewer than one batch of {self.global_batch} {window}s per epoch')
-    self.counter = pipeline.BadFrameCounter(1.0)  # unreadable frames were counted at extraction
     self._plan = None
 
   def __getstate__(self):

@@ -1,0 +1,134 @@
+"""Runs that fail safely (docs/reliability.md): the workdir lock, checkpoint saves that cannot be
+written, the bad-frame report. Each probe checks the message and that nothing is lost."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from affectjax import checkpoint as ckpt_lib
+from affectjax import evaluation, trainer, workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HOLD = ('import sys, time; from affectjax import workdir; '
+         'lock = workdir.WorkdirLock(sys.argv[1]); lock.acquire(); print("held", flush=True); '
+         'time.sleep(600)')
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  from affectjax import config as config_lib
+  c = config_lib.load_config_file(os.path.join(REPO, 'configs', 'mtl3.py:test'))
+  c.data.cache_dir = str(tmp_path_factory.mktemp('data_cache'))
+  c.num_devices = 1
+  return c
+
+
+def _hold_lock(path):
+  """A second process holding the workdir lock (as a training run does)."""
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD, str(path)], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+  assert holder.stdout.readline().strip() == 'held'
+  return holder
+
+
+def test_a_second_run_on_a_locked_workdir_stops_at_once_naming_the_first(config, tmp_path):
+  holder = _hold_lock(tmp_path)
+  try:
+    with pytest.raises(workdir_lib.WorkdirLocked, match=rf'in use by another training run '
+                       rf'\(pid {holder.pid} on host .*Wait for it to finish'):
+      trainer.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['run.lock']  # nothing of the run was touched
+    # The command line says it in one line, without a traceback.
+    cli = subprocess.run(
+        [sys.executable, '-m', 'affectjax.main', '--config=configs/mtl3.py:test',
+         f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1
+    assert 'Traceback' not in cli.stderr
+    assert f'in use by another training run (pid {holder.pid}' in cli.stderr
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing the lock (SIGKILL): the lock is stale, the next run
+  # takes it over and says whose it was.
+  lock = workdir_lib.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  try:
+    assert json.load(open(tmp_path / 'run.lock'))['pid'] == os.getpid()
+  finally:
+    lock.release()
+  assert not os.path.exists(tmp_path / 'run.lock')
+
+
+def test_lock_without_flock_judges_by_the_content(tmp_path, monkeypatch):
+  def no_flock(*args):
+    raise OSError(errno.ENOLCK, 'No locks available')
+  monkeypatch.setattr(workdir_lib.fcntl, 'flock', no_flock)
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  (tmp_path / 'run.lock').write_text(json.dumps(
+      {'host': workdir_lib.socket.gethostname(), 'pid': int(dead.stdout), 'time': time.time()}))
+  with workdir_lib.WorkdirLock(str(tmp_path)):  # a dead process's lock: taken over
+    pass
+  (tmp_path / 'run.lock').write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'time': 0}))
+  with pytest.raises(workdir_lib.WorkdirLocked, match='cannot lock files: if that run has '
+                     'ended, delete the file'):
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_one_message_and_keeps_the_last(
+    config, tmp_path, monkeypatch):
+  c = config.copy_and_resolve_references()
+  c.checkpoint_every_steps = 2
+  real_usage = shutil.disk_usage
+
+  def usage(path):  # the disk is full from the third save on
+    total, used, free = real_usage(path)
+    full = len([d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]) >= 2
+    return type(real_usage(path))(total, used, 1000 if full else free)
+
+  monkeypatch.setattr(ckpt_lib.shutil, 'disk_usage', usage)
+  with pytest.raises(ckpt_lib.CheckpointSaveError,
+                     match=r'cannot save checkpoint step 5 in .*checkpoints: it needs about '
+                           r'[\d.]+ [KM]B, the disk has 1.0 KB free\. The latest complete '
+                           r'checkpoint, step 4, is intact: free some space and run the same '
+                           r'command again to resume from it\.') as error:
+    trainer.train_and_evaluate(c, str(tmp_path))
+  assert '\n' not in str(error.value)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']  # no temporary folder
+  monkeypatch.undo()
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert checkpoints.latest_step() == 4
+  checkpoints.close()
+  assert not os.path.exists(tmp_path / 'run.lock')
+
+
+def test_a_failed_asynchronous_save_is_one_line_and_leaves_no_temporary_folder(tmp_path):
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path))
+  os.makedirs(tmp_path / '7.orbax-checkpoint-tmp' / 'state')
+  try:  # what Orbax raises for a full disk, under layers of asyncio and futures
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    except OSError as cause:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.kernel" in OCDBT database '
+                       f'at local file "{tmp_path}/7.orbax-checkpoint-tmp/state": Failed to '
+                       'write 1287 bytes to file 7: No space left on device') from cause
+  except ValueError as orbax_error:
+    error = checkpoints._failed(orbax_error)
+  assert str(error) == (f'could not save checkpoint step 7 in {tmp_path}: No space left on '
+                        'device. No checkpoint of this run is complete yet.')
+  assert os.listdir(tmp_path) == []
+  checkpoints.close()
+
+
+def test_evaluation_line_names_unreadable_frames():
+  text = evaluation.format_frame_counts({'train_frames_read': 12000, 'train_bad_frames': 3,
+                                         'skipped_frames': 2, 'eval_frames': 1500})
+  assert text == ('unreadable frames: training 3 of 12,000 read (substituted), evaluation 2 of '
+                  '1,500 (left out of the score)')
+  assert evaluation.format_frame_counts({'skipped_frames': 0, 'eval_frames': 10}) == (
+      'unreadable frames: evaluation 0 of 10')
