@@ -225,21 +225,79 @@ class Checkpoints:
         raise self._failed(e) from None
 
 
-def read_variables(path: str) -> dict:
-  """Loads {'params', 'batch_stats'} from converted weights or a run (workdir or step dir)."""
+class CheckpointError(ValueError):
+  """`init_from` names nothing that holds weights; one line: what was found, what is expected."""
+
+
+_EXPECTED_INIT = ("expected converted weights (python -m affectjax.convert --out) or a run's "
+                  'workdir / checkpoints folder / step folder')
+_WEIGHTS_FILES = ('.pth', '.pt', '.pkl', '.pickle')
+
+
+def _listing(folder: str, most: int = 8) -> str:
+  names = sorted(e.name + ('/' if e.is_dir() else '') for e in os.scandir(folder))
+  return ', '.join(names[:most]) + (f', ... ({len(names)} entries)' if len(names) > most else '')
+
+
+def _steps(folder: str) -> list:
+  """The finished Orbax steps of a checkpoints folder (numbered folders; unfinished saves carry
+  a suffix)."""
+  return sorted(int(e.name) for e in os.scandir(folder) if e.name.isdigit() and e.is_dir())
+
+
+def locate_variables(path: str) -> tuple[str, str]:
+  """What `init_from=path` names: ('converted', folder), ('steps', checkpoints folder) or
+  ('step', step folder). Reads folder listings only and creates nothing; `CheckpointError`
+  when `path` is none of them."""
+  where = f'init_from={path}'
+  if not os.path.exists(path):
+    raise CheckpointError(f'{where}: no such file or directory; {_EXPECTED_INIT}')
+  if not os.path.isdir(path):
+    hint = (' (convert a weights file first: python -m affectjax.convert --source FILE --out '
+            'DIR)' if path.lower().endswith(_WEIGHTS_FILES) else '')
+    raise CheckpointError(f'{where}: a file, not a folder{hint}; {_EXPECTED_INIT}')
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, weights.META_FILE)):
-    variables, _ = weights.load_converted(path)
-    return variables
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  manager = ocp.CheckpointManager(path, item_names=('state', 'input'))
-  step = manager.best_step() or manager.latest_step()
-  if step is None:  # a single step directory
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
+    if not os.path.isdir(os.path.join(path, weights.VARIABLES_DIR)):
+      raise CheckpointError(f'{where}: converted weights without their {weights.VARIABLES_DIR}/ '
+                            'folder (an interrupted conversion?); convert them again')
+    return 'converted', path
+  if os.path.isdir(os.path.join(path, 'state')):
+    return 'step', path
+  folder = os.path.join(path, 'checkpoints')
+  folder = folder if os.path.isdir(folder) else path
+  if _steps(folder):
+    return 'steps', folder
+  found = _listing(folder)
+  no_step = f'holds no checkpoint step (found: {found or "nothing"}; steps are numbered folders)'
+  if folder != path:
+    problem = f'a workdir whose checkpoints/ folder {no_step}'
+  elif os.path.basename(path) == 'checkpoints':
+    problem = f'a checkpoints folder that {no_step}'
+  elif not found:
+    problem = 'an empty folder'
   else:
+    problem = (f'a folder of neither converted weights ({weights.META_FILE}) nor checkpoints '
+               f'(found: {found})')
+  raise CheckpointError(f'{where}: {problem}; {_EXPECTED_INIT}')
+
+
+def read_variables(path: str) -> dict:
+  """Loads {'params', 'batch_stats'} from converted weights or a run (workdir, checkpoints
+  folder or step folder, the best step first); `CheckpointError` for anything else."""
+  kind, folder = locate_variables(path)
+  if kind == 'converted':
+    variables, _ = weights.load_converted(folder)
+    return variables
+  if kind == 'step':
+    restored = ocp.StandardCheckpointer().restore(os.path.join(folder, 'state'))
+  else:
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    manager = ocp.CheckpointManager(folder, options=options, item_names=('state', 'input'))
+    step = manager.best_step() or manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     restored = restored['state']
+    manager.close()
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
 

@@ -2,12 +2,25 @@
 
 Each file in `configs/` builds on `base_config()`, sets the fields of its published system and
 finishes with `apply_variant(config, arg)`, so `--config=configs/mtl.py:demo` works for all.
+`check_config` rejects, before anything is loaded, a config no run can use (`ConfigError`, one
+line naming the field and what it allows); `config_flag_problem` says why `--config=file.py:variant`
+and its `--config.a.b=v` overrides make no config.
 """
+import os
+
 import ml_collections
 
-from affectjax import losses, optim
-from affectjax.data import pipeline
-from affectjax.models import affect, temporal
+from affectjax import checkpoint, labels, losses, metrics, optim, predictions
+from affectjax.data import layout, pipeline, sampling, sources
+from affectjax.models import affect, preprocess, temporal
+
+MODES = ('train', 'eval', 'predict', 'features')  # main.py's mode table
+KINDS = ('image', 'temporal')  # kinds.KINDS
+
+
+class ConfigError(ValueError):
+  """A config (or config file) no run can use; the message is one line naming the field and the
+  values it allows."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -94,7 +107,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     return config
   c = config
   if arg not in ('demo', 'test'):
-    raise ValueError(f'unknown config variant {arg!r}: expected demo or test')
+    raise ConfigError(f'unknown variant {arg!r}: expected demo or test (or no variant)')
   c.data.root = ''  # the built-in synthetic Aff-Wild2
   c.init_from = ''
   c.preprocessing = 'unit'
@@ -149,8 +162,9 @@ def parse_variant(arg, choices: tuple, default: str, where: str) -> tuple:
   words = [w for w in (arg or '').split(',') if w]
   unknown = [w for w in words if w not in choices and w not in ('demo', 'test')]
   if unknown:
-    raise ValueError(f'{where}: unknown variant {unknown[0]!r}: expected one of {choices} and '
-                     f'optionally demo or test, e.g. "{choices[0]},demo"')
+    raise ConfigError(f'{where}: unknown variant {unknown[0]!r}: expected one of '
+                      f'{", ".join(choices)}, optionally with demo or test (e.g. '
+                      f'{where}:{choices[0]},demo)')
   choice = next((w for w in words if w in choices), default)
   return choice, next((w for w in words if w in ('demo', 'test')), '')
 
@@ -165,12 +179,34 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def unknown_override_message(argv: list) -> str | None:
-  """For `--config.a.b=v` naming no field of the config: which part is unknown, and the valid ones."""
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+def _config_spec(argv: list) -> str | None:
+  """The value of `--config=spec` or `--config spec` in `argv`."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def config_flag_problem(argv: list) -> str | None:
+  """Why `--config=path.py[:variant]` and the `--config.a.b=v` overrides of `argv` make no config:
+  no such file, a variant the file does not know, or an override naming no field (the valid ones
+  listed). None when they make one; an error of the file's own code propagates."""
+  spec = _config_spec(argv)
   if spec is None:
     return None
-  config = load_config_file(spec)
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or '.'
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.py')) if os.path.isdir(
+        folder) else []
+    listed = f' (config files in {folder}: {", ".join(files)})' if files else ''
+    return f'--config={spec}: no such config file {path}{listed}'
+  try:
+    config = load_config_file(spec)
+  except ConfigError as e:
+    return str(e) if str(e).startswith(path) else f'{path}: {e}'
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
@@ -184,3 +220,127 @@ def unknown_override_message(argv: list) -> str | None:
       node = node[part]
       walked.append(part)
   return None
+
+
+def _value(config, field: str):
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def _one_of(config, field: str, allowed) -> None:
+  value = _value(config, field)
+  if value not in allowed:
+    raise ConfigError(f'config.{field}={value!r}: must be one of '
+                      f'{", ".join(str(a) for a in allowed)}')
+
+
+def _at_least(config, field: str, low, *, strict: bool = False, whole: bool = False,
+              why: str = '') -> None:
+  """`field` >= low (> low when strict), a number (a whole number when `whole`)."""
+  value = _value(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int,) if whole else (int, float)):
+    raise ConfigError(f'config.{field}={value!r}: must be a {"whole " if whole else ""}number')
+  if not (value > low if strict else value >= low):
+    raise ConfigError(f'config.{field}={value!r}: must be {">" if strict else ">="} {low}{why}')
+
+
+def _existing(config, field: str, folder: bool, why: str = '') -> None:
+  """A set path must name an existing folder (or file)."""
+  path = _value(config, field)
+  if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
+    what = 'folder' if folder else 'file'
+    problem = 'a file, not a folder' if folder and os.path.exists(path) else (
+        'a folder, not a file' if os.path.isdir(path) else f'no such {what}')
+    raise ConfigError(f'config.{field}={path}: {problem}{why}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` for the first field no run can use. Cheap checks only (values,
+  ranges, the paths the config names); no data is read."""
+  for field, allowed in (
+      ('mode', MODES), ('kind', KINDS), ('num_expr_classes', (7, 8)),
+      ('edition', metrics.EDITIONS), ('dtype', ('auto', 'float32', 'bfloat16')),
+      ('preprocessing', ('auto', *preprocess.PRESETS)), ('optim.optimizer', optim.OPTIMIZERS),
+      ('optim.schedule', optim.SCHEDULES), ('data.layout', layout.LAYOUTS),
+      ('data.sampling', sampling.SAMPLING_SCHEMES), ('data.source', sources.SOURCES),
+      ('temporal.encoder', (*temporal.ENCODERS, 'stat')),
+      ('temporal.window', ('segment', 'block')), ('distributed.initialize', ('auto', 'yes', 'no'))):
+    _one_of(config, field, allowed)
+  try:
+    tasks = labels.parse_tasks(config.tasks)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  if config.data.sampling == 'alternating' and not {'expr', 'au'} <= set(tasks):
+    raise ConfigError(f'config.data.sampling=alternating: needs tasks expr and au, got '
+                      f'config.tasks={config.tasks}')
+  if config.data.sampling == 'balanced' and 'expr' not in tasks:
+    raise ConfigError(f'config.data.sampling=balanced: needs the expr task, got '
+                      f'config.tasks={config.tasks}')
+  _check_numbers(config)
+  _check_paths(config)
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  for field in ('num_epochs', 'optim.learning_rate', 'eval_every_epochs', 'data.image_size'):
+    _at_least(config, field, 0, strict=True, whole=field == 'data.image_size')
+  for field in ('global_batch_size', 'eval_batch_size', 'log_every_steps',
+                'checkpoint_every_steps', 'temporal.length'):
+    _at_least(config, field, 1, whole=True)
+  for field in ('optim.weight_decay', 'optim.warmup_epochs', 'optim.end_lr_factor',
+                'optim.grad_clip_norm', 'optim.plateau.min_scale', 'checkpoint_every_epochs'):
+    _at_least(config, field, 0)
+  for field in ('keep_best_checkpoints', 'halt_after_steps', 'num_devices', 'data.worker_count',
+                'data.read_threads'):
+    _at_least(config, field, 0, whole=True)
+  if config.mode == 'train':
+    _at_least(config, 'keep_checkpoints', 1, whole=True, why=(
+        ' (training keeps the latest checkpoint to resume from; keep_best_checkpoints adds the '
+        'best ones)'))
+  if config.optim.plateau.enabled and not 0 < config.optim.plateau.factor <= 1:
+    raise ConfigError(f'config.optim.plateau.factor={config.optim.plateau.factor!r}: must be in '
+                      '(0, 1]')
+  fraction = config.data.max_bad_frame_fraction
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+    raise ConfigError(f'config.data.max_bad_frame_fraction={fraction!r}: must be in [0, 1]')
+  which = str(config.eval_checkpoint)
+  if which not in ('best', 'latest') and not which.isdigit():
+    raise ConfigError(f'config.eval_checkpoint={config.eval_checkpoint!r}: must be best, latest '
+                      'or a step number')
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+  _existing(config, 'data.root', folder=True, why=' (unset: the built-in synthetic Aff-Wild2)')
+  if config.data.source in ('arrayrecord', 'tfds'):
+    if not config.data.packed_dir:
+      raise ConfigError(f'config.data.packed_dir is unset: data.source={config.data.source} '
+                        'reads packed data from it (affectjax.data.pack --out, or the TFDS '
+                        'data_dir)')
+    _existing(config, 'data.packed_dir', folder=True)
+  if config.init_from:
+    try:
+      checkpoint.locate_variables(config.init_from)
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(f'config.{e}') from None
+  if config.kind == 'temporal':
+    if not config.temporal.features_dir:
+      raise ConfigError("config.temporal.features_dir is unset: kind=temporal reads the "
+                        "per-frame features of an image run's mode=features (WORKDIR/features)")
+    _existing(config, 'temporal.features_dir', folder=True)
+  if config.mode == 'features' and config.kind != 'image':
+    raise ConfigError(f'config.kind={config.kind}: mode=features extracts features with an '
+                      'image run')
+  p = config.predict
+  if config.mode == 'predict' and bool(p.videos) == bool(p.images):
+    raise ConfigError('config.predict.videos and config.predict.images: mode=predict needs '
+                      'exactly one of them (a file of test videos, one a line, or of '
+                      '<video>/<frame>.jpg lines)')
+  if config.mode in ('predict', 'features'):
+    _existing(config, 'predict.videos', folder=False)
+    _existing(config, 'predict.images', folder=False)
+    _existing(config, 'predict.root', folder=True)
+  if config.mode == 'predict':
+    _one_of(config, 'predict.format', ('auto', *predictions.FORMATS))
+    _existing(config, 'predict.au_thresholds', folder=False)
+    _existing(config, 'predict.frame_counts', folder=False)
+    _at_least(config, 'predict.va_window', 1, whole=True)

@@ -7,6 +7,9 @@ The output directory holds `variables/` (an Orbax checkpoint of {'params': {'bac
 'batch_stats': {'backbone'}}) and `affectjax_weights.json` (architecture, the input
 preprocessing that belongs to the weights, source file and sha256). `--config.init_from=<out>`
 loads them (`affectjax.checkpoint.init_from`, through `affectjax.weights.load_converted`).
+A file that holds no ResNet weights ends the command with one line `error: <file>: ...` (what
+was expected) and exit status 1. The output directory is written under a temporary name next
+to it and renamed when complete, so it never holds a partial conversion.
 """
 import argparse
 import os
@@ -61,13 +64,17 @@ def convert(source: str, out_dir: str, *, kind: Optional[str] = None,
   """Converts one weights file into out_dir; returns the metadata written next to it."""
   kind = kind or source_kind(source)
   defaults = SOURCE_DEFAULTS[kind]
+  weights.check_output_dir(out_dir)  # before the work, not after it
   if kind == 'pickle':
     state = weights.load_numpy_pickle(source)
   else:
     state = weights.load_torch_state_dict(source)
-  variables, report, config = convert_state_dict(
-      state, arch=arch, stride_on=stride_on or defaults['stride_on'],
-      stem_pool=stem_pool or defaults['stem_pool'], bn_epsilon=bn_epsilon, strict=strict)
+  try:
+    variables, report, config = convert_state_dict(
+        state, arch=arch, stride_on=stride_on or defaults['stride_on'],
+        stem_pool=stem_pool or defaults['stem_pool'], bn_epsilon=bn_epsilon, strict=strict)
+  except ValueError as e:  # names and shapes that make no ResNet: the message names the file
+    raise weights.WeightsError(f'{source}: {e}') from None
   preset = preprocessing or defaults['preprocessing']
   meta = {field: config[field] for field in weights.ARCH_FIELDS}
   meta.update(
@@ -116,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    arch=args.arch, stride_on=args.stride_on, stem_pool=args.stem_pool,
                    preprocessing=args.preprocessing, bn_epsilon=args.bn_epsilon,
                    strict=args.strict)
-  except (ValueError, weights.UnsafePickleError) as e:
+  except (ValueError, OSError, weights.UnsafePickleError) as e:
+    # One line: WeightsError and UnsafePickleError start with the file; nothing is written.
     print(f'error: {e}', file=sys.stderr)
     return 1
   print_report(meta['report'])

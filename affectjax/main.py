@@ -6,6 +6,9 @@ checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eva
 `config.predict.videos` or `config.predict.images`) and `features` (writes a checkpoint's
 per-frame features for the temporal models of configs/temporal.py).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
+A config no run can use ends the run before anything is loaded, with one line `error: ...` on
+stderr and exit status 2 (as does a config file that cannot be loaded); `init_from` weights that
+cannot be read end it with one line and status 1.
 """
 import errno
 import os
@@ -43,52 +46,68 @@ def _maybe_initialize_distributed(config) -> None:
   logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
 
 
+def _fail(message, status: int):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:
     # Orbax and grain log every save and worker event at INFO; progress has its own output.
     logging.set_verbosity(logging.WARNING)
-  config = FLAGS.config
-  _maybe_initialize_distributed(config)
   # After flags are parsed (grain workers read absl flags).
-  from affectjax import checkpoint, inference, trainer
-  modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
-           'predict': inference.predict_checkpoint, 'features': inference.extract_features}
-  if config.mode not in modes:
-    raise app.UsageError(f'config.mode must be one of {", ".join(modes)}, got {config.mode!r}')
+  from affectjax import checkpoint, config as config_lib
+  config = FLAGS.config
   verbose = FLAGS['verbosity'].present
   if not verbose:
     checkpoint.quiet_orbax_errors()
   try:
+    config_lib.check_config(config)
+    _maybe_initialize_distributed(config)
+    from affectjax import inference, trainer
+    modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
+             'predict': inference.predict_checkpoint, 'features': inference.extract_features}
     modes[config.mode](config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    _fail(e, 2)
   except Exception as e:  # pylint: disable=broad-except
     if verbose or not _is_user_error(e):
       raise
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(e, 1)
 
 
 def _is_user_error(error: Exception) -> bool:
-  """Errors whose message says all (what, where, what to do): shown without a traceback
-  (docs/reliability.md); --verbosity=0 shows the traceback too."""
+  """Errors whose message says all (what, where, what to do): shown in one line without a
+  traceback (docs/reliability.md); with --verbosity the traceback is shown too."""
   from affectjax import checkpoint, workdir
   from affectjax.data import annotations, layout, sources
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
     return True
   return isinstance(error, (workdir.WorkdirLocked, checkpoint.CheckpointSaveError,
-                            sources.DataError, annotations.AnnotationError,
-                            layout.DatasetLayoutError, FloatingPointError))
+                            checkpoint.CheckpointError, sources.DataError,
+                            annotations.AnnotationError, layout.DatasetLayoutError,
+                            FloatingPointError))
 
 
 def _parse_flags(argv):
-  """absl flag parsing, with an unknown --config.field reported with the valid fields."""
+  """absl flag parsing; a config file that is missing, a variant it does not know, an unknown
+  --config.field (the valid ones listed) or another flag error is one line `error: ...` and
+  exit status 2."""
   try:
-    return FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.get('mode')  # a config file that failed to load raises on first use
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless diagnosed)
     from affectjax import config as config_lib
-    message = config_lib.unknown_override_message(argv)
-    raise SystemExit(f'error: {message or e}') from None
+    problem = config_lib.config_flag_problem(argv)
+    if problem is None and isinstance(e, flags.Error):
+      problem = '; '.join(str(e).splitlines()) + ' (--helpfull lists the flags)'
+    if problem is None:
+      raise
+  _fail(problem, 2)
 
 
 if __name__ == '__main__':

@@ -162,6 +162,7 @@ _SCORE_KEYS = {
     'abaw2': {'expr': 'expr_abaw2', 'au': 'au_abaw2', 'va': 'va_ccc'},
     'abaw3': {'expr': 'expr_f1', 'au': 'au_f1', 'va': 'va_ccc'},
 }
+EDITIONS = tuple(_SCORE_KEYS)  # config.edition
 
 
 def score(metrics: Mapping[str, float], tasks: Iterable[str], edition: str = 'abaw3') -> float:

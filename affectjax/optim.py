@@ -6,6 +6,9 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('cosine', 'constant')
+
 
 def default_optim_config() -> ml_collections.ConfigDict:
   """Defaults of the incomplete-labels paper: Adam, cosine annealing from 1e-3."""
@@ -43,7 +46,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     main = optax.cosine_decay_schedule(
         peak, decay_steps=max(total_steps - warmup_steps, 1), alpha=config.end_lr_factor)
   else:
-    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {config.schedule!r}")
+    raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {config.schedule!r}')
   if warmup_steps == 0:
     return main
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
@@ -100,5 +103,5 @@ def _optimizer_parts(config: ml_collections.ConfigDict, schedule: optax.Schedule
     parts.append(optax.sgd(schedule, momentum=config.momentum or None,
                            nesterov=config.nesterov))
   else:
-    raise ValueError(f"optim.optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
+    raise ValueError(f'optim.optimizer must be one of {OPTIMIZERS}, got {name!r}')
   return parts

@@ -8,8 +8,10 @@ by renaming: `layer2.0.conv1.weight` -> params `layer2_0/conv1/kernel` (OIHW -> 
 import collections
 import hashlib
 import json
+import os
 import pickle
 import re
+import shutil
 from typing import Any, Callable, Mapping, Optional
 
 from etils import epath
@@ -38,6 +40,41 @@ class UnsafePickleError(pickle.UnpicklingError):
   """A pickle asked for a global outside the NumPy-array allow-list."""
 
 
+class WeightsError(ValueError):
+  """Weights that cannot be converted or written; one line starting with the file, saying what
+  was expected."""
+
+
+EXPECTED_SOURCE = ('expected a torchvision ResNet state dict (.pth/.pt, torch.save(model.'
+                   'state_dict())) or a VGGFace2 pickle of NumPy arrays (.pkl)')
+
+
+def check_source(path: str) -> None:
+  """WeightsError unless `path` is a non-empty file."""
+  if not os.path.exists(path):
+    raise WeightsError(f'{path}: no such file; {EXPECTED_SOURCE}')
+  if not os.path.isfile(path):
+    raise WeightsError(f'{path}: not a file; {EXPECTED_SOURCE}')
+  if os.path.getsize(path) == 0:
+    raise WeightsError(f'{path}: an empty file; {EXPECTED_SOURCE}')
+
+
+def _named_arrays(path: str, obj, to_numpy: Callable = np.asarray) -> dict:
+  """name -> numeric np.ndarray from a loaded mapping; WeightsError for anything else."""
+  if not isinstance(obj, Mapping):
+    raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict; expected a dict '
+                       'of name -> array, e.g. torch.save(model.state_dict(), path)')
+  out = {}
+  for name, value in obj.items():
+    array = to_numpy(value)
+    if not isinstance(name, str) or array.dtype.kind not in 'biuf':
+      raise WeightsError(f'{path}: entry {name!r} is a {type(value).__name__}, not a numeric '
+                         "array; expected a dict of name -> array (also found nested under "
+                         "'state_dict' or 'model', as in training checkpoints)")
+    out[name] = array
+  return out
+
+
 def _latin1_encode(text, encoding='latin1'):
   """Stand-in for _codecs.encode, which protocol-2 pickles use for bytes; latin-1 only."""
   if encoding.lower().replace('_', '-') not in ('latin1', 'latin-1'):
@@ -64,36 +101,62 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 def load_numpy_pickle(path: str) -> dict:
   """name -> np.ndarray from a latin-1 pickle (e.g. resnet50_ft_weight.pkl), never running code."""
+  check_source(path)
   with open(path, 'rb') as f:
-    obj = NumpyOnlyUnpickler(f, source=str(path)).load()
-  if not isinstance(obj, Mapping):
-    raise ValueError(f'{path}: expected a dict of name -> array, got {type(obj).__name__}')
-  out = {}
-  for name, value in obj.items():
-    value = np.asarray(value)
-    if not isinstance(name, str) or value.dtype == object:
-      raise ValueError(f'{path}: entry {name!r} is not a named numeric array')
-    out[name] = value
-  return out
+    try:
+      obj = NumpyOnlyUnpickler(f, source=str(path)).load()
+    except UnsafePickleError:
+      raise
+    except Exception:  # pylint: disable=broad-except  (any damage of an untrusted file)
+      raise WeightsError(f'{path}: not a pickle of NumPy arrays (it cannot be unpickled); '
+                         'expected a VGGFace2 pickle (resnet50_ft_weight.pkl), or a torchvision '
+                         'state dict with --format torch') from None
+  return _named_arrays(path, obj)
 
 
 def load_torch_state_dict(path: str) -> dict:
   """name -> np.ndarray from a torch .pth/.pt (weights_only), unnesting and unprefixing."""
-  import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  check_source(path)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+  except ImportError:
+    raise WeightsError(f'{path}: reading PyTorch files needs torch (pip install '
+                       '"affectjax[torch]"); VGGFace2 pickles (.pkl) need no torch') from None
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (never show torch's advice to unpickle)
+    found = re.search(r'GLOBAL ([\w.]+)', str(e))
+    problem = (f'holds the Python object {found.group(1)}, not only tensors (objects are not '
+               'loaded: they could run code)' if found else
+               'not a file written by torch.save (torch.load cannot read it)')
+    raise WeightsError(f'{path}: {problem}; expected a torchvision ResNet state dict of tensors '
+                       '(torch.save(model.state_dict(), path)), or a VGGFace2 pickle of NumPy '
+                       'arrays with --format pickle') from None
   for key in ('state_dict', 'model'):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f'{path}: expected a state dict, got {type(obj).__name__}')
-  return {k.removeprefix('module.'): v.detach().cpu().numpy() if hasattr(v, 'detach')
-          else np.asarray(v) for k, v in obj.items()}
+
+  def to_numpy(value):
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return np.asarray(value) if isinstance(value, (int, float, np.ndarray)) else np.asarray(None)
+
+  arrays = _named_arrays(path, obj, to_numpy)
+  return {k.removeprefix('module.'): v for k, v in arrays.items()}
 
 
 def infer_architecture(state: Mapping[str, np.ndarray]) -> tuple:
   """(depth, width) from the parameter names and the stem kernel's shape."""
   if 'conv1.weight' not in state:
-    raise ValueError('not a ResNet state dict: no conv1.weight')
+    names = sorted(state)
+    shown = ', '.join(names[:5]) + (', ...' if len(names) > 5 else '')
+    raise ValueError(f'not a ResNet state dict: no conv1.weight among its {len(names)} entries '
+                     f'({shown or "none"}); expected torchvision ResNet names (conv1.weight, '
+                     'bn1.weight, layer1.0.conv1.weight, ...)')
+  if np.ndim(state['conv1.weight']) != 4:
+    raise ValueError(f"conv1.weight has shape {np.shape(state['conv1.weight'])}; expected a "
+                     'convolution kernel [width, 3, 7, 7]')
   blocks = collections.defaultdict(set)
   for name in state:
     m = re.match(r'layer(\d)\.(\d+)\.', name)
@@ -176,7 +239,7 @@ def state_dict_to_variables(state: Mapping[str, np.ndarray], template: Mapping,
       unexpected.append(name)
       continue
     value = np.asarray(value, np.float32)
-    if path[-1] == 'kernel':
+    if path[-1] == 'kernel' and value.ndim == 4:  # (other shapes fail the check below)
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     if value.shape != tuple(target[path].shape):
       raise ValueError(f'{name}: shape {value.shape} does not fit {"/".join(path)} '
@@ -201,15 +264,52 @@ VARIABLES_DIR = 'variables'
 ARCH_FIELDS = ('arch', 'width', 'stride_on', 'stem_pool')
 
 
+def check_output_dir(out_dir: str) -> None:
+  """WeightsError unless out_dir is new, an empty folder or earlier converted weights."""
+  expected = 'expected a new folder, an empty one or earlier converted weights to replace'
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise WeightsError(f'{out_dir}: a file, not a folder; {expected}')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(
+      os.path.join(out_dir, META_FILE)):
+    names = sorted(os.listdir(out_dir))
+    raise WeightsError(f'{out_dir}: a folder of other files ({", ".join(names[:5])}'
+                       f'{", ..." if len(names) > 5 else ""}); {expected}')
+
+
 def save_converted(out_dir: str, variables: Mapping, meta: Mapping) -> None:
-  """Writes out_dir/variables (Orbax StandardCheckpointer) and out_dir/affectjax_weights.json."""
+  """Writes out_dir/variables (Orbax StandardCheckpointer) and out_dir/affectjax_weights.json.
+
+  Both go to a temporary folder next to out_dir, renamed to out_dir when complete (replacing
+  earlier converted weights there); a failure removes it, so out_dir is never partial.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out = epath.Path(out_dir).absolute()
-  out.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out / VARIABLES_DIR, variables, force=True)
-  checkpointer.wait_until_finished()
-  (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+  check_output_dir(out_dir)
+  out = os.path.abspath(out_dir)
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.mkdir(tmp)
+  old = None
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(epath.Path(tmp) / VARIABLES_DIR, variables)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, META_FILE), 'w') as f:
+      f.write(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+    if os.path.isdir(out) and os.listdir(out):  # earlier converted weights: replaced
+      old = tmp + '.old'
+      os.rename(out, old)
+    elif os.path.isdir(out):
+      os.rmdir(out)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old and not os.path.exists(out):
+      os.rename(old, out)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_converted(path: str) -> tuple:

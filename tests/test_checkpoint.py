@@ -1,4 +1,6 @@
 """Checkpoints: weights-only initialisation from converted weights and from runs, key reports."""
+import os
+
 import jax
 import numpy as np
 import optax
@@ -89,3 +91,74 @@ def test_best_checkpoint_survives_a_restart(tmp_path):
   assert sorted(resumed.manager.all_steps()) == [2, 6]  # the best (0.9) and the latest
   assert resumed.best_step() == 2 and resumed.latest_step() == 6
   resumed.close()
+
+
+EXPECTED_INIT = ("expected converted weights (python -m affectjax.convert --out) or a run's "
+                 'workdir / checkpoints folder / step folder')
+
+
+def _init_error(path) -> str:
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.read_variables(str(path))
+  assert '\n' not in str(e.value)
+  return str(e.value)
+
+
+def test_init_from_a_missing_path_says_so_and_creates_nothing(tmp_path):
+  missing = tmp_path / 'runs' / 'typo'
+  assert _init_error(missing) == (
+      f'init_from={missing}: no such file or directory; {EXPECTED_INIT}')
+  assert not (tmp_path / 'runs').exists()
+  with pytest.raises(ckpt_lib.CheckpointError):
+    ckpt_lib.init_from(None, str(missing))  # fails before it touches the state
+  assert not (tmp_path / 'runs').exists()
+
+
+def test_init_from_says_what_it_found_and_what_it_expects(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  assert _init_error(empty) == f'init_from={empty}: an empty folder; {EXPECTED_INIT}'
+  assert os.listdir(empty) == []  # still empty: nothing was created in it
+  random_file = tmp_path / 'weights.bin'
+  random_file.write_bytes(os.urandom(64))
+  assert _init_error(random_file) == (
+      f'init_from={random_file}: a file, not a folder; {EXPECTED_INIT}')
+  torch_file = tmp_path / 'resnet18.pth'
+  torch_file.write_bytes(b'x')
+  assert 'convert a weights file first: python -m affectjax.convert' in _init_error(torch_file)
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'notes.txt').write_text('x')
+  assert _init_error(other) == (
+      f'init_from={other}: a folder of neither converted weights (affectjax_weights.json) nor '
+      f'checkpoints (found: notes.txt); {EXPECTED_INIT}')
+  half_converted = tmp_path / 'converted'
+  half_converted.mkdir()
+  (half_converted / weights.META_FILE).write_text('{}')
+  assert 'converted weights without their variables/ folder' in _init_error(half_converted)
+
+
+def test_init_from_a_checkpoints_folder_without_steps(tmp_path):
+  checkpoints = tmp_path / 'checkpoints'
+  checkpoints.mkdir()
+  (checkpoints / '4.orbax-checkpoint-tmp-17').mkdir()  # a save that never finished
+  message = ('holds no checkpoint step (found: 4.orbax-checkpoint-tmp-17/; steps are numbered '
+             f'folders); {EXPECTED_INIT}')
+  assert _init_error(tmp_path) == (
+      f'init_from={tmp_path}: a workdir whose checkpoints/ folder {message}')
+  assert _init_error(checkpoints) == (
+      f'init_from={checkpoints}: a checkpoints folder that {message}')
+  assert sorted(os.listdir(checkpoints)) == ['4.orbax-checkpoint-tmp-17']
+
+
+def test_init_from_a_checkpoints_folder_or_a_step_folder(tmp_path):
+  class State:  # the TrainState fields the checkpoint saves
+    step, batch_stats, opt_state, rng = 3, {}, {}, np.zeros(2, np.uint32)
+    params = {'w': np.arange(3, dtype=np.float32)}
+
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
+  checkpoints.save(3, State(), {'step': 3})
+  checkpoints.close()
+  for path in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '3'):
+    np.testing.assert_array_equal(ckpt_lib.read_variables(str(path))['params']['w'],
+                                  State.params['w'])

@@ -189,3 +189,89 @@ def test_model_config_check_against_weights():
     weights.check_model_config(config, meta)
   config.update(stride_on='1x1', stem_pool='ceil')
   weights.check_model_config(config, meta)
+
+
+class _Module(torch.nn.Module):  # a whole pickled model, not a state dict
+  def __init__(self):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, 4, 7)
+
+
+_BAD_SOURCES = {
+    'random.pth': (lambda p: p.write_bytes(os.urandom(2048)),
+                   'not a file written by torch.save (torch.load cannot read it); expected a '
+                   'torchvision ResNet state dict of tensors'),
+    'random.pkl': (lambda p: p.write_bytes(b'\x80\x05' + os.urandom(2048)),
+                   'not a pickle of NumPy arrays (it cannot be unpickled); expected a VGGFace2 '
+                   'pickle'),
+    'missing.pth': (lambda p: None, 'no such file; expected a torchvision ResNet state dict'),
+    'empty.pth': (lambda p: p.write_bytes(b''), 'an empty file; expected a torchvision ResNet'),
+    'unrelated.pth': (lambda p: torch.save({'foo': torch.zeros(3), 'bar': torch.ones(2)}, p),
+                      'not a ResNet state dict: no conv1.weight among its 2 entries (bar, foo); '
+                      'expected torchvision ResNet names (conv1.weight, bn1.weight'),
+    'tensor.pth': (lambda p: torch.save(torch.zeros(3, 4), p),
+                   'holds a Tensor, not a state dict; expected a dict of name -> array'),
+    'nested.pth': (lambda p: torch.save({'conv1.weight': torch.zeros(1), 'meta': {'a': 1}}, p),
+                   "entry 'meta' is a dict, not a numeric array; expected a dict of name -> "
+                   'array'),
+    'model.pth': (lambda p: torch.save(_Module(), p),
+                  'holds the Python object test_convert._Module, not only tensors (objects are '
+                  'not loaded: they could run code); expected a torchvision ResNet state dict'),
+    'stem.pth': (lambda p: torch.save({'conv1.weight': torch.zeros(4)}, p),
+                 'conv1.weight has shape (4,); expected a convolution kernel'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BAD_SOURCES))
+def test_a_file_that_is_no_weights_is_one_line_and_writes_nothing(name, tmp_path, capsys):
+  make, expected = _BAD_SOURCES[name]
+  source = tmp_path / name
+  make(source)
+  assert convert.main(['--source', str(source), '--out', str(tmp_path / 'out')]) == 1
+  captured = capsys.readouterr()
+  assert captured.err.startswith(f'error: {source}: {expected}'), captured.err
+  assert captured.err.count('\n') == 1 and 'weights_only' not in captured.err
+  assert sorted(os.listdir(tmp_path)) == ([name] if source.exists() else [])
+
+
+def _tiny_variables():
+  return {'params': {'backbone': {'conv1': {'kernel': np.ones((1, 1, 3, 2), np.float32)}}},
+          'batch_stats': {'backbone': {}}}
+
+
+def test_converted_weights_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+  out = tmp_path / 'weights' / 'r18'
+  weights.save_converted(str(out), _tiny_variables(), {'arch': 'resnet18', 'run': 1})
+  assert sorted(os.listdir(out)) == [weights.META_FILE, weights.VARIABLES_DIR]
+  # A second conversion replaces the first one whole.
+  weights.save_converted(str(out), _tiny_variables(), {'arch': 'resnet18', 'run': 2})
+  assert weights.load_converted(str(out))[1]['run'] == 2
+  assert os.listdir(tmp_path / 'weights') == ['r18']
+  # A failure while writing leaves the earlier weights and no temporary folder.
+
+  def fail(*args, **kwargs):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(weights.json, 'dumps', fail)
+  with pytest.raises(OSError, match='disk full'):
+    weights.save_converted(str(out), _tiny_variables(), {'run': 3})
+  with pytest.raises(OSError, match='disk full'):
+    weights.save_converted(str(tmp_path / 'weights' / 'new'), _tiny_variables(), {'run': 3})
+  assert os.listdir(tmp_path / 'weights') == ['r18']
+  monkeypatch.undo()
+  assert weights.load_converted(str(out))[1]['run'] == 2
+
+
+def test_the_output_folder_must_be_new_empty_or_converted_weights(tmp_path, capsys):
+  (tmp_path / 'results').mkdir()
+  (tmp_path / 'results' / 'notes.txt').write_text('mine')
+  (tmp_path / 'w.pkl').write_bytes(b'not read')
+  args = ['--source', str(tmp_path / 'w.pkl'), '--out', str(tmp_path / 'results')]
+  assert convert.main(args) == 1
+  assert capsys.readouterr().err == (
+      f'error: {tmp_path / "results"}: a folder of other files (notes.txt); expected a new '
+      'folder, an empty one or earlier converted weights to replace\n')
+  assert os.listdir(tmp_path / 'results') == ['notes.txt']
+  (tmp_path / 'empty').mkdir()
+  weights.save_converted(str(tmp_path / 'empty'), _tiny_variables(), {})
+  assert sorted(os.listdir(tmp_path / 'empty')) == [weights.META_FILE, weights.VARIABLES_DIR]

@@ -20,6 +20,7 @@ import numpy as np
 from affectjax import labels
 
 
+SOURCES = ('jpeg', 'arrayrecord', 'tfds')  # data.source: a JPEG tree, packed shards, a TFDS dataset
 PACK_FORMAT = 'affectjax.arrayrecord'
 PACK_FORMAT_VERSION = 1
 # Packed record: index int32, expr int8, au int8 [12], va float32 [2], little-endian, then JPEG.
@@ -282,7 +283,7 @@ def make_source(index, data_config, source_type: str | None = None):
               if kind == 'arrayrecord' else _tfds_source(index, data_config))
     origin = f'{kind}:{os.path.abspath(data_config.packed_dir)}'
   else:
-    raise ValueError(f"data.source must be 'jpeg', 'arrayrecord' or 'tfds', got {kind!r}")
+    raise ValueError(f'data.source must be one of {SOURCES}, got {kind!r}')
   if not data_config.get('decoded_cache', False):
     return source
   from affectjax.data import decoded_cache  # deferred: only the cache needs it
