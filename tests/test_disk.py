@@ -10,10 +10,14 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from affectjax import files
-from disk_worker import SIZE, Source, build  # tests/ is on sys.path
+from affectjax import predictions
+from affectjax.data import pack
+from affectjax.data import sequences
+from disk_worker import SIZE, Source, build, jpeg, tiny_index  # tests/ is on sys.path
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'disk_worker.py')
 
@@ -127,3 +131,86 @@ def test_an_interrupted_atomic_write_keeps_the_previous_file(tmp_path):
   with files.atomic_write(str(path)) as f:
     json.dump({'score': 2}, f)
   assert json.loads(path.read_text()) == {'score': 2} and os.listdir(tmp_path) == [path.name]
+
+
+def test_a_failed_feature_write_keeps_the_previous_features(tmp_path, monkeypatch):
+  index = tiny_index(tmp_path)
+  features = np.ones((len(index), 4), np.float32)
+  ok = np.ones(len(index), bool)
+  sequences.write_feature_set(str(tmp_path), 'train', index, features, ok, {'step': 1})
+  saves, save = [], np.save
+
+  def full_on_second_save(path, array, **kwargs):
+    saves.append(path)
+    if len(saves) == 2:
+      _raise_enospc()
+    save(path, array, **kwargs)
+
+  monkeypatch.setattr(np, 'save', full_on_second_save)
+  with pytest.raises(OSError, match='No space left'):
+    sequences.write_feature_set(str(tmp_path), 'train', index, 2 * features, ok, {'step': 2})
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ['train']
+  kept = sequences.FeatureSet(str(tmp_path), 'train')
+  assert kept.meta['step'] == 1 and np.all(kept.features == 1)
+  sequences.write_feature_set(str(tmp_path), 'train', index, 2 * features, ok, {'step': 2})
+  replaced = sequences.FeatureSet(str(tmp_path), 'train')
+  assert replaced.meta['step'] == 2 and np.all(replaced.features == 2)
+  assert sorted(os.listdir(tmp_path)) == ['train']
+
+
+def test_per_video_submission_folders_are_replaced_whole(tmp_path):
+  index = tiny_index(tmp_path)
+  decided = {'expr': np.arange(len(index)) % 7, 'au': np.zeros((len(index), 12), np.int64),
+             'va': np.zeros((len(index), 2))}
+  predicted = np.ones(len(index), bool)
+  stale = tmp_path / 'out' / 'EXPR' / 'old_video.txt'
+  stale.parent.mkdir(parents=True)
+  stale.write_text('a file of an earlier submission\n')
+  written = predictions.write_submission('per_video', str(tmp_path / 'out'), index, decided,
+                                         predicted, ('expr',), 7)
+  assert sorted(os.listdir(tmp_path / 'out' / 'EXPR')) == ['video0.txt', 'video1.txt']
+  assert len(written) == 2 and sorted(os.listdir(tmp_path / 'out')) == ['EXPR']
+  assert open(written[1]).read().splitlines()[1:] == [str(i % 7) for i in range(6, 12)]
+
+
+class _FullWriter:
+  """An ArrayRecordWriter whose disk fills after `room` records of all shards (raised as the
+  real one does)."""
+  room = written = 0
+
+  def __init__(self, path, options):
+    del options
+    self.path = path
+    open(path, 'wb').close()
+
+  def write(self, data):
+    _FullWriter.written += 1
+    if _FullWriter.written > self.room:
+      raise RuntimeError(f'write() failed: No space left on device; writing {self.path}')
+    with open(self.path, 'ab') as f:
+      f.write(data)
+
+  def close(self):
+    pass
+
+
+def test_a_failed_pack_leaves_no_shard_and_no_temporary(tmp_path, monkeypatch):
+  from array_record.python import array_record_module
+  index = tiny_index(tmp_path / 'data')
+  for row in range(len(index)):
+    os.makedirs(os.path.dirname(index.image_path(row)), exist_ok=True)
+    with open(index.image_path(row), 'wb') as f:
+      f.write(jpeg())
+  out = tmp_path / 'packed'
+  monkeypatch.setattr(array_record_module, 'ArrayRecordWriter', _FullWriter)
+  _FullWriter.room, _FullWriter.written = 100, 0  # the first pack completes
+  pack.pack_split(index, str(out), num_shards=3, progress=False)
+  assert len(os.listdir(out)) == 5  # 3 shards, index, manifest
+  _FullWriter.room, _FullWriter.written = 5, 0  # the second shard of the next pack fills it
+  with pytest.raises(files.DiskFullError, match=(
+      r'^not enough disk space for the packed train split: .*packed has [0-9.]+ [KMGT]?B free; '
+      r'pack to a larger disk \(--out\), or free space there$')):
+    pack.pack_split(index, str(out), num_shards=3, progress=False)
+  assert os.listdir(out) == ['train_index.npz']  # no shard, no temporary, no manifest
+
