@@ -11,6 +11,7 @@ import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, predictions, runs
+from affectjax import files
 from affectjax.data import sequences
 
 
@@ -45,7 +46,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     writer.write(step, f'eval_{config.eval_split}', eval_metrics)
     writer.close()
     out = os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json')
-    with open(out, 'w') as f:
+    with files.atomic_write(out) as f:
       json.dump(eval_metrics, f, indent=2)
     print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
           f'score {eval_metrics["score"]:.4f}\n  ' +

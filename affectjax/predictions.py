@@ -13,12 +13,16 @@
 
 In every format a listed frame whose crop could not be read is filled the same way, so each
 listed frame gets a line. Untrained tasks get the missing-label sentinels in the `mtl` file.
+Every file (and every `per_video` task folder) is written under a temporary name and renamed
+when complete (`files.atomic_write`), so a failure leaves the previous version, never a partial
+one.
 """
 import json
 import os
 
 import numpy as np
 
+from affectjax import files
 from affectjax import labels
 from affectjax import metrics
 
@@ -129,7 +133,7 @@ def _task_line(task: str, decided: dict, row: int) -> str:
 
 def write_mtl(path: str, index, decided: dict, rows) -> str:
   """The ABAW3/4 multi-task CSV for the index rows `rows` (in order)."""
-  with open(path, 'w') as f:
+  with files.atomic_write(path) as f:
     f.write(MTL_HEADER + '\n')
     for row in rows:
       f.write(f"{_image_name(index, row)},{_task_line('va', decided, row)},"
@@ -144,7 +148,7 @@ def write_per_task(out_dir: str, index, decided: dict, tasks: tuple,
   paths = []
   for task in (t for t in FILE_ORDER if t in tasks):
     path = os.path.join(out_dir, f'{labels.TASK_TABLE[task].submission_name}.csv')
-    with open(path, 'w') as f:
+    with files.atomic_write(path) as f:
       f.write(f'image_location,{_header(task, num_expr_classes)}\n')
       for row in range(len(index)):
         f.write(f'{_image_name(index, row)},{_task_line(task, decided, row)}\n')
@@ -170,11 +174,10 @@ def read_frame_counts(path: str) -> dict:
 def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, tasks: tuple,
                     num_expr_classes: int, frame_counts: dict | None = None) -> list:
   """ABAW1/2: `<out_dir>/<TASK>/<video>.txt`, one line per frame 1..N of each video, frames
-  without a prediction filled from the nearest predicted frame."""
+  without a prediction filled from the nearest predicted frame. Each task folder is replaced
+  whole."""
   frame_counts = frame_counts or {}
-  written = []
-  for task in (t for t in FILE_ORDER if t in tasks):
-    os.makedirs(os.path.join(out_dir, labels.TASK_TABLE[task].submission_name), exist_ok=True)
+  rows_by_video = {}  # per video, the index row each of its frames 1..N takes its decision from
   for video_id, video in enumerate(index.video_names):
     rows = np.flatnonzero(index.video_id == video_id)
     have = rows[predicted[rows]]
@@ -185,13 +188,17 @@ def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, t
     if count < last:
       raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
     frames = np.arange(1, count + 1, dtype=np.int64)
-    source = have[nearest_predicted(frames, index.frame[have].astype(np.int64))]
-    for task in (t for t in FILE_ORDER if t in tasks):
-      path = os.path.join(out_dir, labels.TASK_TABLE[task].submission_name, f'{video}.txt')
-      with open(path, 'w') as f:
-        f.write(_header(task, num_expr_classes) + '\n')
-        f.writelines(_task_line(task, decided, int(row)) + '\n' for row in source)
-      written.append(path)
+    rows_by_video[video] = have[nearest_predicted(frames, index.frame[have].astype(np.int64))]
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for task in (t for t in FILE_ORDER if t in tasks):
+    folder = os.path.join(out_dir, labels.TASK_TABLE[task].submission_name)
+    with files.atomic_dir(folder) as tmp:
+      for video, source in rows_by_video.items():
+        with open(os.path.join(tmp, f'{video}.txt'), 'w') as f:
+          f.write(_header(task, num_expr_classes) + '\n')
+          f.writelines(_task_line(task, decided, int(row)) + '\n' for row in source)
+    written.extend(os.path.join(folder, f'{video}.txt') for video in rows_by_video)
   return written
 
 

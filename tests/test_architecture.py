@@ -10,7 +10,7 @@ MAX_LINES = 400
 
 # Lowest first. A module may import modules of its own layer or of lower layers, never higher.
 LAYERS = (
-    ('labels', 'logs', 'optim', 'parallel', 'workdir'),  # import nothing of the package
+    ('files', 'labels', 'logs', 'optim', 'parallel', 'workdir'),  # of the package, only this layer
     ('data',),  # readers, sources, pipelines, the synthetic generator
     ('models', 'weights'),
     ('losses', 'metrics', 'checkpoint', 'predictions'),

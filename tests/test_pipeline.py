@@ -374,6 +374,10 @@ def _cached(config, tmp_path):
   return config
 
 
+def _cache_folders(tmp_path):  # the caches, without their lock files
+  return [f for f in os.listdir(tmp_path / 'decoded' / 'decoded') if not f.endswith('.lock')]
+
+
 @pytest.mark.parametrize('interpolation', ['bilinear', 'nearest'])
 def test_decoded_cache_gives_the_same_batches(train_index, val_index, tmp_path, interpolation,
                                               capsys):
@@ -389,7 +393,7 @@ def test_decoded_cache_gives_the_same_batches(train_index, val_index, tmp_path, 
   _assert_same(batches(cached_config), expected)
   built = capsys.readouterr().out
   assert built.count('Decoded cache ready') == 2  # train and validation, each built once
-  folders = sorted(os.listdir(tmp_path / 'decoded' / 'decoded'))
+  folders = sorted(_cache_folders(tmp_path))
   assert [f.split('-')[:2] for f in folders] == [['train', '48px'], ['validation', '48px']]
   images = np.load(tmp_path / 'decoded' / 'decoded' / folders[0] / 'images.npy', mmap_mode='r')
   assert images.shape == (len(train_index), 48, 48, 3)
@@ -398,7 +402,7 @@ def test_decoded_cache_gives_the_same_batches(train_index, val_index, tmp_path, 
   cached_config.image_size = 32  # another size: another cache
   assert next(pipeline.make_train_iterator(train_index, cached_config, global_batch_size=BATCH,
                                            seed=3))['image'].shape == (BATCH, 32, 32, 3)
-  assert len(os.listdir(tmp_path / 'decoded' / 'decoded')) == 3
+  assert len(_cache_folders(tmp_path)) == 3
 
 
 def test_decoded_cache_bad_frames_and_workers(dataset_root, train_index, tmp_path):
@@ -427,7 +431,6 @@ def test_decoded_cache_bad_frames_and_workers(dataset_root, train_index, tmp_pat
 
 def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, tmp_path,
                                                                      monkeypatch):
-  from affectjax.data import decoded_cache
   config = _cached(_config(), tmp_path)
   source = sources.make_source(train_index, config)
   with open(os.path.join(source.path, 'meta.json'), 'w') as f:
@@ -435,8 +438,9 @@ def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, 
   again = sources.make_source(train_index, config)
   assert again.path == source.path and again.meta['num_frames'] == len(train_index)
   np.testing.assert_array_equal(again.images, source.images)
-  monkeypatch.setattr(decoded_cache.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(
       10**9, 10**9 - 1000, 1000))
   config.image_size = 40
-  with pytest.raises(OSError, match=r'needs 0\.0 GB in .*decoded_cache_dir'):
+  with pytest.raises(OSError, match=r'needs [0-9.]+ [KM]B in .*, which has 1\.0 KB free; '
+                                    r'set data\.decoded_cache_dir'):
     sources.make_source(train_index, config)

@@ -13,34 +13,41 @@ Why: on a GPU host the JPEG decode is the input pipeline's main cost (about 11,0
 core at 112x112, see docs/benchmarks.md), while copying a decoded 112x112 crop is about ten
 times cheaper. The price is disk (and page cache) space: 37.6 KB per frame at 112x112 against
 about 5 KB of JPEG, e.g. 5.4 GB for the 142k training frames of s-Aff-Wild2 and 53 GB for 1.4M
-frames; the build checks free space first. grain's own cache (`CacheIterDataset`) keeps an
-iterator's elements in order in one process's memory, which fits neither per-epoch shuffled
-random access nor worker processes; this cache is a file, so worker processes and the page cache
-share it.
+frames. The build reserves the whole images file on disk first (`files.reserve`), so a disk
+that cannot hold it is a one-line `files.DiskFullError` (sizes, folder, leftovers, the fix)
+before any pixel is written, never a SIGBUS through the memory map. grain's own cache
+(`CacheIterDataset`) keeps an iterator's elements in order in one process's memory, which fits
+neither per-epoch shuffled random access nor worker processes; this cache is a file, so worker
+processes and the page cache share it.
 
 Location: `data.decoded_cache_dir`, else `data.cache_dir`, else `~/.cache/affectjax`, in a
 folder named after a digest of the split's frames (videos and frame numbers, not labels), the
 data root or packed folder, the image size and this format's version: a changed index or image
 size gives a new folder (old folders are not deleted: remove them by hand). Replacing crop
 files in place is not detected; delete the cache folder after doing so. Several processes
-may build the same cache at once (e.g. one per host): each writes a private folder and renames
-it into place; the first rename wins.
+may ask for the same cache at once (e.g. one per host): the first builds it under a lock
+(`<cache>.lock`, fcntl.flock), the others wait for it and open what it built. A build writes
+`<cache>.tmp-<host>-<pid>` and renames it into place; a failure (a full disk, Ctrl-C, a decode
+error) removes it, and the next build removes the leftovers of killed processes of its host and
+reports those of other hosts.
 """
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
-import shutil
-import socket
 import time
 
 import numpy as np
 
+from affectjax import files
+from affectjax import logs
 from affectjax.data import host_augment
 
 FORMAT = 'affectjax.decoded'
 VERSION = 1
 _CHUNK = 512  # rows decoded per task
+_FIX = 'set data.decoded_cache_dir to a larger disk, or data.decoded_cache=False'
 
 
 def cache_key(index, image_size: int, origin: str) -> str:
@@ -124,38 +131,91 @@ def _decode_rows(source, images, ok, start: int, stop: int, image_size: int) -> 
   return bad
 
 
+def _quiet(*args) -> None:
+  del args
+
+
 def build(source, index, image_size: int, folder: str, origin: str, *, threads: int = 0,
           progress: bool = True) -> DecodedSource:
   """The decoded cache of `index`'s frames (read through `source`, a JPEG-record source),
-  built in `folder` unless a valid one is there already."""
+  built in `folder` unless a valid one is there already. One process builds it, the others
+  wait for it (a lock file `<cache>.lock`) and open what it built. A full disk is a
+  `files.DiskFullError` before any pixel is written; any failure leaves no partial folder."""
   key = cache_key(index, image_size, origin)
   path = os.path.join(folder, f'{index.split}-{image_size}px-{key[:16]}')
   num_frames = len(index)
   cached = _open_if_valid(path, key, num_frames, image_size)
   if cached is not None:
     return cached
-  if os.path.exists(path):  # unreadable or from an interrupted rename: rebuild it
-    shutil.rmtree(path, ignore_errors=True)
-  os.makedirs(folder, exist_ok=True)
+  log = functools.partial(print, flush=True) if progress else _quiet
+
+  def on_wait(holder):
+    log(f'Waiting for {holder} to finish building the decoded cache of the {index.split} '
+        f'split ({path})')
+
   need = num_frames * image_size * image_size * 3
-  free = shutil.disk_usage(folder).free
-  if need > 0.95 * free:
-    raise OSError(f'the decoded cache of the {index.split} split needs {need / 1e9:.1f} GB in '
-                  f'{folder}, which has {free / 1e9:.1f} GB free: set data.decoded_cache_dir '
-                  'to a larger disk, or data.decoded_cache=False')
-  tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), mode='w+', dtype=np.uint8,
-                                     shape=(num_frames, image_size, image_size, 3))
-  ok = np.zeros(num_frames, bool)
+  what = f'the decoded cache of the {index.split} split'
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with files.exclusive_lock(f'{path}.lock', on_wait):
+      cached = _open_if_valid(path, key, num_frames, image_size)
+      if cached is not None:  # built by the process this one waited for
+        log(f'Opened the decoded cache of the {index.split} split built meanwhile: {path}')
+        return cached
+      files.remove(path)  # unreadable or from an interrupted rename: rebuild it
+      others = files.remove_dead_leftovers(folder, log)
+      if need > files.free_bytes(folder):
+        raise files.disk_full_error(what, folder, _FIX, need, others)
+      _build(source, index, image_size, path, key, origin, threads, log)
+  except OSError as e:
+    if files.is_disk_full(e) and not isinstance(e, files.DiskFullError):
+      raise files.disk_full_error(what, folder, _FIX, need, files.leftovers(folder)) from e
+    raise
+  result = _open_if_valid(path, key, num_frames, image_size)
+  if result is None:
+    raise OSError(f'{path}: the decoded cache just written could not be opened again')
+  return result
+
+
+def _build(source, index, image_size, path, key, origin, threads, log):
+  """Writes the cache into a temporary folder renamed to `path` when complete."""
+  num_frames = len(index)
+  shape = (num_frames, image_size, image_size, 3)
   threads = threads or min(32, os.cpu_count() or 1)
+  start_time = time.perf_counter()
+  with files.atomic_dir(path) as tmp:
+    images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), mode='w+',
+                                       dtype=np.uint8, shape=shape)
+    ok = np.zeros(num_frames, bool)
+    try:
+      # Every block of the file on disk before any pixel goes through the memory map (where
+      # a full disk is a SIGBUS); where the filesystem cannot, the check before stands.
+      files.reserve(os.path.join(tmp, 'images.npy'), images.offset + images.nbytes)
+      log(f'Decoding the {index.split} split once into {path} ({num_frames} frames, '
+          f'{logs.format_bytes(images.nbytes)}, {threads} threads)')
+      bad = _decode_all(source, images, ok, image_size, threads, log)
+      images.flush()
+    finally:
+      del images  # unmapped now, so a failure's removed file frees its space at once
+    np.save(os.path.join(tmp, 'ok.npy'), ok)
+    meta = {'format': FORMAT, 'version': VERSION, 'key': key, 'num_frames': num_frames,
+            'image_size': int(image_size), 'split': index.split, 'origin': origin,
+            'bad_frames': int(bad)}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(meta, f, indent=1)
+  log(f'Decoded cache ready: {num_frames} frames ({bad} could not be read or decoded) in '
+      f'{time.perf_counter() - start_time:.1f} s')
+
+
+def _decode_all(source, images, ok, image_size: int, threads: int, log) -> int:
+  """Decodes every row of `source` into `images` / `ok` with a thread pool (the decoder
+  releases the GIL); returns the bad-frame count. On a failure (or Ctrl-C) the rows not started
+  are cancelled and the running ones finish before it propagates."""
+  num_frames = len(ok)
   start_time = last_print = time.perf_counter()
   bad = done = 0
-  if progress:
-    print(f'Decoding the {index.split} split once into {path} ({num_frames} frames, '
-          f'{need / 1e9:.2f} GB, {threads} threads)', flush=True)
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # the decoder releases the GIL
+  pool = concurrent.futures.ThreadPoolExecutor(threads)
+  try:
     futures = {pool.submit(_decode_rows, source, images, ok, lo, min(lo + _CHUNK, num_frames),
                            image_size): min(_CHUNK, num_frames - lo)
                for lo in range(0, num_frames, _CHUNK)}
@@ -163,26 +223,9 @@ def build(source, index, image_size: int, folder: str, origin: str, *, threads: 
       bad += future.result()
       done += futures[future]
       now = time.perf_counter()
-      if progress and (now - last_print > 10 or done == num_frames):
+      if now - last_print > 10 or done == num_frames:
         last_print = now
-        print(f'  decoded {done}/{num_frames} frames ({done / (now - start_time):.0f}/s)',
-              flush=True)
-  images.flush()
-  del images
-  np.save(os.path.join(tmp, 'ok.npy'), ok)
-  meta = {'format': FORMAT, 'version': VERSION, 'key': key, 'num_frames': num_frames,
-          'image_size': int(image_size), 'split': index.split, 'origin': origin,
-          'bad_frames': int(bad)}
-  with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-    json.dump(meta, f, indent=1)
-  try:
-    os.rename(tmp, path)
-  except OSError:  # another process renamed its copy into place first: use that one
-    shutil.rmtree(tmp, ignore_errors=True)
-  if progress:
-    print(f'Decoded cache ready: {num_frames} frames ({bad} could not be read or decoded) in '
-          f'{time.perf_counter() - start_time:.1f} s', flush=True)
-  result = _open_if_valid(path, key, num_frames, image_size)
-  if result is None:
-    raise OSError(f'{path}: the decoded cache just written could not be opened again')
-  return result
+        log(f'  decoded {done}/{num_frames} frames ({done / (now - start_time):.0f}/s)')
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+  return bad

@@ -18,7 +18,9 @@ import time
 
 import tqdm
 
+from affectjax import files
 from affectjax import labels
+from affectjax import logs
 from affectjax.data import index as index_lib
 from affectjax.data import sources
 
@@ -37,52 +39,69 @@ def _shard_bounds(num_records: int, num_shards: int) -> list:
 
 def pack_split(index, out_dir: str, *, num_shards: int = 0, threads: int = 8,
                progress: bool = True) -> dict:
-  """Writes `index`'s frames as shards + index + manifest under out_dir; returns the manifest."""
-  from array_record.python import array_record_module  # deferred: only packing writes
+  """Writes `index`'s frames as shards + index + manifest under out_dir; returns the manifest.
+
+  Each shard is written under a temporary name and renamed when complete; on any failure (a
+  full disk: `files.DiskFullError`, Ctrl-C) the shards of this call are removed again, so
+  neither partial shards nor a manifest of an incomplete pack are left."""
   os.makedirs(out_dir, exist_ok=True)
   split, n = index.split, len(index)
   num_shards = num_shards or default_num_shards(n)
   names = [sources.shard_name(split, s, num_shards) for s in range(num_shards)]
-  start, total_bytes, unreadable, unreadable_paths = time.perf_counter(), 0, 0, []
   manifest_file = sources.manifest_path(out_dir, split)
-  if os.path.exists(manifest_file):
-    os.remove(manifest_file)  # the pack is incomplete until the manifest is rewritten
+  files.remove(manifest_file)  # the pack is incomplete until the manifest is rewritten
+  try:
+    manifest = _write_split(index, out_dir, names, threads, progress)
+    with files.atomic_write(manifest_file) as f:
+      json.dump(manifest, f, indent=1)
+  except BaseException as e:
+    for name in names:
+      files.remove(os.path.join(out_dir, name))
+    if files.is_disk_full(e):
+      raise files.disk_full_error(
+          f'the packed {split} split', out_dir,
+          'pack to a larger disk (--out), or free space there') from e
+    raise
+  return manifest
+
+
+def _write_split(index, out_dir: str, names: list, threads: int, progress: bool) -> dict:
+  from array_record.python import array_record_module  # deferred: only packing writes
+  split, n = index.split, len(index)
+  start, total_bytes, unreadable_paths = time.perf_counter(), 0, []
   with concurrent.futures.ThreadPoolExecutor(threads) as pool, tqdm.tqdm(
       total=n, unit='frame', desc=f'packing {split}', disable=not progress) as bar:
-    for name, (lo, hi) in zip(names, _shard_bounds(n, num_shards)):
-      writer = array_record_module.ArrayRecordWriter(
-          os.path.join(out_dir, name), sources.ARRAY_RECORD_WRITER_OPTIONS)
-      for chunk in range(lo, hi, _READ_CHUNK):
-        rows = range(chunk, min(chunk + _READ_CHUNK, hi))
-        paths = index.image_paths(list(rows))
-        for row, path, jpeg in zip(rows, paths, pool.map(sources.read_bytes, paths)):
-          if not jpeg:
-            unreadable += 1
-            unreadable_paths.append(path)
-          total_bytes += len(jpeg)
-          writer.write(sources.serialize_record(sources.make_record(
-              jpeg, index.expr[row], index.au[row], index.va[row], row)))
-        bar.update(len(rows))
-      writer.close()
+    for name, (lo, hi) in zip(names, _shard_bounds(n, len(names))):
+      with files.atomic_path(os.path.join(out_dir, name)) as tmp:
+        writer = array_record_module.ArrayRecordWriter(tmp, sources.ARRAY_RECORD_WRITER_OPTIONS)
+        try:
+          for chunk in range(lo, hi, _READ_CHUNK):
+            rows = range(chunk, min(chunk + _READ_CHUNK, hi))
+            paths = index.image_paths(list(rows))
+            for row, path, jpeg in zip(rows, paths, pool.map(sources.read_bytes, paths)):
+              if not jpeg:
+                unreadable_paths.append(path)
+              total_bytes += len(jpeg)
+              writer.write(sources.serialize_record(sources.make_record(
+                  jpeg, index.expr[row], index.au[row], index.va[row], row)))
+            bar.update(len(rows))
+        finally:
+          writer.close()
   index.save(os.path.join(out_dir, f'{split}_index.npz'))
-  seconds = time.perf_counter() - start
-  manifest = {
+  return {
       'format': sources.PACK_FORMAT, 'version': sources.PACK_FORMAT_VERSION, 'split': split,
       'num_records': n, 'shards': names, 'jpeg_bytes': total_bytes,
-      'unreadable_frames': unreadable, 'unreadable_examples': unreadable_paths[:10],
+      'unreadable_frames': len(unreadable_paths), 'unreadable_examples': unreadable_paths[:10],
       'index_fingerprint': sources.index_fingerprint(index), 'index_summary': index.summary,
       'root': index.root, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
-      'seconds': round(seconds, 2),
+      'seconds': round(time.perf_counter() - start, 2),
   }
-  with open(manifest_file, 'w') as f:
-    json.dump(manifest, f, indent=1)
-  return manifest
 
 
 def format_summary(manifest: dict, out_dir: str) -> str:
   m, seconds = manifest, max(manifest['seconds'], 1e-9)
   line = (f"{m['split']}: {m['num_records']} frames in {len(m['shards'])} shards, "
-          f"{m['jpeg_bytes'] / 1e6:.1f} MB of JPEG, {seconds:.1f} s "
+          f"{logs.format_bytes(m['jpeg_bytes'])} of JPEG, {seconds:.1f} s "
           f"({m['num_records'] / seconds:.0f} frames/s) -> {out_dir}")
   if m['unreadable_frames']:
     line += (f"\n  WARNING: {m['unreadable_frames']} unreadable images packed as empty records "
@@ -110,7 +129,10 @@ def main(argv=None):
                                   num_expr_classes=args.num_expr_classes,
                                   cache_dir=args.cache_dir)
     print(index.describe())
-    manifest = pack_split(index, args.out, num_shards=args.shards, threads=args.threads)
+    try:
+      manifest = pack_split(index, args.out, num_shards=args.shards, threads=args.threads)
+    except files.DiskFullError as e:
+      parser.exit(1, f'error: {e}\n')
     print(format_summary(manifest, args.out))
 
 

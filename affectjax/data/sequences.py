@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from affectjax import files
 from affectjax import labels
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline
@@ -63,20 +64,19 @@ class FeatureSet:
 
 def write_feature_set(directory: str, split: str, index, features: np.ndarray, ok: np.ndarray,
                       meta: dict, probs: np.ndarray | None = None) -> str:
-  """Writes what `FeatureSet` reads (meta.json last, so a partial folder is not taken)."""
+  """Writes what `FeatureSet` reads into `<directory>/<split>`, which it replaces whole when
+  complete (a failure leaves the previous folder, or none, and no partial one)."""
   path = os.path.join(directory, split)
-  os.makedirs(path, exist_ok=True)
-  for name in (META, 'probs.npy'):
-    if os.path.exists(os.path.join(path, name)):
-      os.remove(os.path.join(path, name))
-  np.save(os.path.join(path, 'features.npy'), np.asarray(features, np.float16))
-  if probs is not None:
-    np.save(os.path.join(path, 'probs.npy'), np.asarray(probs, np.float16))
-  np.save(os.path.join(path, 'ok.npy'), np.asarray(ok, bool))
-  index.save(os.path.join(path, 'index.npz'))
-  with open(os.path.join(path, META), 'w') as f:
-    json.dump(dict(meta, num_frames=len(index), dim=int(features.shape[1]), split=split), f,
-              indent=1)
+  os.makedirs(directory, exist_ok=True)
+  with files.atomic_dir(path) as tmp:
+    np.save(os.path.join(tmp, 'features.npy'), np.asarray(features, np.float16))
+    if probs is not None:
+      np.save(os.path.join(tmp, 'probs.npy'), np.asarray(probs, np.float16))
+    np.save(os.path.join(tmp, 'ok.npy'), np.asarray(ok, bool))
+    index.save(os.path.join(tmp, 'index.npz'))
+    with open(os.path.join(tmp, META), 'w') as f:
+      json.dump(dict(meta, num_frames=len(index), dim=int(features.shape[1]), split=split), f,
+                indent=1)
   return path
 
 

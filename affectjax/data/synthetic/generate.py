@@ -12,16 +12,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 import time
 
 import cv2
 import numpy as np
 import tqdm
 
+from affectjax import files
 from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import layout
@@ -224,18 +222,6 @@ def _read_manifest(root: pathlib.Path):
     return None
 
 
-def _install(tmp: pathlib.Path, out: pathlib.Path):
-  """Moves a finished dataset into place, replacing an older synthetic dataset at `out`."""
-  os.chmod(tmp, 0o755)  # mkdtemp creates 0o700.
-  old = None
-  if out.exists():
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-    os.rename(out, old / out.name)
-  os.rename(tmp, out)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def generate(out_dir, *, num_videos: int = 64, frames_per_video: int = 140, seed: int = 0,
              image_size: int = 112, val_fraction: float = 0.3, num_expr_classes: int = 7,
              length_jitter: float = 0.25, progress: bool = True) -> dict:
@@ -251,12 +237,8 @@ def generate(out_dir, *, num_videos: int = 64, frames_per_video: int = 140, seed
     raise FileExistsError(f'{out} exists and is not a synthetic dataset; refusing to replace it')
   out.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-  try:
-    manifest = _write_dataset(tmp, params, progress)
-    _install(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with files.atomic_dir(str(out)) as tmp:  # replaces an older synthetic dataset at `out`
+    manifest = _write_dataset(pathlib.Path(tmp), params, progress)
   summary = {'root': str(out), 'seconds': time.perf_counter() - start, **manifest['counts']}
   if progress:
     print(format_summary(summary))
