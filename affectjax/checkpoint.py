@@ -116,8 +116,11 @@ class Checkpoints:
   """`WORKDIR/checkpoints`: asynchronous saves; keeps the latest N and the best K by score."""
 
   def __init__(self, directory: str, *, keep_latest: int = 2, keep_best: int = 1,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    if read_only and not _steps(self.directory):
+      raise CheckpointError(f'{self.directory}: no checkpoint there (checkpoints are numbered '
+                            'step folders, written by a training run in WORKDIR/checkpoints)')
     keep = [policies.LatestN(n=keep_latest)]
     if keep_best:
       keep.append(policies.BestN(get_metric_fn=_score, reverse=False, n=keep_best,
@@ -126,8 +129,8 @@ class Checkpoints:
     # best_step() still see the scores of earlier runs' checkpoints after a resume.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=_score,
-        best_mode='max', enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+        best_mode='max', enable_async_checkpointing=async_save, create=not read_only,
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'input'))
     self.failure = None  # the CheckpointSaveError of a failed save
@@ -242,7 +245,10 @@ def _listing(folder: str, most: int = 8) -> str:
 def _steps(folder: str) -> list:
   """The finished Orbax steps of a checkpoints folder (numbered folders; unfinished saves carry
   a suffix)."""
-  return sorted(int(e.name) for e in os.scandir(folder) if e.name.isdigit() and e.is_dir())
+  try:
+    return sorted(int(e.name) for e in os.scandir(folder) if e.name.isdigit() and e.is_dir())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
 
 
 def locate_variables(path: str) -> tuple[str, str]:

@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.eval_checkpoint = 'best'  # mode=eval: 'best' | 'latest' | a step number
   c.write_predictions = True  # mode=eval: per-frame prediction CSV next to the metrics
+  # mode=eval: folder for the metrics JSON and the predictions CSV ('' = WORKDIR; set it to
+  # evaluate a run whose folder is read-only)
+  c.eval_out = ''
   # mode=predict: a checkpoint's predictions for an unlabelled test list (affectjax.predictions)
   c.predict = ml_collections.ConfigDict({
       'videos': '',  # file: one test video per line (every crop of each is predicted)

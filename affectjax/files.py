@@ -26,7 +26,7 @@ import time
 from affectjax import logs
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOLCK)
+LOCK_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOLCK)
 _TEMPORARY = re.compile(r'^(?P<target>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$')
 
 
@@ -71,6 +71,19 @@ def free_bytes(folder: str) -> int:
   while not os.path.exists(folder) and os.path.dirname(folder) != folder:
     folder = os.path.dirname(folder)
   return shutil.disk_usage(folder).free
+
+
+def is_writable(folder: str) -> bool:
+  """Whether files can be created in `folder` (created if absent): tried, not inferred from
+  permission bits (root ignores those; a read-only mount does not)."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with open(temporary_name(os.path.join(folder, '.write-test')), 'w'):
+      pass
+    os.remove(temporary_name(os.path.join(folder, '.write-test')))
+    return True
+  except OSError:
+    return False
 
 
 def temporary_name(path: str) -> str:
@@ -143,7 +156,7 @@ def reserve(path: str, size: int) -> bool:
   try:
     fallocate(fd, 0, size)
   except OSError as e:
-    if e.errno in _UNSUPPORTED:
+    if e.errno in LOCK_UNSUPPORTED:
       return False
     raise
   finally:
@@ -165,7 +178,7 @@ def exclusive_lock(path: str, on_wait=None):
         on_wait(_holder(fd))
       fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
-      if e.errno not in _UNSUPPORTED:
+      if e.errno not in LOCK_UNSUPPORTED:
         raise
     _write_holder(fd, f'host {socket.gethostname()} pid {os.getpid()}\n')
     try:

@@ -1,6 +1,7 @@
 """Inference from a run's checkpoints: `mode=eval` (metrics of a split, tuned post-processing,
 per-frame predictions), `mode=predict` (ABAW submission files for unlabelled test lists) and
 `mode=features` (per-frame features for the temporal models)."""
+import errno
 import json
 import os
 import time
@@ -19,11 +20,16 @@ def restore(config: ml_collections.ConfigDict, workdir: str, data):
   """(run, state) of the checkpoint `config.eval_checkpoint` of WORKDIR; `data` is a split
   loaded by the config's kind. The run's config is the resolved one."""
   run = runs.build_run(runs.resolve_config(config), data)
-  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  # Read-only: creates nothing (a mistyped WORKDIR stays absent) and works on read-only copies.
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
   which = str(run.config.eval_checkpoint)
   step = {'best': checkpoints.best_step() or checkpoints.latest_step(),
           'latest': checkpoints.latest_step()}.get(which, None)
   step = int(which) if which.isdigit() else step
+  if step not in checkpoints.manager.all_steps():
+    raise ckpt_lib.CheckpointError(
+        f'config.eval_checkpoint={which}: no such step in {checkpoints.directory} (steps there: '
+        f'{", ".join(map(str, checkpoints.manager.all_steps()))})')
   state, _ = checkpoints.restore(parallel.replicate(run.state, run.mesh), step)
   checkpoints.close()
   return run, state
@@ -37,24 +43,32 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   index = kind.frame_index(data)
   run, state = restore(config, workdir, data)
   config = run.config
+  out_dir = os.path.abspath(config.eval_out or workdir)
+  writable = files.is_writable(out_dir)
+  if not writable and parallel.is_main_process():
+    print(f'{out_dir} is not writable: the results are printed, not written '
+          '(set --config.eval_out=DIR to write them)', flush=True)
   eval_metrics, rows = evaluation.evaluate(run, run.eval_step(), state, data,
                                            keep_predictions=config.write_predictions, tune=True)
   eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
   step = int(state.step)
   if parallel.is_main_process():
-    writer = logs.RunWriter(workdir)
-    writer.write(step, f'eval_{config.eval_split}', eval_metrics)
-    writer.close()
-    out = os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json')
-    with files.atomic_write(out) as f:
-      json.dump(eval_metrics, f, indent=2)
+    # Named by split and step: runs evaluating other checkpoints or splits write other files,
+    # and a file appears whole (atomic rename) even when two evaluate the same one.
+    out = os.path.join(out_dir, f'eval_{config.eval_split}_step{step}.json')
+    if writable:
+      with files.atomic_write(out) as f:
+        json.dump(eval_metrics, f, indent=2)
     print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
           f'score {eval_metrics["score"]:.4f}\n  ' +
-          logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) + f'\n  wrote {out}',
-          flush=True)
+          logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) + '\n  ' +
+          evaluation.format_frame_counts(eval_metrics) +
+          (f'\n  wrote {out}' if writable else ''), flush=True)
     if 'au_thresholds' in eval_metrics:
-      print(f'  AU thresholds tuned on {config.eval_split} (per-AU F1 maximum; saved in {out}, '
-            f'use them for test predictions with --config.predict.au_thresholds={out}): '
+      where = (f'saved in {out}, use them for test predictions with '
+               f'--config.predict.au_thresholds={out}' if writable else
+               f"{','.join(f'{t:.2f}' for t in eval_metrics['au_thresholds'])}")
+      print(f'  AU thresholds tuned on {config.eval_split} (per-AU F1 maximum; {where}): '
             f'AU F1 {eval_metrics["au_f1"]:.4f} at 0.5, {eval_metrics["au_f1_tuned"]:.4f} '
             'tuned (optimistic on the tuning split)', flush=True)
     if 'va_window' in eval_metrics:
@@ -62,9 +76,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             f'frames (use --config.predict.va_window={eval_metrics["va_window"]}): VA CCC '
             f'{eval_metrics["va_ccc"]:.4f} unsmoothed, {eval_metrics["va_ccc_smoothed"]:.4f} '
             'smoothed (optimistic on the tuning split)', flush=True)
-    if rows is not None:
+    if rows is not None and writable:
       path = predictions.write_predictions(
-          os.path.join(workdir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
+          os.path.join(out_dir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
           index, run.tasks)
       print(f'  wrote {path}', flush=True)
   return eval_metrics
@@ -82,6 +96,12 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = kind.load_test(config)
   index = kind.frame_index(data)
   run, state = restore(config, workdir, data)
+  step = int(state.step)
+  out = p.out or os.path.join(workdir, f'predictions_{kinds.list_name(list_path)}_step{step}')
+  folder = os.path.dirname(os.path.abspath(out))
+  if parallel.is_main_process() and not files.is_writable(folder):
+    raise OSError(errno.EROFS, f'{folder} is not writable, where mode=predict writes {out}: '
+                  'set --config.predict.out to a path on a writable disk')
   iterator = kind.test_iterator(run.config, data)
   rows = []
   evaluation.infer(run, run.eval_step(), state, iterator, lambda *pair: rows.append(pair))
@@ -92,8 +112,6 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     have = np.flatnonzero(predicted)
     decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
                                                        index.video_id[have], p.va_window)
-  step = int(state.step)
-  out = p.out or os.path.join(workdir, f'predictions_{kinds.list_name(list_path)}_step{step}')
   written = []
   if parallel.is_main_process():
     counts = (predictions.read_frame_counts(p.frame_counts)

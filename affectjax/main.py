@@ -75,6 +75,8 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     if verbose or not _is_user_error(e):
       raise
+    if isinstance(e, OSError) and e.strerror:  # not "[Errno 28] ..."
+      e = f'{e.strerror}: {e.filename}' if e.filename else e.strerror
     _fail(e, 1)
 
 

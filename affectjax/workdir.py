@@ -12,13 +12,14 @@ no longer alive; another host's lock cannot be checked and must be removed by ha
 Evaluation and prediction do not lock: they only read the checkpoints and write their results
 under names of their own (atomically, see `affectjax.files`).
 """
-import errno
 import fcntl
 import json
 import os
 import socket
 import sys
 import time
+
+from affectjax import files
 
 LOCK_FILE = 'run.lock'
 
@@ -37,15 +38,10 @@ def _process_started(pid: int) -> str | None:
 
 
 def _alive(holder: dict) -> bool:
+  """Whether the process a lock file names still runs (same pid, same start time)."""
   pid = int(holder.get('pid', -1))
-  if pid <= 0:
+  if pid <= 0 or not files.process_alive(pid):
     return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass  # exists, another user's
   started = _process_started(pid)
   return started is None or holder.get('process_started') in (None, started)
 
@@ -97,7 +93,7 @@ class WorkdirLock:
           f'{os.path.dirname(self.path)} is in use by another training run ({describe(previous)}). '
           'Wait for it to finish or stop it, or choose another --workdir.') from None
     except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      if e.errno not in files.LOCK_UNSUPPORTED:
         f.close()
         raise
       # No flock here: judge by the content (see the module doc).

@@ -132,3 +132,44 @@ def test_evaluation_line_names_unreadable_frames():
                   '1,500 (left out of the score)')
   assert evaluation.format_frame_counts({'skipped_frames': 0, 'eval_frames': 10}) == (
       'unreadable frames: evaluation 0 of 10')
+
+
+def _tree(folder):
+  """Every file under `folder` with its size and modification time."""
+  return {os.path.join(d, n): (os.path.getsize(os.path.join(d, n)),
+                               os.path.getmtime(os.path.join(d, n)))
+          for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.fixture(scope='module')
+def finished_run(config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('finished')
+  c = config.copy_and_resolve_references()
+  c.num_epochs = 1.0
+  trainer.train_and_evaluate(c, str(workdir))
+  return workdir
+
+
+def test_eval_of_a_read_only_run_writes_nothing_there(config, finished_run, monkeypatch,
+                                                      capsys):
+  from affectjax import files, inference
+  before = _tree(finished_run)
+  real = files.is_writable
+  monkeypatch.setattr(files, 'is_writable',  # as on a read-only mount (root ignores chmod)
+                      lambda folder: False if str(folder) == str(finished_run) else real(folder))
+  c = config.copy_and_resolve_references()
+  c.mode = 'eval'
+  metrics = inference.evaluate_checkpoint(c, str(finished_run))
+  out = capsys.readouterr().out
+  assert f'{finished_run} is not writable: the results are printed, not written' in out
+  assert f"Evaluated checkpoint step 5 on validation" in out and 'score' in metrics
+  assert _tree(finished_run) == before  # no TensorBoard file, no metrics row, no lock
+
+
+def test_eval_of_a_mistyped_workdir_says_so_and_creates_nothing(config, tmp_path):
+  from affectjax import inference
+  c = config.copy_and_resolve_references()
+  c.mode = 'eval'
+  with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint there'):
+    inference.evaluate_checkpoint(c, str(tmp_path / 'typo'))
+  assert not os.path.exists(tmp_path / 'typo')
