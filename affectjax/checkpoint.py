@@ -55,7 +55,7 @@ def _root_cause(error: BaseException) -> str:
 
 def state_bytes(tree) -> int:
   """Bytes of a state's arrays (their global sizes), about what a checkpoint of it takes."""
-  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x)))
+  return int(sum(x.nbytes if hasattr(x, 'nbytes') else np.asarray(x).nbytes
                  for x in jax.tree_util.tree_leaves(tree)))
 
 

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
+from affectjax import config as config_lib
 from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, runs
 from affectjax import workdir as workdir_lib
 
@@ -136,6 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic evaluation and checkpoints; resumes from WORKDIR if it has any.
   The workdir is locked for the run (`affectjax.workdir`): a second run on it stops at once."""
   workdir = os.path.abspath(workdir)
+  config_lib.check_config(config)  # before anything is loaded or written (main checks too)
   with workdir_lib.WorkdirLock(workdir, enabled=parallel.is_main_process()):
     return _train_and_evaluate(config, workdir)
 

@@ -3,6 +3,7 @@ written, the bad-frame report. Each probe checks the message and that nothing is
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,35 +81,46 @@ def test_lock_without_flock_judges_by_the_content(tmp_path, monkeypatch):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire()
 
 
-def test_a_full_disk_at_a_checkpoint_stops_with_one_message_and_keeps_the_last(
-    config, tmp_path, monkeypatch):
+@pytest.fixture(scope='module')
+def disk_full_run(config, tmp_path_factory):
+  """A run whose disk is full from its third save on: (workdir, the error it stopped with)."""
+  workdir = tmp_path_factory.mktemp('disk_full')
   c = config.copy_and_resolve_references()
   c.checkpoint_every_steps = 2
   real_usage = shutil.disk_usage
 
-  def usage(path):  # the disk is full from the third save on
+  def usage(path):
     total, used, free = real_usage(path)
-    full = len([d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]) >= 2
+    full = len([d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]) >= 2
     return type(real_usage(path))(total, used, 1000 if full else free)
 
-  monkeypatch.setattr(ckpt_lib.shutil, 'disk_usage', usage)
-  with pytest.raises(ckpt_lib.CheckpointSaveError,
-                     match=r'cannot save checkpoint step 5 in .*checkpoints: it needs about '
-                           r'[\d.]+ [KM]B, the disk has 1.0 KB free\. The latest complete '
-                           r'checkpoint, step 4, is intact: free some space and run the same '
-                           r'command again to resume from it\.') as error:
-    trainer.train_and_evaluate(c, str(tmp_path))
-  assert '\n' not in str(error.value)
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']  # no temporary folder
-  monkeypatch.undo()
-  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(ckpt_lib.shutil, 'disk_usage', usage)
+    with pytest.raises(ckpt_lib.CheckpointSaveError) as error:
+      trainer.train_and_evaluate(c, str(workdir))
+  return workdir, error.value
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_one_message_and_keeps_the_last(disk_full_run):
+  workdir, error = disk_full_run
+  assert re.fullmatch(
+      r'cannot save checkpoint step 5 in .*checkpoints: it needs about [\d.]+ [KM]B, the disk '
+      r'has 1.0 KB free\. The latest complete checkpoint, step 4, is intact: free some space and '
+      r'run the same command again to resume from it\.', str(error))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']  # no temporary folder
+  checkpoints = ckpt_lib.Checkpoints(str(workdir / 'checkpoints'), read_only=True)
   assert checkpoints.latest_step() == 4
   checkpoints.close()
-  assert not os.path.exists(tmp_path / 'run.lock')
+  assert not os.path.exists(workdir / 'run.lock')
 
 
 def test_a_failed_asynchronous_save_is_one_line_and_leaves_no_temporary_folder(tmp_path):
+  os.makedirs(tmp_path / '3.orbax-checkpoint-tmp')  # of an earlier run: Orbax removes it
   checkpoints = ckpt_lib.Checkpoints(str(tmp_path))
+  for _ in range(100):  # in a background thread: wait for it, then make the failed save's
+    if not os.path.exists(tmp_path / '3.orbax-checkpoint-tmp'):
+      break
+    time.sleep(0.05)
   os.makedirs(tmp_path / '7.orbax-checkpoint-tmp' / 'state')
   try:  # what Orbax raises for a full disk, under layers of asyncio and futures
     try:
@@ -141,18 +153,10 @@ def _tree(folder):
           for d, _, names in os.walk(folder) for n in names}
 
 
-@pytest.fixture(scope='module')
-def finished_run(config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('finished')
-  c = config.copy_and_resolve_references()
-  c.num_epochs = 1.0
-  trainer.train_and_evaluate(c, str(workdir))
-  return workdir
-
-
-def test_eval_of_a_read_only_run_writes_nothing_there(config, finished_run, monkeypatch,
+def test_eval_of_a_read_only_run_writes_nothing_there(config, disk_full_run, monkeypatch,
                                                       capsys):
   from affectjax import files, inference
+  finished_run = disk_full_run[0]
   before = _tree(finished_run)
   real = files.is_writable
   monkeypatch.setattr(files, 'is_writable',  # as on a read-only mount (root ignores chmod)
@@ -162,7 +166,7 @@ def test_eval_of_a_read_only_run_writes_nothing_there(config, finished_run, monk
   metrics = inference.evaluate_checkpoint(c, str(finished_run))
   out = capsys.readouterr().out
   assert f'{finished_run} is not writable: the results are printed, not written' in out
-  assert f"Evaluated checkpoint step 5 on validation" in out and 'score' in metrics
+  assert 'Evaluated checkpoint step 4 on validation' in out and 'score' in metrics
   assert _tree(finished_run) == before  # no TensorBoard file, no metrics row, no lock
 
 
