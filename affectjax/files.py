@@ -112,12 +112,32 @@ def _install(tmp: str, path: str) -> None:
   remove(old)
 
 
+def _remove_dead_copies(path: str) -> None:
+  """Removes the temporaries of `path` left by dead processes of this host (killed outright
+  while writing it), saying so."""
+  folder, name = os.path.split(os.path.abspath(path))
+  try:
+    names = [n for n in os.listdir(folder) if n.startswith(name + '.')]
+  except FileNotFoundError:
+    return
+  for other in names:
+    match = _TEMPORARY.match(other)
+    if (match and match['target'] == name and match['host'] == socket.gethostname() and
+        not process_alive(int(match['pid']))):
+      leftover = os.path.join(folder, other)
+      size = allocated_bytes(leftover)
+      remove(leftover)
+      print(f'Removed {leftover} ({logs.format_bytes(size)}), left by process {match["pid"]} of '
+            'this host, which is no longer running', flush=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yields the temporary path to write `path` under (file or folder, the caller creates it);
   renamed to `path` when the block completes, removed when it raises."""
   tmp = temporary_name(path)
   remove(tmp)
+  _remove_dead_copies(path)
   try:
     yield tmp
     _install(tmp, path)

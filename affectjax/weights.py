@@ -11,12 +11,12 @@ import json
 import os
 import pickle
 import re
-import shutil
 from typing import Any, Callable, Mapping, Optional
 
 from etils import epath
 import numpy as np
 
+from affectjax import files
 from affectjax.models import resnet
 
 try:
@@ -285,31 +285,14 @@ def save_converted(out_dir: str, variables: Mapping, meta: Mapping) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   check_output_dir(out_dir)
   out = os.path.abspath(out_dir)
-  parent, name = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.mkdir(tmp)
-  old = None
-  try:
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with files.atomic_path(out) as tmp:
+    os.mkdir(tmp)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(epath.Path(tmp) / VARIABLES_DIR, variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(tmp, META_FILE), 'w') as f:
       f.write(json.dumps(meta, indent=2, sort_keys=True) + '\n')
-    if os.path.isdir(out) and os.listdir(out):  # earlier converted weights: replaced
-      old = tmp + '.old'
-      os.rename(out, old)
-    elif os.path.isdir(out):
-      os.rmdir(out)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old and not os.path.exists(out):
-      os.rename(old, out)
-    raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_converted(path: str) -> tuple:

@@ -214,3 +214,18 @@ def test_a_failed_pack_leaves_no_shard_and_no_temporary(tmp_path, monkeypatch):
     pack.pack_split(index, str(out), num_shards=3, progress=False)
   assert os.listdir(out) == ['train_index.npz']  # no shard, no temporary, no manifest
 
+
+
+def test_a_dead_writers_copy_is_removed_by_the_next_write(tmp_path, capsys):
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  target = tmp_path / 'predictions.csv'
+  leftover = tmp_path / f'predictions.csv.tmp-{socket.gethostname()}-{int(dead.stdout)}'
+  leftover.write_text('half a file')
+  other = tmp_path / 'other.csv.tmp-elsewhere-1'  # another target, another host: kept
+  other.write_text('x')
+  with files.atomic_write(str(target)) as f:
+    f.write('whole\n')
+  assert target.read_text() == 'whole\n'
+  assert not leftover.exists() and other.exists()
+  assert f'Removed {leftover}' in capsys.readouterr().out
