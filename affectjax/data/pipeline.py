@@ -240,7 +240,7 @@ class AffectIterator(grain.DatasetIterator):
   """
 
   def __init__(self, maker: BatchMaker, data_config, num_epochs: int | None,
-               frame_counts: dict, expected_valid: np.ndarray | None = None):
+               frame_counts: dict):
     self._start = functools.partial(_build, maker, data_config, num_epochs)
     super().__init__(self._start(0))
     self.steps_per_epoch = maker.steps_per_epoch
@@ -248,14 +248,18 @@ class AffectIterator(grain.DatasetIterator):
     self.frame_counts = frame_counts
     self.maker = maker
     self.step = 0  # batches delivered, including before a restore
-    self.num_skipped = 0  # evaluation: frames dropped as undecodable
-    self._expected_valid = expected_valid  # evaluation: real (non-padding) rows per batch
     self.counter = BadFrameCounter(data_config.max_bad_frame_fraction)
 
   @property
   def epoch(self) -> int:
     """Epoch of the latest batch returned (0-based)."""
     return max(self.step - 1, 0) // self.steps_per_epoch
+
+  @property
+  def num_skipped(self) -> int:
+    """Evaluation: frames left out as unreadable (their rows come as valid=False); training
+    substitutes them instead (0)."""
+    return 0 if self.maker.training else self.counter.bad
 
   @property
   def bad_frames(self) -> dict:
@@ -269,13 +273,11 @@ class AffectIterator(grain.DatasetIterator):
       bad_rows = batch.pop(BAD_KEY)
       self.counter.add(batch.pop(READ_KEY),
                        [self.maker.index.image_path(int(r)) for r in bad_rows])
-    if self._expected_valid is not None:
-      self.num_skipped += int(self._expected_valid[self.step]) - int(batch['valid'].sum())
     self.step += 1
     return batch
 
   def get_state(self) -> dict:
-    return {'step': self.step, 'num_skipped': self.num_skipped,
+    return {'step': self.step,
             'frames_read': self.counter.read, 'bad_frames': self.counter.bad,
             'steps_per_epoch': self.steps_per_epoch, 'global_batch_size': self.maker.global_batch}
 
@@ -291,7 +293,6 @@ class AffectIterator(grain.DatasetIterator):
     self._ctx = self._parent._ctx
     previous.close()
     self.step = int(state['step'])
-    self.num_skipped = int(state.get('num_skipped', 0))
     self.counter = BadFrameCounter(self.counter.max_fraction, state.get('frames_read', 0),
                                    state.get('bad_frames', 0))
 
@@ -367,10 +368,8 @@ def make_eval_iterator(index, data_config, *, global_batch_size: int, process_in
   maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
                      process_count=process_count, eval_rows=rows)
-  shares = rows.reshape(-1, process_count, maker.batch)[:, process_index]
-  expected_valid = (shares >= 0).sum(axis=1)
   counts = (sampling.frame_counts(index, tasks) if labelled_only
             else {'frames': len(index), 'videos': len(index.video_names)})
   counts['steps'] = maker.steps_per_epoch
   _log_counts('eval' if labelled_only else 'all', counts)
-  return AffectIterator(maker, data_config, 1, counts, expected_valid)
+  return AffectIterator(maker, data_config, 1, counts)
