@@ -48,6 +48,13 @@ def is_disk_full(error: BaseException) -> bool:
   return any(os.strerror(code) in str(error) for code in DISK_FULL_ERRNOS)
 
 
+def _short_write(error: BaseException) -> bool:
+  """NumPy's errno-less OSError for a write cut short by a full disk ('5120000 requested and
+  389056 written'); ENOSPC errors keep their type (callers add what they were writing)."""
+  return (isinstance(error, OSError) and error.errno is None and
+          ' requested and ' in str(error) and ' written' in str(error))
+
+
 def disk_full_error(what: str, folder: str, fix: str, need: int | None = None,
                     leftovers_found=()) -> DiskFullError:
   """'not enough disk space for <what>: it needs 5.40 GB in <folder>, which has 1.20 GB free;
@@ -141,9 +148,12 @@ def atomic_path(path: str):
   try:
     yield tmp
     _install(tmp, path)
-  except BaseException:
+  except BaseException as e:
     remove(tmp)
-    raise
+    if isinstance(e, DiskFullError) or not _short_write(e):
+      raise
+    raise disk_full_error(os.path.basename(path), os.path.dirname(os.path.abspath(path)),
+                          'write it to a larger disk, or free space there') from e
 
 
 @contextlib.contextmanager

@@ -229,3 +229,13 @@ def test_a_dead_writers_copy_is_removed_by_the_next_write(tmp_path, capsys):
   assert target.read_text() == 'whole\n'
   assert not leftover.exists() and other.exists()
   assert f'Removed {leftover}' in capsys.readouterr().out
+
+
+def test_numpys_short_write_in_an_atomic_write_is_one_disk_full_line(tmp_path):
+  target = tmp_path / 'features.npy'
+  with pytest.raises(files.DiskFullError, match=rf'not enough disk space for features.npy: '
+                     rf'{tmp_path} has [\d.]+ [KMGT]?B free; write it to a larger disk'):
+    with files.atomic_write(str(target), 'wb') as f:
+      f.write(b'partial')
+      raise OSError('5120000 requested and 389056 written')  # what np.save raises
+  assert os.listdir(tmp_path) == []
