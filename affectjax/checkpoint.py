@@ -42,15 +42,23 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written; the message says what is still there."""
 
 
+# Causes a save can meet in the storage, and what the user does about each.
+_STORAGE_CAUSES = {
+    'No space left on device': 'free some space',
+    'Disk quota exceeded': 'free some space (or raise the quota)',
+    'Read-only file system': 'make the checkpoints folder writable',
+    'Permission denied': 'make the checkpoints folder writable',
+}
+
+
 def _root_cause(error: BaseException) -> str:
   """The innermost cause of an (Orbax, tensorstore, asyncio) error, in one line."""
   while error.__cause__ is not None or (error.__context__ is not None and
                                         not error.__suppress_context__):
     error = error.__cause__ or error.__context__
   text = str(error).splitlines()[0] if str(error) else type(error).__name__
-  found = re.search(r'(No space left on device|Disk quota exceeded|Read-only file system|'
-                    r'Permission denied)', text)
-  return found.group(1) if found else text[:300]
+  found = re.search('|'.join(_STORAGE_CAUSES), text)
+  return found.group(0) if found else text[:300]
 
 
 def state_bytes(tree) -> int:
@@ -81,9 +89,13 @@ def _settle(directory: str, timeout: float = 10.0) -> None:
   failed save finish failing (each remaining write hits the same full disk) before its
   temporary folder is removed and the failure reported."""
   def sizes():
-    return sorted((p, os.path.getsize(p)) for p in glob.glob(
-        os.path.join(directory, '*' + _TMP_SUFFIX + '*', '**'), recursive=True)
-        if os.path.isfile(p))
+    found = []
+    for p in glob.glob(os.path.join(directory, '*' + _TMP_SUFFIX + '*', '**'), recursive=True):
+      try:  # files come and go while the writers finish
+        found.append((p, os.stat(p).st_size))
+      except OSError:
+        pass
+    return sorted(found)
   deadline, last = time.monotonic() + timeout, None
   while time.monotonic() < deadline:
     now = sizes()
@@ -166,11 +178,17 @@ class Checkpoints:
       return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
                                force=force)
     except Exception as e:  # pylint: disable=broad-except
-      raise self._failed(e) from None
+      raise self._failed(e) or e
 
   def _check_space(self, step: int, size: int) -> None:
+    """CheckpointSaveError on every process when one process's disk lacks the space (after
+    the previous save has finished: Orbax waits for it too)."""
+    self.wait()
     need = int(size * 1.05) + (256 << 10)  # metadata and the input state
     free = shutil.disk_usage(self.directory).free
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
     if need > free:
       self.failure = CheckpointSaveError(
           f'cannot save checkpoint step {step} in {self.directory}: it needs about '
@@ -178,7 +196,7 @@ class Checkpoints:
           f'{self._what_is_kept()}')
       raise self.failure
 
-  def _what_is_kept(self) -> str:
+  def _what_is_kept(self, fix: str = 'free some space') -> str:
     try:
       steps = [s for s in self.manager.all_steps() if os.path.isdir(
           os.path.join(self.directory, str(s)))]
@@ -186,12 +204,14 @@ class Checkpoints:
       steps = []
     if not steps:
       return 'No checkpoint of this run is complete yet.'
-    return (f'The latest complete checkpoint, step {max(steps)}, is intact: free some space and '
-            'run the same command again to resume from it.')
+    return (f'The latest complete checkpoint, step {max(steps)}, is intact: {fix} and run the '
+            'same command again to resume from it.')
 
-  def _failed(self, error: BaseException) -> CheckpointSaveError:
-    """The error of a failed save, after removing its temporary folders."""
-    if self.failure is None:
+  def _failed(self, error: BaseException) -> CheckpointSaveError | None:
+    """The error of a save that the storage refused (full, read-only, no permission), after
+    removing its temporary folders; None for other errors (raised as they are)."""
+    cause = _root_cause(error)
+    if self.failure is None and cause in _STORAGE_CAUSES:
       _settle(self.directory)
       steps = []
       for tmp in glob.glob(os.path.join(self.directory, '*' + _TMP_SUFFIX + '*')):
@@ -200,7 +220,7 @@ class Checkpoints:
       steps = sorted(set(steps)) or ([str(self._pending)] if self._pending is not None else [])
       self.failure = CheckpointSaveError(
           f'could not save checkpoint step {", ".join(steps) or "?"} in {self.directory}: '
-          f'{_root_cause(error)}. {self._what_is_kept()}')
+          f'{cause}. {self._what_is_kept(_STORAGE_CAUSES[cause])}')
     return self.failure
 
   def restore(self, state, step: int | None = None) -> tuple[Any, dict]:
@@ -218,14 +238,14 @@ class Checkpoints:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._failed(e) from None
+      raise self._failed(e) or e
 
   def close(self):
     try:
       self.manager.close()
     except Exception as e:  # pylint: disable=broad-except
       if self.failure is None:  # a failure already reported is not reported twice
-        raise self._failed(e) from None
+        raise self._failed(e) or e
 
 
 class CheckpointError(ValueError):

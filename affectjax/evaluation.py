@@ -1,5 +1,6 @@
 """The evaluation pass shared by the training loop and inference: a split's frames through the
 jitted inference step, the ABAW metrics, and the post-processing tuned on them."""
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -37,18 +38,28 @@ def reading_counts(state: dict) -> tuple[int, int]:
   return int(read), int(bad)
 
 
-def format_frame_counts(metrics: dict) -> str:
+def with_counts_of_every_process(input_state: dict) -> dict:
+  """The input state to checkpoint: with several processes, the reading counts of each (Orbax
+  writes the JSON of the primary process only; `set_state` takes its own entry back)."""
+  if jax.process_count() == 1 or 'frames_read' not in input_state:
+    return input_state
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(
+      [input_state['frames_read'], input_state['bad_frames']], np.int64))).reshape(-1, 2)
+  return dict(input_state, frames_read=counts[:, 0].tolist(), bad_frames=counts[:, 1].tolist())
+
+
+def format_frame_counts(metrics: dict, prefix: str = '') -> str:
   """'unreadable frames: training 3 of 1,200 read (substituted), validation 1 of 300 (left
   out of the score)' from an evaluation's metrics (`skipped_frames`, `eval_frames` and, during
   training, `train_bad_frames`, `train_frames_read`)."""
-  parts = []
-  if 'train_frames_read' in metrics:
+  parts = []  # temporal runs read features, not frames: nothing to say
+  if metrics.get('train_frames_read'):
     parts.append(f"training {metrics['train_bad_frames']:,} of {metrics['train_frames_read']:,} "
                  'read' + (' (substituted)' if metrics['train_bad_frames'] else ''))
-  if 'eval_frames' in metrics:
+  if metrics.get('eval_frames'):
     parts.append(f"evaluation {metrics['skipped_frames']:,} of {metrics['eval_frames']:,}"
                  + (' (left out of the score)' if metrics['skipped_frames'] else ''))
-  return 'unreadable frames: ' + ', '.join(parts)
+  return f'{prefix}unreadable frames: ' + ', '.join(parts) if parts else ''
 
 
 def tune_post_processing(kept: dict, tasks: tuple, index) -> dict:

@@ -61,8 +61,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         json.dump(eval_metrics, f, indent=2)
     print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
           f'score {eval_metrics["score"]:.4f}\n  ' +
-          logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) + '\n  ' +
-          evaluation.format_frame_counts(eval_metrics) +
+          logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) +
+          evaluation.format_frame_counts(eval_metrics, prefix='\n  ') +
           (f'\n  wrote {out}' if writable else ''), flush=True)
     if 'au_thresholds' in eval_metrics:
       where = (f'saved in {out}, use them for test predictions with '
@@ -99,7 +99,8 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(state.step)
   out = p.out or os.path.join(workdir, f'predictions_{kinds.list_name(list_path)}_step{step}')
   folder = os.path.dirname(os.path.abspath(out))
-  if parallel.is_main_process() and not files.is_writable(folder):
+  if not parallel.main_process_says(not parallel.is_main_process() or
+                                    files.is_writable(folder)):
     raise OSError(errno.EROFS, f'{folder} is not writable, where mode=predict writes {out}: '
                   'set --config.predict.out to a path on a writable disk')
   iterator = kind.test_iterator(run.config, data)

@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a writer that does nothing.
 """
 import json
 import os
+import socket
 import time
 from typing import Mapping
 
@@ -34,8 +35,8 @@ def read_records(path: str) -> list:
     try:
       records.append(json.loads(line))
     except ValueError:
-      if number < len(lines):
-        raise ValueError(f'{path}:{number}: not a JSON record') from None
+      if number < len(lines):  # e.g. a row cut short by a full disk, then appended to
+        logging.warning('%s, line %d: not a JSON record; left out', path, number)
   return records
 
 
@@ -56,9 +57,9 @@ class RunWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       purge_step = None
-      if resume_step is not None:
-        self._truncate_after(int(resume_step))
-        purge_step = int(resume_step) + 1
+      if resume_step is not None or os.path.exists(self.path):  # (killed before a checkpoint)
+        self._truncate_after(int(resume_step or 0))
+        purge_step = int(resume_step or 0) + 1
       from tensorboardX import SummaryWriter  # deferred: heavy import
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
@@ -67,10 +68,14 @@ class RunWriter:
     kept = [r for r in records if r['step'] <= step]
     kept.append({'step': step, 'split': RESUME_SPLIT, 'time': time.time(),
                  'superseded_rows': len(records) - len(kept)})
-    tmp = f'{self.path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(tmp, self.path)
+    tmp = f'{self.path}.tmp-{socket.gethostname()}-{os.getpid()}'  # as affectjax.files names
+    try:
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(tmp, self.path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   def write(self, step: int, split: str, metrics: Mapping):
     """Appends one record `{'step', 'split', 'time', **metrics}` and the scalars to TensorBoard."""

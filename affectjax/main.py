@@ -6,9 +6,11 @@ checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eva
 `config.predict.videos` or `config.predict.images`) and `features` (writes a checkpoint's
 per-frame features for the temporal models of configs/temporal.py).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
-A config no run can use ends the run before anything is loaded, with one line `error: ...` on
-stderr and exit status 2 (as does a config file that cannot be loaded); `init_from` weights that
-cannot be read end it with one line and status 1.
+A config no run can use (also `init_from` naming nothing usable) ends the run before anything
+is loaded, with `error: ...` on stderr and exit status 2 (as does a config file that cannot be
+loaded); errors whose message says what to do (a locked workdir, a full disk, bad data or
+annotations, a checkpoint that cannot be saved) end it with the message and status 1, without
+a traceback unless --verbosity is given (docs/reliability.md).
 """
 import errno
 import os

@@ -21,6 +21,15 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def main_process_says(value: bool) -> bool:
+  """`value` as process 0 has it, on every process (a decision only process 0 can take, such
+  as holding the workdir lock, made the same everywhere so no process waits alone)."""
+  if jax.process_count() == 1:
+    return bool(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D mesh over all devices (or the first `num_devices` of a single process)."""
   devices = jax.devices()

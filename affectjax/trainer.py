@@ -138,8 +138,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The workdir is locked for the run (`affectjax.workdir`): a second run on it stops at once."""
   workdir = os.path.abspath(workdir)
   config_lib.check_config(config)  # before anything is loaded or written (main checks too)
-  with workdir_lib.WorkdirLock(workdir, enabled=parallel.is_main_process()):
+  lock = workdir_lib.WorkdirLock(workdir, enabled=parallel.is_main_process())
+  refused = None
+  try:
+    lock.acquire()
+  except workdir_lib.WorkdirLocked as e:
+    refused = e
+  if not parallel.main_process_says(refused is None):  # every process stops, not only the 0th
+    raise refused or workdir_lib.WorkdirLocked(f'{workdir} is in use by another training run '
+                                               '(see the message of process 0)')
+  try:
     return _train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -203,15 +214,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           progress.write(f'[step {step}, epoch {step / run.steps_per_epoch:.2f}] '
                          f'{config.eval_split}: score {score:.4f}  ' +
                          logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) +
-                         '\n  ' + evaluation.format_frame_counts(eval_metrics))
+                         evaluation.format_frame_counts(eval_metrics, prefix='\n  '))
           last_metrics = eval_metrics
           if score > best['score']:
             best = {'score': score, 'step': step, 'metrics': eval_metrics}
         halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
         if last or preemption.requested or halt or score is not None:
-          ledger.save(step, state, input_state, score=score)
+          ledger.save(step, state, evaluation.with_counts_of_every_process(input_state),
+                      score=score)
         elif is_periodic_save(config, step, run.steps_per_epoch):
-          ledger.save_later(step, snapshot_fn(state), input_state)
+          ledger.save_later(step, snapshot_fn(state),
+                            evaluation.with_counts_of_every_process(input_state))
         if preemption.requested:
           stop_reason = 'preempted (SIGTERM): checkpoint saved'
           break
@@ -220,11 +233,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           break
       ledger.finish()
   finally:
-    # Also on errors (NaN stop): let the last good checkpoint finish writing.
-    checkpoints.wait()
-    checkpoints.close()
-    progress.close()
-    writer.close()
+    # Also on errors (NaN stop): let the last good checkpoint finish writing; the rest is
+    # closed even if that save failed.
+    try:
+      checkpoints.wait()
+      checkpoints.close()
+    finally:
+      progress.close()
+      writer.close()
   read, bad = evaluation.reading_counts(trained_input)
   summary = {'stop_reason': stop_reason, 'steps': step, 'train_frames_read': read,
              'train_bad_frames': bad, 'seconds': time.time() - t_start,
@@ -250,7 +266,7 @@ def format_summary(summary: dict, run: runs.Run) -> str:
   final = summary['final_metrics']
   if final:
     lines.append('  final validation: ' + logs.format_metrics(final, evaluation.HEADLINE_KEYS))
-  lines.append('  ' + evaluation.format_frame_counts(
+  counts = evaluation.format_frame_counts(
       {k: v for k, v in final.items() if k in ('skipped_frames', 'eval_frames')} |
-      {k: summary[k] for k in ('train_frames_read', 'train_bad_frames')}))
-  return '\n'.join(lines)
+      {k: summary[k] for k in ('train_frames_read', 'train_bad_frames')}, prefix='\n  ')
+  return '\n'.join(lines) + counts

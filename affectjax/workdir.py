@@ -47,6 +47,8 @@ def _alive(holder: dict) -> bool:
 
 
 def describe(holder: dict) -> str:
+  if not holder.get('pid'):  # read while its holder was writing it
+    return 'another process'
   when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('time', 0)))
   return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {when}: "
           f"{holder.get('command', '?')}")

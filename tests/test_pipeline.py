@@ -327,8 +327,8 @@ def test_bad_frame_tolerance_floor_and_counts_resume():
   with pytest.raises(sources.DataError, match=r'11 of 21 frames.*latest: f10'):
     counter.add(1, ['f10'])
   assert pipeline.allowed_bad_frames(100_000, 0.001) == 100
-  with pytest.raises(sources.DataError):  # 0 tolerates none
-    pipeline.BadFrameCounter(0.0).add(1, ['x'])
+  with pytest.raises(sources.DataError, match=r'max_bad_frame_fraction=0.0\); latest: x'):
+    pipeline.BadFrameCounter(0.0).add(1, ['x'])  # 0 tolerates none
 
 
 def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_index, tmp_path):
@@ -346,6 +346,11 @@ def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_in
   assert whole.bad_frames['bad'] >= 2
   assert (resumed.bad_frames['read'], resumed.bad_frames['bad']) == (
       whole.bad_frames['read'], whole.bad_frames['bad'])
+  # Several processes: the checkpoint holds every process's counts, each takes its own.
+  second = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
+                                        process_index=1, process_count=2)
+  second.set_state(dict(first.get_state(), frames_read=[40, 41], bad_frames=[3, 4]))
+  assert (second.bad_frames['read'], second.bad_frames['bad']) == (41, 4)
 
 
 def test_worker_processes_give_the_same_batches_and_resume(train_index):

@@ -177,3 +177,30 @@ def test_eval_of_a_mistyped_workdir_says_so_and_creates_nothing(config, tmp_path
   with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint there'):
     inference.evaluate_checkpoint(c, str(tmp_path / 'typo'))
   assert not os.path.exists(tmp_path / 'typo')
+
+
+def test_metrics_rows_of_a_run_killed_before_its_first_checkpoint_give_way(tmp_path):
+  from affectjax import logs
+  path = tmp_path / 'metrics.jsonl'
+  rows = [{'step': 2, 'split': 'train', 'loss': 1.0}, {'step': 4, 'split': 'train', 'loss': 0.9}]
+  # A row cut short (a full disk), then appended to by a later run: left out, with a warning.
+  path.write_text(json.dumps(rows[0]) + '\n{"step": 3, "spl' + json.dumps(rows[1]) + '\n')
+  assert [r['step'] for r in logs.read_records(str(path))] == [2]
+  logs.RunWriter(str(tmp_path), resume_step=None).close()  # killed before any checkpoint
+  assert logs.read_records(str(path))[0] == dict(
+      logs.read_records(str(path))[0], step=0, split='resume', superseded_rows=1)
+  assert len(logs.read_records(str(path))) == 1
+  assert [f for f in os.listdir(tmp_path) if '.tmp-' in f] == []
+
+
+def test_only_storage_failures_become_a_save_error(tmp_path):
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path))
+  assert checkpoints._failed(TypeError('unsupported leaf')) is None  # raised as it is
+  read_only = checkpoints._failed(OSError(errno.EROFS, 'Read-only file system'))
+  assert 'Read-only file system.' in str(read_only)
+  checkpoints.close()
+
+
+def test_nothing_to_say_about_frames_when_none_were_read():
+  assert evaluation.format_frame_counts({'train_frames_read': 0, 'train_bad_frames': 0,
+                                         'eval_frames': 0, 'skipped_frames': 0}) == ''

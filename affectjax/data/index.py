@@ -20,7 +20,8 @@ from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import layout as layout_lib
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 1  # of saved index files (packs and feature sets carry them)
+_BUILD_VERSION = 2  # of what build_index computes: part of the cache fingerprint
 _TWO_SUBJECT_SUFFIXES = ('_left', '_right')
 
 
@@ -348,7 +349,7 @@ def build_index(root, split: str, *, layout: str = 'auto', tasks=labels.TASKS,
   root = os.path.abspath(os.fspath(root))
   sources = layout_lib.find_sources(root, split, layout, tasks)
   image_stats = layout_lib.image_folder_stats(root) if check_images else ()
-  settings = dict(version=_FORMAT_VERSION, layout=sources.layout, split=split, tasks=tasks,
+  settings = dict(version=_BUILD_VERSION, layout=sources.layout, split=split, tasks=tasks,
                   num_expr_classes=num_expr_classes, check_images=check_images)
   fingerprint = _digest([settings, sources.stats, image_stats])
   paths = _cache_paths(root, split, settings, cache_dir) if use_cache else []

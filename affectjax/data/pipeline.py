@@ -102,8 +102,9 @@ class BadFrameCounter:
     if bad_paths and self.bad > allowed_bad_frames(self.read, self.max_fraction):
       raise sources.DataError(
           f'{self.bad} of {self.read} frames read so far could not be read or decoded '
-          f'({self.bad / self.read:.1%} > data.max_bad_frame_fraction={self.max_fraction}, '
-          f'beyond the first {BAD_FRAME_FLOOR} tolerated); latest: {self.last_path}')
+          f'({self.bad / self.read:.1%} > data.max_bad_frame_fraction={self.max_fraction}' +
+          (f', beyond the first {BAD_FRAME_FLOOR} tolerated' if self.max_fraction > 0 else '') +
+          f'); latest: {self.last_path}')
 
 
 def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> dict:
@@ -293,8 +294,10 @@ class AffectIterator(grain.DatasetIterator):
     self._ctx = self._parent._ctx
     previous.close()
     self.step = int(state['step'])
-    self.counter = BadFrameCounter(self.counter.max_fraction, state.get('frames_read', 0),
-                                   state.get('bad_frames', 0))
+    counts = [state.get(key, 0) for key in ('frames_read', 'bad_frames')]
+    process = getattr(self.maker, 'process_index', 0)  # several processes: one entry each
+    counts = [c[process] if isinstance(c, list) else c for c in counts]
+    self.counter = BadFrameCounter(self.counter.max_fraction, *counts)
 
 
 def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
