@@ -188,7 +188,9 @@ class Checkpoints:
     free = shutil.disk_usage(self.directory).free
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+      # As float32 (JAX without x64 would make an int64 an int32, which overflows at 2 GB);
+      # its 24-bit mantissa is exact enough for a size.
+      free = int(np.min(multihost_utils.process_allgather(np.float32(free))))
     if need > free:
       self.failure = CheckpointSaveError(
           f'cannot save checkpoint step {step} in {self.directory}: it needs about '
