@@ -100,35 +100,6 @@ def test_per_task_merges_labels_per_frame(merged_root):
   assert 'EXPR_Set/Train_Set/a.txt: 4 lines, 5 in the longest' in text.replace(os.sep, '/')
 
 
-def test_crops_after_the_last_annotated_frame_are_counted(tmp_path):
-  root = str(tmp_path / 'data')
-  per_task(root, 'expr', 'a', [0, 3])
-  images(root, 'a', range(1, 6))
-  s = build_index(root, 'train', tasks=('expr',), use_cache=False).summary
-  assert s['annotation_gaps']['crops_beyond'] == 3
-  assert 'a: 3 crops after line 2' in s['annotation_gaps']['examples'][0]
-
-
-@pytest.mark.parametrize('content, message', [
-    (b'', r'the file is empty \(0 bytes\)'),
-    (b'\n\n', r'the file is empty'),
-    (b'Valence,Arousal\n', r'line 2: no annotation line after the header'),
-    (b'Valence,Arousal\n0.5,0.5\n-5,0.3\n', r'line 3: valence and arousal must both be'),
-])
-def test_empty_half_filled_and_half_labelled_files_are_errors(tmp_path, content, message):
-  from affectjax.data import annotations
-  root = str(tmp_path / 'data')
-  per_task(root, 'expr', 'a', [0, 3])
-  path = os.path.join(root, 'Annotations', 'VA_Set', 'Train_Set', 'a.txt')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(content)
-  images(root, 'a', [1, 2])
-  with pytest.raises(annotations.AnnotationError, match=message) as error:
-    build_index(root, 'train', tasks=('expr', 'va'), use_cache=False)
-  assert path in str(error.value)
-
-
 def test_tasks_argument_leaves_other_labels_missing(merged_root):
   index = build_index(merged_root, 'train', tasks=('au',), use_cache=False)
   np.testing.assert_array_equal(index.frame, [1, 2])

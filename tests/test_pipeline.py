@@ -321,38 +321,6 @@ def test_too_many_corrupt_frames_fail_from_the_first_frames(dataset_root, train_
     list(ev)
 
 
-def test_bad_frame_tolerance_floor_and_counts_resume():
-  counter = pipeline.BadFrameCounter(0.001)
-  counter.add(20, [f'f{i}' for i in range(pipeline.BAD_FRAME_FLOOR)])  # the floor: tolerated
-  with pytest.raises(sources.DataError, match=r'11 of 21 frames.*latest: f10'):
-    counter.add(1, ['f10'])
-  assert pipeline.allowed_bad_frames(100_000, 0.001) == 100
-  with pytest.raises(sources.DataError, match=r'max_bad_frame_fraction=0.0\); latest: x'):
-    pipeline.BadFrameCounter(0.0).add(1, ['x'])  # 0 tolerates none
-
-
-def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_index, tmp_path):
-  index = _copy_with_corrupt_frames(dataset_root, tmp_path, list(range(0, len(train_index), 5)),
-                                    train_index)
-  config = _config()
-  config.max_bad_frame_fraction = 0.5
-  whole = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
-  _take(whole, 6)
-  first = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
-  _take(first, 3)
-  resumed = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
-  resumed.set_state(first.get_state())
-  _take(resumed, 3)
-  assert whole.bad_frames['bad'] >= 2
-  assert (resumed.bad_frames['read'], resumed.bad_frames['bad']) == (
-      whole.bad_frames['read'], whole.bad_frames['bad'])
-  # Several processes: the checkpoint holds every process's counts, each takes its own.
-  second = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
-                                        process_index=1, process_count=2)
-  second.set_state(dict(first.get_state(), frames_read=[40, 41], bad_frames=[3, 4]))
-  assert (second.bad_frames['read'], second.bad_frames['bad']) == (41, 4)
-
-
 def test_worker_processes_give_the_same_batches_and_resume(train_index):
   config = _augmented()
   def make(worker_count):

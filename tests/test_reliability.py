@@ -13,6 +13,11 @@ import pytest
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import evaluation, trainer, workdir as workdir_lib
+from affectjax.data import pipeline, sources
+# tests/ is on sys.path: the helpers of the index and pipeline tests
+from test_index import build_index, images, per_task
+from test_pipeline import BATCH, _config, _copy_with_corrupt_frames, _take
+from test_pipeline import dataset_root, train_index  # pylint: disable=unused-import (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLD = ('import sys, time; from affectjax import workdir; '
@@ -204,3 +209,66 @@ def test_only_storage_failures_become_a_save_error(tmp_path):
 def test_nothing_to_say_about_frames_when_none_were_read():
   assert evaluation.format_frame_counts({'train_frames_read': 0, 'train_bad_frames': 0,
                                          'eval_frames': 0, 'skipped_frames': 0}) == ''
+
+
+# Data: annotation files cut short, corrupt crops (helpers of test_index / test_pipeline).
+
+def test_crops_after_the_last_annotated_frame_are_counted(tmp_path):
+  root = str(tmp_path / 'data')
+  per_task(root, 'expr', 'a', [0, 3])
+  images(root, 'a', range(1, 6))
+  s = build_index(root, 'train', tasks=('expr',), use_cache=False).summary
+  assert s['annotation_gaps']['crops_beyond'] == 3
+  assert 'a: 3 crops after line 2' in s['annotation_gaps']['examples'][0]
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', r'the file is empty \(0 bytes\)'),
+    (b'\n\n', r'the file is empty'),
+    (b'Valence,Arousal\n', r'line 2: no annotation line after the header'),
+    (b'Valence,Arousal\n0.5,0.5\n-5,0.3\n', r'line 3: valence and arousal must both be'),
+])
+def test_empty_half_filled_and_half_labelled_files_are_errors(tmp_path, content, message):
+  from affectjax.data import annotations
+  root = str(tmp_path / 'data')
+  per_task(root, 'expr', 'a', [0, 3])
+  path = os.path.join(root, 'Annotations', 'VA_Set', 'Train_Set', 'a.txt')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(content)
+  images(root, 'a', [1, 2])
+  with pytest.raises(annotations.AnnotationError, match=message) as error:
+    build_index(root, 'train', tasks=('expr', 'va'), use_cache=False)
+  assert path in str(error.value)
+
+
+def test_bad_frame_tolerance_floor_and_counts_resume():
+  counter = pipeline.BadFrameCounter(0.001)
+  counter.add(20, [f'f{i}' for i in range(pipeline.BAD_FRAME_FLOOR)])  # the floor: tolerated
+  with pytest.raises(sources.DataError, match=r'11 of 21 frames.*latest: f10'):
+    counter.add(1, ['f10'])
+  assert pipeline.allowed_bad_frames(100_000, 0.001) == 100
+  with pytest.raises(sources.DataError, match=r'max_bad_frame_fraction=0.0\); latest: x'):
+    pipeline.BadFrameCounter(0.0).add(1, ['x'])  # 0 tolerates none
+
+
+def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_index, tmp_path):
+  index = _copy_with_corrupt_frames(dataset_root, tmp_path, list(range(0, len(train_index), 5)),
+                                    train_index)
+  config = _config()
+  config.max_bad_frame_fraction = 0.5
+  whole = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  _take(whole, 6)
+  first = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  _take(first, 3)
+  resumed = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0)
+  resumed.set_state(first.get_state())
+  _take(resumed, 3)
+  assert whole.bad_frames['bad'] >= 2
+  assert (resumed.bad_frames['read'], resumed.bad_frames['bad']) == (
+      whole.bad_frames['read'], whole.bad_frames['bad'])
+  # Several processes: the checkpoint holds every process's counts, each takes its own.
+  second = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
+                                        process_index=1, process_count=2)
+  second.set_state(dict(first.get_state(), frames_read=[40, 41], bad_frames=[3, 4]))
+  assert (second.bad_frames['read'], second.bad_frames['bad']) == (41, 4)
