@@ -194,29 +194,6 @@ def test_packed_shards_alone_serve_the_index(config, tmp_path):
     np.testing.assert_array_equal(getattr(from_pack, key), getattr(from_tree, key))
 
 
-@pytest.mark.parametrize('name', ['mtl', 'mtl_va', 'expr', 'au', 'va', 'mtl3'])  # image runs
-def test_every_config_has_demo_and_test_variants(name):
-  for variant in ('demo', 'test'):
-    c = load_config(name, variant)
-    assert c.data.root == '' and c.model.arch == 'resnet18'
-  full = load_config(name, '')
-  assert full.model.arch == 'resnet50' and full.data.image_size == 112
-
-
-def test_unitask_config_variants():
-  for task, tasks in (('va', 'va'), ('expr', 'expr'), ('au', 'au'), ('mtl', 'expr,au,va')):
-    full = load_config('unitask', task)
-    assert (full.tasks, full.model.arch, full.data.image_size) == (tasks, 'resnet18', 112)
-    assert full.optim.plateau.enabled == (task == 'va')
-    assert full.optim.optimizer == ('sgd' if task == 'expr' else 'adam')
-    for variant in ('demo', 'test'):
-      small = load_config('unitask', f'{task},{variant}')
-      assert small.tasks == tasks and small.data.root == '' and small.model.width < 64
-  assert load_config('unitask', '').tasks == 'expr,au,va'
-  with pytest.raises(ValueError, match="unknown variant 'vaa'"):
-    load_config('unitask', 'vaa,demo')
-
-
 @pytest.mark.parametrize('variant', ['mtl,test', 'va,test'])
 def test_unitask_study_trains_with_weights_from_the_training_labels(variant, config, tmp_path):
   from sklearn.utils.class_weight import compute_class_weight
