@@ -44,6 +44,8 @@ def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple | Non
   if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
     # Training from ArrayRecord shards without the raw tree: the pack carries its index.
     index = sources.packed_index(config.data.packed_dir, split)
+    sources.check_packed_labels(index, config.data.packed_dir, config.data.layout, tasks,
+                                config.num_expr_classes)
     index = index.subset(sampling.labelled_rows(index, tasks))
   else:
     index = index_lib.build_index(

@@ -86,13 +86,13 @@ def _is_user_error(error: Exception) -> bool:
   """Errors whose message says all (what, where, what to do): shown in one line without a
   traceback (docs/reliability.md); with --verbosity the traceback is shown too."""
   from affectjax import checkpoint, workdir
-  from affectjax.data import annotations, layout, sources
+  from affectjax.data import annotations, layout, sources, unlabelled
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
     return True
   return isinstance(error, (workdir.WorkdirLocked, checkpoint.CheckpointSaveError,
                             checkpoint.CheckpointError, sources.DataError,
                             annotations.AnnotationError, layout.DatasetLayoutError,
-                            FloatingPointError))
+                            unlabelled.FrameListError, FloatingPointError))
 
 
 def _parse_flags(argv):

@@ -177,9 +177,15 @@ def test_config_file_problems_are_one_line():
      "error: configs/mtl.py: unknown variant 'bogus': expected demo or test (or no variant)"),
     (['--config=configs/mtl.py:test', '--config.num_epochs=0'], 2,
      'error: config.num_epochs=0.0: must be > 0'),
+    (['--config=configs/mtl3.py:test', '--config.mode=predict', '--config.data.root={tmp}',
+      '--config.predict.videos={tmp}/empty.txt'], 1,
+     'error: {tmp}/empty.txt: the list names no video (expected one video name per line)'),
 ])
 def test_the_command_line_prints_one_line_and_exits(args, status, message, tmp_path):
   workdir = tmp_path / 'run'
+  (tmp_path / 'empty.txt').write_text('\n')
+  args = [arg.replace('{tmp}', str(tmp_path)) for arg in args]
+  message = message.replace('{tmp}', str(tmp_path))
   done = subprocess.run([sys.executable, '-m', 'affectjax.main', *args, f'--workdir={workdir}'],
                         cwd=REPO, capture_output=True, text=True, timeout=120,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))

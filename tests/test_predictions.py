@@ -24,7 +24,7 @@ def test_fill_rows_uses_the_same_video_only(tmp_path):
   np.testing.assert_array_equal(predictions.fill_rows(index, predicted), [0, 0, 0, 4, 4])
   with pytest.raises(ValueError, match='no frame of video a'):
     predictions.fill_rows(index, np.array([False, False, False, True, True]))
-  with pytest.raises(FileNotFoundError, match="test video 'c' has no face crops"):
+  with pytest.raises(unlabelled.FrameListError, match="test video 'c' has no face crops"):
     unlabelled.frames_index(str(tmp_path), videos=['a', 'c'])
 
 
@@ -41,6 +41,10 @@ def test_test_lists_and_frame_counts(tmp_path):
   images.write_text('v1/00000.jpg\n')
   with pytest.raises(unlabelled.FrameListError, match=r'images\.txt:1: .*1-based'):
     unlabelled.read_image_list(str(images))
+  for path, read in ((videos, unlabelled.read_video_list), (images, unlabelled.read_image_list)):
+    path.write_text('\n\n' if read is unlabelled.read_video_list else 'image,valence\n')
+    with pytest.raises(unlabelled.FrameListError, match=rf'{path.name}: the list names no'):
+      read(str(path))
   counts = tmp_path / 'counts.csv'
   counts.write_text('video,frames\nv1,120\nv2\t7\n')
   assert predictions.read_frame_counts(str(counts)) == {'v1': 120, 'v2': 7}

@@ -49,7 +49,8 @@ def test_packed_records_equal_the_jpeg_tree(packed):
   out, indexes = packed
   for split, index in indexes.items():
     manifest = json.loads((out / f'{split}_manifest.json').read_text())
-    assert manifest['num_records'] == len(index) and len(manifest['shards']) == 3
+    every = pack.frames_of_every_config(index)
+    assert manifest['num_records'] == len(every) and len(manifest['shards']) == 3
     assert manifest['unreadable_frames'] == 0
     tree = sources.JpegTreeSource(index)
     arrays = sources.ArrayRecordSource(str(out), split, index)
@@ -93,8 +94,61 @@ def test_other_indexes_map_onto_the_pack(packed, dataset_root):
   relabelled.expr[3] = (relabelled.expr[3] + 1) % 7
   with pytest.raises(sources.DataError, match=r'1 frames have other .* labels.*re-pack'):
     sources.ArrayRecordSource(str(out), 'train', relabelled)
-  with pytest.raises(sources.DataError, match=r'frames of the index are not in'):
+  with pytest.raises(sources.DataError, match=(
+      r'frames of the index are not in .*train_\* \(made from .* with layout per_task, tasks '
+      r'expr,au,va, 7 EXPR classes\).*re-pack: python -m affectjax.data.pack --root ')):
     sources.ArrayRecordSource(str(out), 'train', indexes['validation'])
+
+
+def test_one_pack_serves_every_layout_task_and_class_count(dataset_root, tmp_path):
+  # Packed with the labels of one task only: the frames of every config are packed all the same.
+  pack.main(['--root', str(dataset_root), '--out', str(tmp_path), '--split', 'train',
+             '--tasks', 'expr', '--num-expr-classes', '7'])
+  expr_only = index_lib.build_index(dataset_root, 'train', tasks=('expr',), num_expr_classes=7)
+  for layout, classes in (('mtl', 8), ('per_task', 7)):
+    index = index_lib.build_index(dataset_root, 'train', layout=layout, num_expr_classes=classes)
+    assert set(index.image_paths()) > set(expr_only.image_paths())
+    mapped, tree = sources.ArrayRecordSource(str(tmp_path), 'train', index), (
+        sources.JpegTreeSource(index))
+    rows = list(range(len(index)))
+    for a, b in zip(mapped.__getitems__(rows), tree.__getitems__(rows)):
+      _assert_records_equal(a, b)  # the frames from the pack, the labels of this config
+  # Without the root, a run has the labels that were packed, and says so when it wants others.
+  alone = sources.packed_index(str(tmp_path), 'train')
+  assert alone.summary['unlabelled_frames'] == len(alone) - len(expr_only) > 0
+  assert 'labelled only in other layouts' in alone.describe()
+  sources.check_packed_labels(alone, str(tmp_path), 'auto', ('expr',), 7)
+  with pytest.raises(sources.DataError, match=(
+      r'holds the labels of layout per_task, tasks expr, 7 EXPR classes; this run wants layout '
+      r'mtl and 8 EXPR classes and tasks au,va\. .* set data\.root=.*or pack these labels: '
+      r'python -m affectjax\.data\.pack --root \S+ --out \S+_mtl_8 --layout mtl '
+      r'--num-expr-classes 8 --tasks expr,au,va$')):
+    sources.check_packed_labels(alone, str(tmp_path), 'mtl', ('expr', 'au', 'va'), 8)
+
+
+def test_pack_and_tfds_command_lines_print_one_error(tmp_path, capsys):
+  nowhere = tmp_path / 'nope'
+  with pytest.raises(SystemExit) as stop:
+    pack.main(['--root', str(nowhere), '--out', str(tmp_path / 'out')])
+  err = capsys.readouterr().err
+  assert stop.value.code == 1 and err.startswith(f'error: dataset root {nowhere} does not exist')
+  assert not (tmp_path / 'out').exists()
+  root = tmp_path / 'bad'
+  generate.generate(root, num_videos=3, frames_per_video=4, progress=False)
+  annotations = root / 'training_set_annotations.txt'
+  lines = annotations.read_text().splitlines()
+  annotations.write_text('\n'.join(lines[:2] + ['not,a,row'] + lines[3:]) + '\n')
+  with pytest.raises(SystemExit):
+    pack.main(['--root', str(root), '--out', str(tmp_path / 'out'), '--layout', 'mtl'])
+  assert capsys.readouterr().err.startswith(f'error: {annotations}, line 3: expected 16')
+  pytest.importorskip('importlib_resources')  # the tfds extra (also in the test extra)
+  from affectjax.data import tfds_builder
+  assert tfds_builder.main(['--root', str(nowhere), '--data_dir', str(tmp_path / 'tfds')]) == 1
+  assert capsys.readouterr().err.startswith(f'error: dataset root {nowhere} does not exist')
+  with pytest.raises(sources.DataError, match=(
+      r'no prepared TFDS dataset affwild2/mtl_8 in .*: prepare it with python -m '
+      r'affectjax\.data\.tfds_builder --root <Aff-Wild2 root> --config mtl_8')):
+    sources.TfdsSource(str(tmp_path / 'tfds'), 'train', 'mtl_8')
 
 
 def test_manifest_is_validated(packed, tmp_path):
@@ -107,7 +161,8 @@ def test_manifest_is_validated(packed, tmp_path):
   with pytest.raises(sources.DataError, match='version 99'):
     sources.ArrayRecordSource(str(tmp_path), 'train', index)
   loaded = sources.packed_index(str(out), 'train')
-  assert sources.index_fingerprint(loaded) == sources.index_fingerprint(index)
+  assert sources.index_fingerprint(loaded) == sources.index_fingerprint(
+      pack.frames_of_every_config(index))
   index.subset(np.arange(len(index) - 1)).save(str(tmp_path / 'train_index.npz'))
   (tmp_path / 'train_manifest.json').write_text(json.dumps(manifest))
   with pytest.raises(sources.DataError, match='does not match its manifest'):

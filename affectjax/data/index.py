@@ -152,6 +152,32 @@ def _load(path, root=None):
     return index, str(z['fingerprint'])
 
 
+def union_frames(index: AffWild2Index, others) -> AffWild2Index:
+  """`index` with a row added (labels missing) for every frame of the indexes `others` (e.g.
+  built with another layout or EXPR class count) that it lacks; rows sorted by (video, frame).
+  A pack made from it holds the frames of every such index, so any of them maps onto it."""
+  names = tuple(sorted(set(index.video_names).union(*(o.video_names for o in others))))
+  position = {name: i for i, name in enumerate(names)}
+
+  def keys(ix):
+    video = np.array([position[name] for name in ix.video_names], np.int64)
+    return (video[ix.video_id] << 32) | ix.frame.astype(np.int64)
+
+  own = keys(index)
+  every = np.unique(np.concatenate([own] + [keys(other) for other in others]))
+  if every.size == own.size:
+    return index
+  source = np.full(every.size, -1, np.int64)
+  source[np.searchsorted(every, own)] = np.arange(len(index))
+  columns, taken = labels.missing_labels(every.size, 'index'), source >= 0
+  for task, column in index.label_columns().items():
+    columns[task][taken] = column[source[taken]]
+  summary = dict(index.summary, unlabelled_frames=int(every.size - own.size))
+  return AffWild2Index(names, (every >> 32).astype(np.int32),
+                       (every & 0xFFFFFFFF).astype(np.int32), **columns,
+                       root=index.root, split=index.split, summary=summary)
+
+
 def format_summary(summary: dict) -> str:
   """The text of `AffWild2Index.describe()`."""
   s = summary
@@ -177,6 +203,9 @@ def format_summary(summary: dict) -> str:
         f"  warning: {gaps['short_files']} per-task annotation files have fewer lines than the "
         f"longest file of their video, and {gaps['crops_beyond']} crops lie after the last "
         f"annotated frame of their video (no label: not used), e.g. {'; '.join(gaps['examples'])}")
+  if s.get('unlabelled_frames'):
+    lines.append(f"  plus {s['unlabelled_frames']} frames labelled only in other layouts or "
+                 "with the other EXPR class count (packed for other configs; no labels here)")
   if 'subset' in s:
     lines.append(f"  subset: {s['subset']['rows']} of {s['subset']['from']} rows selected")
   return '\n'.join(lines)

@@ -7,6 +7,12 @@ header + the JPEG bytes as they are, see `sources.serialize_record`), `<split>_i
 index they were packed from, loadable without the raw tree: `sources.packed_index`), and
 `<split>_manifest.json` (format version, counts, index summary and fingerprint), written last,
 which `sources.ArrayRecordSource` validates.
+
+Every frame with a crop that any config of the root uses is packed (both annotation layouts,
+7 or 8 EXPR classes, every task: `frames_of_every_config`), so one pack serves every config;
+`--layout`, `--tasks` and `--num-expr-classes` choose the labels the records carry, which a run
+uses when it trains from the pack alone (no `data.root`). A wrong root or a malformed
+annotation line ends with `error: ...` and status 1.
 """
 import argparse
 import concurrent.futures
@@ -21,10 +27,28 @@ import tqdm
 from affectjax import files
 from affectjax import labels
 from affectjax import logs
+from affectjax.data import annotations
 from affectjax.data import index as index_lib
+from affectjax.data import layout as layout_lib
 from affectjax.data import sources
 
 _READ_CHUNK = 4096  # paths read concurrently at a time (bounds memory)
+
+
+def frames_of_every_config(index, cache_dir=None):
+  """`index` plus, unlabelled, every frame with a crop that another config of its root labels
+  (the other annotation layout, tasks not packed, the Other class of 8-class EXPR): packed
+  with them, one pack serves every config of the root (the labels of other configs come from
+  the root's annotations at training time). Each layout is read with 8 EXPR classes, whose
+  frames include those of 7 (a file with Other cannot be read as 7 classes)."""
+  others = []
+  for layout in ('per_task', 'mtl'):
+    try:
+      others.append(index_lib.build_index(index.root, index.split, layout=layout,
+                                          num_expr_classes=8, cache_dir=cache_dir))
+    except layout_lib.DatasetLayoutError:
+      continue  # the root does not hold this layout (or all of its tasks)
+  return index_lib.union_frames(index, others)
 
 
 def default_num_shards(num_records: int) -> int:
@@ -114,9 +138,12 @@ def main(argv=None):
   parser.add_argument('--root', required=True, help='Aff-Wild2 root (cropped_aligned/, annotations)')
   parser.add_argument('--out', required=True, help='output folder for shards and manifests')
   parser.add_argument('--split', default='both', choices=('train', 'validation', 'both'))
-  parser.add_argument('--layout', default='auto', choices=('auto', 'per_task', 'mtl'))
+  # The pack holds the frames of every layout, task and class count of the root; these choose
+  # the labels it carries for training from the pack alone (without data.root).
+  parser.add_argument('--layout', default='auto', choices=('auto', 'per_task', 'mtl'),
+                      help='annotations whose labels the records carry')
   parser.add_argument('--tasks', default=','.join(labels.TASKS),
-                      help='comma-separated tasks whose labelled frames are packed')
+                      help='comma-separated tasks whose labels the records carry')
   parser.add_argument('--num-expr-classes', type=int, default=7, choices=(7, 8))
   parser.add_argument('--shards', type=int, default=0, help='shards per split (0 = ~100k frames each)')
   parser.add_argument('--threads', type=int, default=8, help='concurrent file reads')
@@ -124,16 +151,23 @@ def main(argv=None):
   args = parser.parse_args(argv)
   tasks = labels.parse_tasks(args.tasks)
   splits = ('train', 'validation') if args.split == 'both' else (args.split,)
+  manifests = []
   for split in splits:
-    index = index_lib.build_index(args.root, split, layout=args.layout, tasks=tasks,
-                                  num_expr_classes=args.num_expr_classes,
-                                  cache_dir=args.cache_dir)
-    print(index.describe())
     try:
-      manifest = pack_split(index, args.out, num_shards=args.shards, threads=args.threads)
-    except files.DiskFullError as e:
+      index = index_lib.build_index(args.root, split, layout=args.layout, tasks=tasks,
+                                    num_expr_classes=args.num_expr_classes,
+                                    cache_dir=args.cache_dir)
+      index = frames_of_every_config(index, args.cache_dir)
+      print(index.describe(), flush=True)
+      manifests.append(pack_split(index, args.out, num_shards=args.shards,
+                                  threads=args.threads))
+    except (files.DiskFullError, layout_lib.DatasetLayoutError,
+            annotations.AnnotationError) as e:
       parser.exit(1, f'error: {e}\n')
-    print(format_summary(manifest, args.out))
+    print(format_summary(manifests[-1], args.out))
+  print(f'packed {sum(m["num_records"] for m in manifests)} frames '
+        f'({", ".join(m["split"] for m in manifests)}) into {args.out}; train from them with '
+        f'--config.data.source=arrayrecord --config.data.packed_dir={args.out}')
 
 
 if __name__ == '__main__':

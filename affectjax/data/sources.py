@@ -145,10 +145,39 @@ def packed_index(packed_dir: str, split: str, root: str | None = None):
   return index
 
 
-def record_numbers(packed, index, where: str) -> np.ndarray:
+def describe_pack(summary: dict) -> str:
+  """'layout per_task, tasks expr,au,va, 7 EXPR classes' of a packed index's summary."""
+  return (f"layout {summary.get('layout')}, tasks {','.join(summary.get('tasks', labels.TASKS))}, "
+          f"{summary.get('num_expr_classes')} EXPR classes")
+
+
+def pack_command(root: str, packed_dir: str, options: str = '') -> str:
+  return f'python -m affectjax.data.pack --root {root} --out {packed_dir}{options}'
+
+
+def check_packed_labels(packed, packed_dir: str, layout: str, tasks, num_expr_classes: int):
+  """Raises DataError unless the labels a pack holds (those of the index it was made with)
+  are the ones a run training from the pack alone (no data.root) wants."""
+  s = packed.summary
+  layout = s.get('layout') if layout == 'auto' else layout
+  absent = [t for t in tasks if t not in s.get('tasks', labels.TASKS)]
+  wrong = ([f'layout {layout}'] if layout != s.get('layout') else []) + (
+      [f'{num_expr_classes} EXPR classes'] if num_expr_classes != s.get('num_expr_classes')
+      else []) + ([f'tasks {",".join(absent)}'] if absent else [])
+  if wrong:
+    options = f' --layout {layout} --num-expr-classes {num_expr_classes} --tasks {",".join(tasks)}'
+    raise DataError(
+        f'{packed_dir} holds the labels of {describe_pack(s)}; this run wants '
+        f'{" and ".join(wrong)}. The pack holds the frames of every layout, so set '
+        f'data.root={packed.root} (the labels then come from its annotations), or pack these '
+        f'labels: {pack_command(packed.root, f"{packed_dir}_{layout}_{num_expr_classes}", options)}')
+
+
+def record_numbers(packed, index, where: str, fix: str) -> np.ndarray:
   """int64 [len(index)]: the record holding each row of `index` (matched by video and frame)
-  in a pack made from the index `packed`. DataError if a row was not packed, or if its labels
-  of the tasks `index` was built with differ from the packed ones."""
+  in a pack made from the index `packed`. DataError (ending with `fix`) if a row was not
+  packed, or if `index` was built with the pack's layout and EXPR class count and its labels of
+  a packed task differ (other layouts and class counts take their labels from `index`)."""
   position = {name: i for i, name in enumerate(packed.video_names)}
   video_map = np.array([position.get(name, -1) for name in index.video_names], np.int64)
   keys = (video_map[index.video_id] << 32) | index.frame.astype(np.int64)
@@ -157,10 +186,16 @@ def record_numbers(packed, index, where: str) -> np.ndarray:
   slot = np.minimum(np.searchsorted(packed_keys[order], keys), max(len(order) - 1, 0))
   records = order[slot] if len(order) else np.zeros(len(index), np.int64)
   missing = np.flatnonzero(packed_keys[records] != keys) if len(order) else np.arange(len(index))
+  made = packed.summary
   if missing.size:
-    raise DataError(f'{missing.size} of {len(index)} frames of the index are not in {where}, '
-                    f'e.g. {index.image_path(missing[0])}: re-pack with the same data.')
-  tasks = index.summary.get('tasks', labels.TASKS)
+    raise DataError(
+        f'{missing.size} of {len(index)} frames of the index are not in {where} (made from '
+        f'{packed.root} with {describe_pack(made)}), e.g. {index.image_path(missing[0])}: '
+        f'annotations or crops were added since, or it was made by an affectjax whose packs '
+        f'held only the frames of one layout; {fix}')
+  same = all(index.summary.get(k) == made.get(k) for k in ('layout', 'num_expr_classes'))
+  tasks = [t for t in index.summary.get('tasks', labels.TASKS)
+           if same and t in made.get('tasks', labels.TASKS)]
   differs = np.zeros(len(index), bool)
   for task in tasks:
     packed_values, values = getattr(packed, task)[records], getattr(index, task)
@@ -168,8 +203,8 @@ def record_numbers(packed, index, where: str) -> np.ndarray:
   if differs.any():
     row = int(np.flatnonzero(differs)[0])
     raise DataError(f'{int(differs.sum())} frames have other {"/".join(tasks)} labels in {where} '
-                    f'than in the index, e.g. {index.image_path(row)} (annotations changed, or '
-                    'packed with other tasks or EXPR classes): re-pack.')
+                    f'than in the index, e.g. {index.image_path(row)} (the annotations changed '
+                    f'since): {fix}')
   return records
 
 
@@ -199,8 +234,9 @@ class ArrayRecordSource:
                       f'{self.manifest["num_records"]}; re-pack the dataset.')
     self._index, self._record_of = index, None
     if index is not None and self.manifest['index_fingerprint'] != index_fingerprint(index):
-      self._record_of = record_numbers(packed_index(packed_dir, split), index,
-                                       os.path.join(packed_dir, f'{split}_*'))
+      self._record_of = record_numbers(
+          packed_index(packed_dir, split), index, os.path.join(packed_dir, f'{split}_*'),
+          're-pack: ' + pack_command(index.root, packed_dir))
 
   def __len__(self) -> int:
     return len(self._records) if self._record_of is None else len(self._record_of)
@@ -235,6 +271,13 @@ class TfdsSource:
     if data_source is None:
       import tensorflow_datasets as tfds  # deferred: optional `tfds` extra
       from affectjax.data import tfds_builder  # registers the `affwild2` builder
+      prepared_dir = os.path.join(data_dir, tfds_builder.Affwild2.name, config_name,
+                                  str(tfds_builder.Affwild2.VERSION))
+      if not os.path.exists(os.path.join(prepared_dir, 'dataset_info.json')):
+        raise DataError(
+            f'no prepared TFDS dataset {tfds_builder.Affwild2.name}/{config_name} in {data_dir} '
+            f'(data.packed_dir): prepare it with python -m affectjax.data.tfds_builder --root '
+            f'<Aff-Wild2 root> --config {config_name} --data_dir {data_dir}')
       data_source = tfds.data_source(
           f'{tfds_builder.Affwild2.name}/{config_name}', split=split, data_dir=data_dir,
           decoders={'image': tfds.decode.SkipDecoding()}, download=False)
@@ -253,7 +296,8 @@ class TfdsSource:
         raise DataError(f'{where} example {row} does not match the index row: prepare it from '
                         'the same data and settings.')
     if index is not None and prepared is not index:
-      self._record_of = record_numbers(prepared, index, where)
+      self._record_of = record_numbers(prepared, index, where, 'prepare it again (python -m '
+                                       'affectjax.data.tfds_builder)')
 
   def __len__(self) -> int:
     return len(self._examples) if self._record_of is None else len(self._record_of)

@@ -1,24 +1,43 @@
 """TFDS builder `affwild2`: the Aff-Wild2 frames and labels as a TensorFlow Datasets dataset.
 
-Preparing it needs TensorFlow (`pip install affectjax[tfds]`); reading it back with
-`tfds.data_source` (what `sources.TfdsSource` does) does not. This module imports
-tensorflow_datasets at import time, so nothing in affectjax imports it except on demand.
+Preparing it needs the `tfds` extra (`pip install -e '.[tfds]'`: tensorflow-datasets and the
+importlib_resources its builders use), not TensorFlow: tensorflow-datasets 4.9.10 writes the same
+examples with or without it. Reading it back with `tfds.data_source` (what `sources.TfdsSource`
+does) needs no TensorFlow either. This module imports tensorflow_datasets at import time, so
+nothing in affectjax imports it except on demand.
 
-  tfds build affwild2 --imports affectjax.data.tfds_builder --config per_task_7 \
-      --manual_dir /data/affwild2 --data_dir ~/tensorflow_datasets --file_format array_record
+  python -m affectjax.data.tfds_builder --root /data/affwild2 --config per_task_7 \
+      --data_dir /data/tfds
 
-then train with `data.source='tfds'`, `data.packed_dir=~/tensorflow_datasets`.
+then train with `data.source='tfds'`, `data.packed_dir=/data/tfds` (and `data.root`:
+the labels of the run's index are checked against the prepared ones). The config is the index
+layout and EXPR class count of the run: `per_task_7` for configs/mtl.py, `mtl_8` for
+configs/mtl3.py. (The `tfds build` command line of tensorflow-datasets also works with
+`--imports affectjax.data.tfds_builder`, but it needs apache_beam, which the extra does not
+install.)
 
 Examples are written in index order (shuffling disabled): example i of a split is row i of
 `build_index(manual_dir, split, layout=..., num_expr_classes=...)` with all three tasks.
 """
+import argparse
 import dataclasses
+import os
+import sys
+import time
+
+if __name__ == '__main__':
+  # `python -m affectjax.data.tfds_builder`: TFDS finds a builder's files through its module,
+  # which must be the importable one (and the builder must be registered once), not __main__.
+  from affectjax.data import tfds_builder
+  sys.exit(tfds_builder.main())
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from affectjax import labels
+from affectjax.data import annotations
 from affectjax.data import index as index_lib
+from affectjax.data import layout as layout_lib
 
 LAYOUTS = ('per_task', 'mtl')
 
@@ -52,7 +71,8 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Aff-Wild2 is distributed by its authors under an end-user licence agreement
   (https://ibug.doc.ic.ac.uk/resources/aff-wild2/). Once granted access, put the release in
-  one folder and pass it as --manual_dir:
+  one folder and pass it as --root (python -m affectjax.data.tfds_builder; --manual_dir of
+  tfds build):
 
     <manual_dir>/cropped_aligned/<video>/<frame:05d>.jpg
     <manual_dir>/Annotations/{VA_Set,EXPR_Set,AU_Set}/{Train_Set,Validation_Set}/<video>.txt
@@ -97,3 +117,51 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
           'video': index.video_names[index.video_id[row]],
           'frame': np.int32(index.frame[row]),
       }
+
+
+def prepare(root: str, data_dir: str, name: str = 'per_task_7',
+            file_format: str = 'array_record') -> dict:
+  """Prepares the `affwild2/<name>` dataset from the Aff-Wild2 `root` into `data_dir`;
+  returns {split: examples}."""
+  config = next(c for c in Affwild2.BUILDER_CONFIGS if c.name == name)
+  for split in layout_lib.SPLIT_FOLDERS:  # a wrong root: our message, before TFDS starts
+    layout_lib.find_sources(os.path.abspath(root), split, config.layout, labels.TASKS)
+  builder = Affwild2(config=name, data_dir=os.path.expanduser(data_dir), file_format=file_format)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(root)))
+  return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m affectjax.data.tfds_builder',
+      description='Prepares the TFDS dataset affwild2 from an Aff-Wild2 root (needs the tfds '
+                  "extra: pip install -e '.[tfds]').")
+  parser.add_argument('--root', required=True, help='Aff-Wild2 root (cropped_aligned/, annotations)')
+  parser.add_argument('--config', default=Affwild2.DEFAULT_CONFIG_NAME,
+                      choices=[c.name for c in Affwild2.BUILDER_CONFIGS],
+                      help='annotation layout and EXPR class count of the runs it serves')
+  parser.add_argument('--data_dir', default='~/tensorflow_datasets',
+                      help='TFDS data folder (data.packed_dir of the runs)')
+  parser.add_argument('--file_format', default='array_record',
+                      choices=('array_record', 'tfrecord'),
+                      help='array_record: random access, what data.source=tfds reads')
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  try:
+    counts = prepare(args.root, args.data_dir, args.config, args.file_format)
+  except ModuleNotFoundError as e:
+    print(f"error: preparing the TFDS dataset needs {e.name}: pip install -e '.[tfds]'",
+          file=sys.stderr)
+    return 1
+  except (layout_lib.DatasetLayoutError, annotations.AnnotationError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  data_dir = os.path.expanduser(args.data_dir)
+  print(f'prepared affwild2/{args.config} from {os.path.abspath(args.root)} in '
+        f'{time.perf_counter() - start:.0f} s: '
+        + ', '.join(f'{split} {n} examples' for split, n in sorted(counts.items()))
+        + f' in {data_dir}; train with --config.data.source=tfds '
+        f'--config.data.packed_dir={data_dir} --config.data.root={args.root}')
+  return 0
+

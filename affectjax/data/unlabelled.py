@@ -6,8 +6,8 @@ Two kinds of list, as the organisers release them:
   crop found in `cropped_aligned/<video>/` becomes a row;
 - an image list (ABAW3/4 MTL test set): one `<video>/<frame>.jpg` per line, optionally followed
   by comma-separated fields (ignored) and optionally under a header line starting with `image`.
-Blank lines are skipped. A malformed line stops with the file and line number; a listed video
-without a crop folder is an error naming it. Labels of the returned index are all missing.
+Blank lines are skipped. A malformed line stops with the file and line number; a list without
+entries, and a listed video without a crop folder, are errors naming the file or the video. Labels of the returned index are all missing.
 """
 import os
 
@@ -21,7 +21,8 @@ _VIDEO_SUFFIXES = ('.txt', '.mp4', '.avi')
 
 
 class FrameListError(ValueError):
-  """A malformed test list (names the file and line)."""
+  """A test list that cannot be predicted: malformed (names the file and line), empty, or
+  naming a video without face crops."""
 
 
 def _lines(path: str):
@@ -44,6 +45,8 @@ def read_video_list(path: str) -> list:
       raise FrameListError(f'{path}:{number}: expected one video name per line, got {line!r}')
     if name not in videos:
       videos.append(name)
+  if not videos:
+    raise FrameListError(f'{path}: the list names no video (expected one video name per line)')
   return videos
 
 
@@ -60,6 +63,9 @@ def read_image_list(path: str) -> list:
       raise FrameListError(f'{path}:{number}: expected <video>/<frame>.jpg with a 1-based frame '
                           f'number, got {name!r}')
     pairs.append((video, int(stem)))
+  if not pairs:
+    raise FrameListError(f'{path}: the list names no image (expected one <video>/<frame>.jpg '
+                         'per line)')
   return pairs
 
 
@@ -75,8 +81,8 @@ def frames_index(root: str, *, videos=None, images=None, split: str = 'test'):
     for name in names:
       frames = layout_lib.image_frames(os.path.join(image_dir, name))
       if frames is None or frames.size == 0:
-        raise FileNotFoundError(f'test video {name!r} has no face crops in '
-                                f'{os.path.join(image_dir, name)}')
+        raise FrameListError(f'test video {name!r} has no face crops in '
+                             f'{os.path.join(image_dir, name)}')
       per_video.append(np.sort(frames))
   else:
     names = list(dict.fromkeys(video for video, _ in images))

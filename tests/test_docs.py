@@ -1,0 +1,260 @@
+"""Every shell command of README.md and BUILD.md works as written, at test scale.
+
+The commands are read from the Markdown itself: every line of a ```bash block (backslash
+continuations joined) and every inline code span that starts with a command word (`python`,
+`pip`, `tensorboard`, ...). Each must have an entry in `COMMANDS`, which says how it is checked:
+
+- `Run`: run with bash, in document order, in one scratch folder that links `configs/`, after
+  the substitutions of `SUBSTITUTIONS` (the `test` variant of every config, a tiny synthetic
+  Aff-Wild2 for `/data/affwild2`, tiny weights for `/weights/`, scratch paths), with
+  `--config.data.cache_dir` added to training commands so nothing lands in `~/.cache`, and one
+  CPU device. It must exit with status 0 and write the files the text promises.
+- `Installed`: a pip or virtualenv line. The extras it names exist in pyproject.toml, and
+  `.ci/run` runs the README's virtualenv, install and test commands on every clean clone.
+- `NotHere`: needs something this machine lacks (a GPU, a TPU, a viewer that is not a
+  dependency): syntax-checked with `bash -n`, its extras and modules checked to exist.
+
+A command added to the docs without an entry fails `test_every_documented_command_is_covered`;
+an entry whose command left the docs fails it too. The TFDS preparation needs no TensorFlow
+(tensorflow-datasets 4.9.10 prepares without it), so it runs here too: the test extra installs
+what the `tfds` extra does.
+"""
+import dataclasses
+import glob
+import importlib.util
+import os
+import pickle
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ('README.md', 'BUILD.md')
+COMMAND_WORDS = ('python', 'python3', 'pip', 'tensorboard', 'tfds', 'bash', 'sbatch', 'srun')
+
+# (pattern, replacement) applied in order to every `Run` command; {tmp} is the scratch folder.
+SUBSTITUTIONS = (
+    (r'(--config=configs/\w+\.py:(?:\w+,)*)demo\b', r'\1test'),  # :demo, :gru,demo -> test
+    (r'(--config=configs/\w+\.py)(?=\s|$)', r'\1:test'),  # a full-scale config -> its test
+    (r'/data/affwild2_packed\b', '{tmp}/affwild2_packed'),
+    (r'/data/affwild2\b', '{tmp}/affwild2'),  # the synthetic set at test size, both layouts
+    (r'/data/tfds\b', '{tmp}/tfds'),
+    (r'/weights/', '{tmp}/weights/'),  # a VGGFace2-format ResNet50 pickle at width 4
+    (r'--config\.data\.worker_count=8\b', '--config.data.worker_count=2'),  # 2 cores here
+)
+TRAINING = 'python -m affectjax.main '
+CACHE_FLAG = ' --config.data.cache_dir={tmp}/cache'
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  expect: tuple = ()  # globs under the scratch folder that must match after the command
+  stdout: tuple = ()  # text the command must print
+  extra: str = ''  # appended (a difference the test scale forces; says why next to it)
+  before: str = ''  # name of a setup function below, run first
+
+
+@dataclasses.dataclass(frozen=True)
+class Installed:
+  why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NotHere:
+  why: str
+
+
+CI = '.ci/run runs it on a fresh virtualenv of every clean clone'
+DEMO = 'python -m affectjax.main --config=configs/mtl3.py:demo --workdir=runs/demo'
+COMMANDS = {
+    'python3 -m venv .venv && . .venv/bin/activate': Installed(CI),
+    'pip install -e .': Installed('the core of the test extra, which .ci/run installs'),
+    DEMO: Run(expect=('runs/demo/checkpoints/*', 'runs/demo/metrics.jsonl',
+                      'runs/demo/config.json', 'runs/demo/tensorboard/events.out.tfevents.*'),
+              stdout=('validation: score', 'mtl_score', 'Run finished')),
+    "pip install -e '.[test]'": Installed(CI),
+    'python -m pytest -q tests': Installed(CI + ' (this suite)'),
+    'tensorboard --logdir runs/demo': NotHere(
+        'the TensorBoard viewer is not a dependency (event files are written with '
+        'tensorboardX); the demo entry checks that runs/demo/tensorboard holds event files'),
+    DEMO + ' --config.mode=predict --config.predict.videos=test_videos.txt': Run(
+        before='write_test_list', stdout=('Predicted',),
+        expect=('runs/demo/predictions_test_videos_step*/VA/*.txt',
+                'runs/demo/predictions_test_videos_step*/EXPR/*.txt',
+                'runs/demo/predictions_test_videos_step*/AU/*.txt')),
+    'python -m affectjax.main --config=configs/mtl.py --workdir=runs/mtl '
+    '--config.data.root=/data/affwild2 --config.data.worker_count=8': Run(
+        before='make_dataset', expect=('runs/mtl/checkpoints/*',), stdout=('Run finished',)),
+    'python -m affectjax.data.pack --root /data/affwild2 --out /data/affwild2_packed': Run(
+        expect=('affwild2_packed/train_manifest.json', 'affwild2_packed/validation_manifest.json',
+                'affwild2_packed/train.array_record-00000-of-00001'), stdout=('packed',)),
+    'python -m affectjax.main --config=configs/mtl.py --workdir=runs/mtl_packed '
+    '--config.data.root=/data/affwild2 --config.data.source=arrayrecord '
+    '--config.data.packed_dir=/data/affwild2_packed': Run(
+        expect=('runs/mtl_packed/checkpoints/*',), stdout=('Run finished',)),
+    "pip install -e '.[tfds]'": Installed('the test extra installs the same packages'),
+    'python -m affectjax.data.tfds_builder --root /data/affwild2 --config per_task_7 '
+    '--data_dir /data/tfds': Run(stdout=('prepared affwild2/per_task_7',),
+                                 expect=('tfds/affwild2/per_task_7/1.0.0/dataset_info.json',)),
+    'python -m affectjax.main --config=configs/mtl.py --workdir=runs/mtl_tfds '
+    '--config.data.root=/data/affwild2 --config.data.source=tfds '
+    '--config.data.packed_dir=/data/tfds': Run(
+        expect=('runs/mtl_tfds/checkpoints/*',), stdout=('Run finished',)),
+    DEMO + ' --config.mode=features': Run(
+        expect=('runs/demo/features/train*', 'runs/demo/features/validation*'),
+        stdout=('Extracted features',)),
+    'python -m affectjax.main --config=configs/temporal.py:gru,demo --workdir=runs/temporal '
+    '--config.temporal.features_dir=runs/demo/features': Run(
+        expect=('runs/temporal/checkpoints/*', 'runs/temporal/metrics.jsonl'),
+        stdout=('Run finished',)),
+    'python -m affectjax.convert --source /weights/resnet50_ft_weight.pkl '
+    '--out /weights/vggface2_r50': Run(
+        before='make_vggface2_pickle', expect=('weights/vggface2_r50/affectjax_weights.json',),
+        stdout=('wrote resnet50',)),
+    'python -m affectjax.main --config=configs/mtl.py --workdir=runs/mtl_vggface2 '
+    '--config.data.root=/data/affwild2 --config.init_from=/weights/vggface2_r50': Run(
+        # configs/mtl.py is a ResNet50; its test variant a ResNet18 (the pickle is a ResNet50)
+        extra=' --config.model.arch=resnet50', expect=('runs/mtl_vggface2/checkpoints/*',),
+        stdout=('Run finished',)),
+    "pip install -e '.[cuda]'": NotHere('needs an NVIDIA GPU'),
+    "pip install -e . 'jax[tpu]'": NotHere('needs a TPU VM'),
+    "pip install -e '.[torch]'": Installed('torch is part of the test extra'),
+    'python -c "import jax; print(jax.devices())"': Run(stdout=('CpuDevice(id=0)',)),
+}
+
+
+def documented_commands() -> list:
+  """(file:line, command) of every shell command in the docs, in document order."""
+  found = []
+  for name in DOCS:
+    text = open(os.path.join(REPO, name), encoding='utf-8').read()
+    in_block, pending = False, ''
+    for number, line in enumerate(text.splitlines(), 1):
+      if line.startswith('```'):
+        in_block = line.strip() == '```bash'
+        continue
+      if in_block:
+        pending += line.rstrip('\\').strip() + ' ' if line.endswith('\\') else line.strip()
+        if pending and not line.endswith('\\'):
+          found.append((f'{name}:{number}', re.sub(r'\s+', ' ', pending)))
+          pending = ''
+        continue
+      for span in re.findall(r'`([^`\n]+)`', line):
+        if span.split(' ')[0] in COMMAND_WORDS and ' ' in span:
+          found.append((f'{name}:{number}', span))
+  return found
+
+
+def test_every_documented_command_is_covered():
+  documented = documented_commands()
+  uncovered = [f'{where}: {command}' for where, command in documented if command not in COMMANDS]
+  assert not uncovered, ('commands in the docs without an entry in tests/test_docs.py '
+                         'COMMANDS (say how to run them here):\n' + '\n'.join(uncovered))
+  stale = set(COMMANDS) - {command for _, command in documented}
+  assert not stale, f'entries of COMMANDS no longer in the docs: {sorted(stale)}'
+
+
+def _extras() -> set:
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    return set(tomllib.load(f)['project']['optional-dependencies'])
+
+
+def _check_syntax(command: str) -> None:
+  checked = subprocess.run(['bash', '-n', '-c', command], capture_output=True, text=True)
+  assert checked.returncode == 0, checked.stderr
+  for extras in re.findall(r"\.\[([\w,]+)\]", command):
+    assert set(extras.split(',')) <= _extras(), f'{command}: no such extra in pyproject.toml'
+  words = shlex.split(command)
+  if words[:2] == ['python', '-m']:
+    assert importlib.util.find_spec(words[2]) is not None, f'{command}: no module {words[2]}'
+
+
+def test_install_and_unrunnable_commands_are_well_formed():
+  ci = open(os.path.join(REPO, '.ci', 'run')).read()
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    extras = tomllib.load(f)['project']['optional-dependencies']
+  for extra in ('tfds', 'torch'):  # their commands run here through the test extra
+    assert set(extras[extra]) <= set(extras['test']), extra
+  for command, entry in COMMANDS.items():
+    if isinstance(entry, (Installed, NotHere)):
+      _check_syntax(command)
+    if isinstance(entry, Installed) and entry.why == CI:
+      # .ci/run has the same command (pip run as `python -m pip`, the venv in .ci/venv)
+      line = command.replace('.venv', '.ci/venv').split(' && ')[0]
+      assert line.replace('pip install', 'python -m pip install') in ci or line in ci, line
+
+
+def test_the_launch_scripts_are_valid_bash():
+  scripts = sorted(glob.glob(os.path.join(REPO, 'launch', '*')))
+  assert scripts
+  for script in scripts:  # cluster launchers: checked for syntax only
+    checked = subprocess.run(['bash', '-n', script], capture_output=True, text=True)
+    assert checked.returncode == 0, f'{script}: {checked.stderr}'
+
+
+# Setup functions named by `Run.before`.
+
+def make_dataset(tmp):
+  from affectjax.data.synthetic import generate
+  generate.generate(os.path.join(tmp, 'affwild2'), num_videos=6, frames_per_video=24,
+                    progress=False)
+
+
+def write_test_list(tmp):
+  """test_videos.txt: two validation videos of the demo's synthetic set (the test list)."""
+  roots = glob.glob(os.path.join(tmp, 'cache', 'synthetic', '*'))
+  with open(os.path.join(roots[0], 'validation_set_annotations.txt')) as f:
+    videos = sorted({line.split('/')[0] for line in list(f)[1:]})
+  with open(os.path.join(tmp, 'test_videos.txt'), 'w') as f:
+    f.write('\n'.join(videos[:2]) + '\n')
+
+
+def make_vggface2_pickle(tmp):
+  """A VGGFace2-format pickle (a dict of NumPy arrays) of a ResNet50 at width 4."""
+  import torch_resnet  # tests/ is on sys.path
+  net = torch_resnet.TorchResNet(50, 4, '1x1', 'ceil', num_classes=11)
+  os.makedirs(os.path.join(tmp, 'weights'))
+  with open(os.path.join(tmp, 'weights', 'resnet50_ft_weight.pkl'), 'wb') as f:
+    pickle.dump({k: v.numpy() for k, v in net.state_dict().items()
+                 if 'num_batches' not in k}, f, protocol=2)
+
+
+def scaled(command: str, entry: Run, tmp: str) -> str:
+  """The command as run here: substitutions, the scratch cache folder, the entry's extra."""
+  for pattern, replacement in SUBSTITUTIONS:
+    command = re.sub(pattern, replacement.replace('{tmp}', tmp), command)
+  if command.startswith(TRAINING):
+    command += CACHE_FLAG.replace('{tmp}', tmp)
+  return command + entry.extra
+
+
+@pytest.fixture(scope='module')
+def scratch(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp('docs'))
+  os.symlink(os.path.join(REPO, 'configs'), os.path.join(tmp, 'configs'))
+  return tmp
+
+
+RUNS = [(where, command) for where, command in documented_commands()
+        if isinstance(COMMANDS.get(command), Run)]
+
+
+@pytest.mark.parametrize('where,command', RUNS, ids=[where for where, _ in RUNS])
+def test_documented_command_runs(where, command, scratch):
+  entry = COMMANDS[command]
+  if entry.before:
+    globals()[entry.before](scratch)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  run = scaled(command, entry, scratch)
+  done = subprocess.run(['bash', '-c', run], cwd=scratch, env=env, capture_output=True,
+                        text=True, timeout=900, stdin=subprocess.DEVNULL)
+  assert done.returncode == 0, f'{where}: {run}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}'
+  for text in entry.stdout:
+    assert text in done.stdout, f'{where}: {text!r} not printed:\n{done.stdout[-2000:]}'
+  for pattern in entry.expect:
+    assert glob.glob(os.path.join(scratch, pattern)), f'{where}: nothing matches {pattern}'
