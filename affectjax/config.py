@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_augment = ml_collections.ConfigDict({
       'flip': False, 'rotate_deg': 0.0, 'scale': 0.0, 'translate': 0.0})
 
+  # Batches put on the devices ahead of the step (their transfers overlap its compute).
+  c.prefetch_to_device = 2
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0  # also evaluates at the end
   c.eval_split = 'validation'
@@ -293,9 +295,10 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
   for field in ('optim.weight_decay', 'optim.warmup_epochs', 'optim.end_lr_factor',
                 'optim.grad_clip_norm', 'optim.plateau.min_scale', 'checkpoint_every_epochs'):
     _at_least(config, field, 0)
-  for field in ('keep_best_checkpoints', 'halt_after_steps', 'num_devices', 'data.worker_count',
-                'data.read_threads'):
+  for field in ('keep_best_checkpoints', 'halt_after_steps', 'num_devices', 'data.read_threads'):
     _at_least(config, field, 0, whole=True)
+  _at_least(config, 'data.worker_count', -1, whole=True, why=' (-1: auto)')
+  _at_least(config, 'prefetch_to_device', 1, whole=True)
   if config.mode == 'train':
     _at_least(config, 'keep_checkpoints', 1, whole=True, why=(
         ' (training keeps the latest checkpoint to resume from; keep_best_checkpoints adds the '

@@ -191,7 +191,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   trained_input = train_iter.get_state()  # the input state after the latest trained batch
   try:
     with _Preemption() as preemption:
-      batches = parallel.prefetch_to_mesh(train_iter, run.mesh, state_fn=train_iter.get_state)
+      batches = parallel.prefetch_to_mesh(train_iter, run.mesh, size=config.prefetch_to_device,
+                                          state_fn=train_iter.get_state)
       for batch, input_state in batches:
         if step >= run.total_steps:
           break

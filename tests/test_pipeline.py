@@ -417,3 +417,12 @@ def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, 
   with pytest.raises(OSError, match=r'needs [0-9.]+ [KM]B in .*, which has 1\.0 KB free; '
                                     r'set data\.decoded_cache_dir'):
     sources.make_source(train_index, config)
+
+
+def test_auto_worker_count_leaves_a_cpu_backend_its_cores():
+  config = pipeline.default_data_config()
+  assert config.worker_count == -1  # auto
+  assert pipeline.worker_count(config, 'cpu', 16) == 0
+  assert [pipeline.worker_count(config, 'gpu', n) for n in (2, 16, 128)] == [1, 14, 32]
+  config.worker_count = 3
+  assert pipeline.worker_count(config, 'gpu', 16) == pipeline.worker_count(config, 'cpu', 2) == 3

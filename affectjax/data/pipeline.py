@@ -27,6 +27,7 @@ Worker processes and absl: grain defines absl flags; in an absl `main`, start it
 `worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
 """
 import functools
+import os
 
 import grain
 import ml_collections
@@ -61,7 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'decoded_cache': False,
       'decoded_cache_dir': '',  # '' = cache_dir, else ~/.cache/affectjax (+ /decoded)
       'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
-      'worker_count': 0,  # 0 = read in this process; n > 0 = n grain worker processes
+      # -1 = auto (`worker_count`: none on a CPU backend, else the host's cores less two);
+      # 0 = read in this process; n > 0 = n grain worker processes
+      'worker_count': -1,
       'read_threads': 1,  # threads per process building batches ahead (0 = on demand)
       'prefetch_buffer_size': 2,  # batches buffered per process (and per worker)
       'max_bad_frame_fraction': 0.001,  # fail above this fraction of undecodable frames
@@ -300,6 +303,19 @@ class AffectIterator(grain.DatasetIterator):
     self.counter = BadFrameCounter(self.counter.max_fraction, *counts)
 
 
+def worker_count(data_config, platform: str | None = None, cores: int | None = None) -> int:
+  """Grain worker processes of `data_config.worker_count`, resolving -1 (auto): none when the
+  step runs on the CPU (workers would take its cores), else the host's cores less two (the
+  main process and the device feed), at most 32."""
+  if data_config.worker_count >= 0:
+    return int(data_config.worker_count)
+  if platform is None:
+    import jax  # deferred: the pipeline itself never needs jax
+    platform = jax.default_backend()
+  cores = cores or os.cpu_count() or 1
+  return 0 if platform == 'cpu' else max(1, min(32, cores - 2))
+
+
 def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
   """grain: range(steps) -> repeat -> BatchMaker -> from batch `start` -> threads -> optional
   worker processes."""
@@ -308,12 +324,13 @@ def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=int(data_config.read_threads),
       prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
-  if data_config.worker_count > 0:
+  workers = worker_count(data_config)
+  if workers > 0:
     if not flags.FLAGS.is_parsed():
       # grain reads its absl flags when starting workers; outside an absl app use defaults.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data_config.worker_count),
+        num_workers=workers,
         per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))))
   return iter(ds)
 

@@ -1,0 +1,446 @@
+"""Accelerator check: affectjax's steps, loop and temporal encoders against PyTorch, one call.
+
+Every figure is paired with its reference, measured in the same run: medians of repeated timed
+windows after warm-up, compile time apart. Parts (`--parts`, default all):
+  step      the project's multi-task training step (`runs.Run.train_step`: ResNet, masked CE + BCE
+            + CCC, Adam, donated state) in bf16 at 112x112, per-device batch 256 and the largest
+            of 512 / 1024 that fits, for ResNet50 and ResNet18: images/s, step time, TFLOP/s from
+            XLA's cost analysis and its fraction of the chip's bf16 peak; against PyTorch's
+            ResNet (torchvision's where installed), channels_last, bf16 autocast, Adam, eager and
+            `torch.compile`.
+  eval      the inference step (`Run.eval_step`), against PyTorch under `inference_mode`.
+  loop      the full training loop (`trainer.train_and_evaluate`: grain over the synthetic JPEG
+            tree with worker processes, and over the decoded-frame cache) against the bare step
+            on the same batches, and the host cores the input needs at the bare step's rate.
+  temporal  GRU / LSTM / Transformer encoders over 250-frame segments of 512-d features, a
+            training step each: segments/s and frames/s, against nn.GRU / nn.LSTM /
+            nn.TransformerEncoder.
+Checks of the GPU code paths, recorded with the figures: compilations during the timed windows
+(must be 0: no recompilation after warm-up), donation warnings (0), the steady-state steps run
+under `jax.transfer_guard('disallow')` (no implicit host transfer), and a bf16 step's loss
+against the float32 step's on the same state and batch.
+
+  python benchmarks/accelerator.py --out results/          # the GPU check (about 8 minutes)
+  python benchmarks/accelerator.py --smoke --out /tmp/acc  # every part, tiny, CPU, seconds
+Writes `accelerator.json` (every number) and `accelerator.md` (the tables) under --out.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(REPO, 'tests')]  # bench_loop; the PyTorch reference ResNet
+
+import bench_loop  # pylint: disable=wrong-import-position
+import bench_step  # pylint: disable=wrong-import-position
+import common  # pylint: disable=wrong-import-position
+from affectjax import config as config_lib  # pylint: disable=wrong-import-position
+from affectjax import kinds, parallel, runs  # pylint: disable=wrong-import-position
+from affectjax.data import pipeline  # pylint: disable=wrong-import-position
+from affectjax.models import temporal  # pylint: disable=wrong-import-position
+
+# Dense bf16 peak TFLOP/s by device kind (vendor data sheets, SXM parts).
+PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0}
+COMPILES = []  # backend compilations seen (jax.monitoring), for the recompilation check
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+  if event == '/jax/core/compile/backend_compile_duration':
+    COMPILES.append(duration)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def device_peak() -> float:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float('nan'))
+
+
+@contextlib.contextmanager
+def steady_state(checks: dict, where: str):
+  """The timed windows: counts compilations and donation warnings, forbids implicit
+  host transfers; records them in `checks[where]`."""
+  before = len(COMPILES)
+  with warnings.catch_warnings(record=True) as caught, jax.transfer_guard('disallow'):
+    warnings.simplefilter('always')
+    try:
+      yield
+      guard = 'ok'
+    except Exception as e:  # pylint: disable=broad-except  (recorded, then re-raised)
+      guard = f'{type(e).__name__}: {e}'[:300]
+      raise
+    finally:
+      checks[where] = {'compilations': len(COMPILES) - before, 'transfer_guard': guard,
+                       'donation_warnings': sum('donat' in str(w.message) for w in caught)}
+
+
+def timed(fn, warmup: int, reps: int) -> list:
+  """Seconds of each of `reps` calls of the blocking `fn` after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def image_config(args, arch: str, batch: int, dtype: str = 'bfloat16', variant: str = ''):
+  """configs/mtl3.py (its `variant`) at the benchmark's network, image size, batch, dtype."""
+  c = config_lib.load_config_file(
+      os.path.join(REPO, 'configs', 'mtl3.py' + (f':{variant}' if variant else '')))
+  c.model.arch, c.model.width, c.data.image_size = arch, args.width, args.image_size
+  c.dtype, c.global_batch_size = dtype, batch * jax.device_count()
+  c.eval_batch_size = c.global_batch_size
+  c.num_devices = 0
+  return c
+
+
+def build(config):
+  """(run, replicated state, device batch) of a config's real train and eval steps."""
+  run = runs.build_run(runs.resolve_config(config), data=None, steps_per_epoch=1000)
+  host = bench_step.multitask_batch(config.global_batch_size, config.data.image_size)
+  host['expr'] = np.minimum(host['expr'], config.num_expr_classes - 1)
+  return run, parallel.replicate(run.state, run.mesh), parallel.global_batch(host, run.mesh)
+
+
+def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
+  """Train and eval step figures of one (arch, per-device batch)."""
+  config = image_config(args, arch, batch, args.dtype, args.variant)
+  run, state, device_batch = build(config)
+  out = {}
+  for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
+    start = time.perf_counter()
+    compiled = fn.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = dict((cost[0] if isinstance(cost, (list, tuple)) else cost) or {})
+    holder = {'state': state}
+
+    def call(compiled=compiled, name=name):
+      for _ in range(args.steps):
+        result = compiled(holder['state'], device_batch)
+        if name == 'train':
+          holder['state'] = result[0]
+      jax.block_until_ready(result)
+
+    if name == 'train':  # the first step's loss (the initial state): the bf16 check's
+      out['first_loss'] = float(jax.device_get(
+          compiled(jax.tree_util.tree_map(jnp.copy, state), device_batch)[1]['loss']))
+    call()  # warm-up outside the guarded window
+    with steady_state(checks, f'{name} {arch} b{batch}'):
+      times = timed(call, 0, args.reps)
+    step_s = statistics.median(times) / args.steps
+    images = config.global_batch_size
+    tflops = cost.get('flops', float('nan')) / step_s / 1e12
+    out[name] = {'images_per_s': images / step_s, 'step_ms': step_s * 1e3,
+                 'compile_s': compile_s, 'tflops': tflops,
+                 'peak_fraction': tflops / jax.device_count() / device_peak(),
+                 'spread': [images * args.steps / t for t in (max(times), min(times))]}
+    state = holder['state']
+  return out
+
+
+def torch_image_rows(args, arch: str, batch: int, compile_model: bool) -> dict:
+  """PyTorch train and inference images/s of the same network size and batch (one device)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  depth = int(arch.replace('resnet', ''))
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top
+    net = getattr(torchvision.models, arch)(num_classes=7)
+    source = 'torchvision'
+  except ImportError:
+    import torch_resnet  # pylint: disable=g-import-not-at-top
+    net = torch_resnet.TorchResNet(depth, args.width, num_classes=7)
+    source = 'tests/torch_resnet.py'
+  net = net.to(device, memory_format=torch.channels_last)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+  images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                         device=device).to(memory_format=torch.channels_last)
+  labels = torch.randint(0, 7, (batch,), device=device)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda')
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  rows = {}
+  for compiled in ((False, True) if compile_model else (False,)):
+    model = torch.compile(net) if compiled else net
+
+    def train(model=model):
+      for _ in range(args.steps):
+        with autocast:
+          out = model((images.float() - 127.5) / 127.5)
+          out = out if out.shape[-1] == 7 else net.fc(out)
+          loss = torch.nn.functional.cross_entropy(out.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+      sync()
+
+    def infer(model=model):
+      with torch.inference_mode(), autocast:
+        for _ in range(args.steps):
+          model((images.float() - 127.5) / 127.5)
+      sync()
+
+    name = 'torch.compile' if compiled else 'eager'
+    for kind, fn in (('train', train), ('eval', infer)):
+      start = time.perf_counter()
+      fn()  # warm-up (and compilation)
+      first_s = time.perf_counter() - start
+      times = timed(fn, 0, args.reps)
+      rows[f'{kind} {name}'] = {'images_per_s': batch * args.steps / statistics.median(times),
+                                'first_call_s': first_s, 'source': source}
+  return rows
+
+
+def largest_fitting(args, arch: str, checks: dict) -> dict:
+  """Figures for each per-device batch of --batches; the larger ones only where they fit."""
+  results = {}
+  for batch in args.batches:
+    try:
+      results[batch] = jax_image_rows(args, arch, batch, checks)
+    except Exception as e:  # pylint: disable=broad-except
+      if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
+        raise
+      results[batch] = {'does_not_fit': str(e).splitlines()[0][:200]}
+  return results
+
+
+def bf16_loss_check(args, timed_loss: float) -> dict:
+  """The first step's loss (same state and batch) in bf16 and float32: one of them from the
+  timed step (bf16 on accelerators; --smoke times float32, the CPU's 'auto')."""
+  other = 'float32' if args.dtype == 'bfloat16' else 'bfloat16'
+  run, state, device_batch = build(image_config(args, args.archs[-1], args.batches[0], other,
+                                                args.variant))
+  _, metrics = run.train_step()(state, device_batch)
+  losses = {other: float(jax.device_get(metrics['loss'])),
+            'float32' if other == 'bfloat16' else 'bfloat16': timed_loss}
+  gap = abs(losses['bfloat16'] - losses['float32']) / max(abs(losses['float32']), 1e-12)
+  return {**losses, 'relative_gap': gap, 'tolerance': 0.02, 'ok': gap <= 0.02}
+
+
+def loop_part(args) -> dict:
+  """The full loop (JPEG workers, decoded cache) against the bare step; input cores needed."""
+  # The demo's synthetic set (at 112 px) with the benchmark's network; --smoke: the test variant
+  # as it is (tests/test_docs.py trains the same programs: the compilation cache has them).
+  config = image_config(args, args.archs[0], args.batches[0], args.dtype, args.variant or 'demo')
+  if args.smoke:
+    config = config_lib.load_config_file(os.path.join(REPO, 'configs', 'mtl3.py:test'))
+  config.progress_bar, config.log_every_steps = False, max(args.loop_steps // 5, 1)
+  config.checkpoint_every_steps, config.checkpoint_every_epochs = 10**9, 0.0
+  config.eval_every_epochs = 1e9
+  config.data.decoded_cache = False
+  config.data.cache_dir = args.cache_dir
+  index = kinds.load_index(config, 'train')
+  single = config.data.copy_and_resolve_references()
+  single.worker_count, single.read_threads = 0, 0
+  iterator = pipeline.make_train_iterator(index, single, global_batch_size=config.global_batch_size,
+                                          seed=0)
+  next(iterator)
+  cpu = time.process_time()
+  batches = [next(iterator) for _ in range(args.input_batches)]
+  cpu_per_image = (time.process_time() - cpu) / (args.input_batches * config.global_batch_size)
+  bare = bench_loop.bare_step_images_per_second(config, batches, args.loop_steps)
+  out = {'bare_images_per_s': bare, 'input_cpu_ms_per_image': cpu_per_image * 1e3,
+         'input_cores_at_bare_rate': bare * cpu_per_image,
+         'workers': pipeline.worker_count(config.data)}
+  for name in args.loop_inputs:
+    c = config.copy_and_resolve_references()
+    c.data.decoded_cache = name == 'cached'
+    r = bench_loop.loop_images_per_second(c, args.loop_steps)
+    out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare}
+  return out
+
+
+def temporal_part(args, checks: dict) -> dict:
+  """Training steps of each encoder over [batch, length, features] segments, JAX and PyTorch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  b, length, dim, hidden = args.segments, args.length, args.features, args.hidden
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((b, length, dim), np.float32)
+  target = rng.standard_normal((b, length, hidden), np.float32)
+  results = {}
+  for name, layers in (('gru', 1), ('lstm', 1), ('transformer', args.transformer_layers)):
+    encoder = temporal.ENCODERS[name](hidden, layers, 0.0, 4, hidden)
+    mask = jnp.ones((b, length), bool)
+    params = encoder.init(jax.random.PRNGKey(0), x, mask, False)
+    tx = optax.adam(1e-4)
+
+    def step(params, opt_state, x, y, encoder=encoder, tx=tx):
+      def loss_fn(p):
+        return jnp.mean((encoder.apply(p, x, mask, False).astype(jnp.float32) - y) ** 2)
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    holder = {'p': params, 'o': tx.init(params)}
+    xs, ys = jax.device_put(x), jax.device_put(target)
+
+    def call(jitted=jitted):
+      for _ in range(args.steps):
+        holder['p'], holder['o'], loss = jitted(holder['p'], holder['o'], xs, ys)
+      jax.block_until_ready(loss)
+
+    start = time.perf_counter()
+    call()
+    compile_s = time.perf_counter() - start
+    with steady_state(checks, f'temporal {name}'):
+      times = timed(call, 0, args.reps)
+    jax_rate = b * args.steps / statistics.median(times)
+    if name == 'transformer':
+      layer = torch.nn.TransformerEncoderLayer(hidden, 4, hidden, 0.0, batch_first=True)
+      net = torch.nn.Sequential(torch.nn.Linear(dim, hidden),
+                                torch.nn.TransformerEncoder(layer, layers)).to(device)
+      forward = net
+    else:
+      rnn = (torch.nn.GRU if name == 'gru' else torch.nn.LSTM)(dim, hidden, batch_first=True)
+      net = rnn.to(device)
+      forward = lambda t, net=net: net(t)[0]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    tx_, ty = torch.from_numpy(x).to(device), torch.from_numpy(target).to(device)
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+
+    def torch_call(forward=forward, opt=opt):
+      for _ in range(args.steps):
+        loss = torch.mean((forward(tx_) - ty) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+      sync()
+
+    torch_rate = b * args.steps / statistics.median(timed(torch_call, 1, args.reps))
+    results[name] = {'segments_per_s': jax_rate, 'frames_per_s': jax_rate * length,
+                     'compile_s': compile_s, 'torch_segments_per_s': torch_rate,
+                     'vs_torch': jax_rate / torch_rate}
+  return results
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--out', required=True, help='folder for accelerator.json and .md')
+  p.add_argument('--parts', default='step,eval,loop,temporal')
+  p.add_argument('--smoke', action='store_true', help='every part at tiny sizes (CPU, seconds)')
+  p.add_argument('--archs', default='resnet50,resnet18')
+  p.add_argument('--batches', default='256,512,1024', help='per-device batches to try')
+  p.add_argument('--no-torch-compile', action='store_true')
+  p.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'affectjax-bench'),
+                 help='data.cache_dir of the loop part (synthetic set, decoded cache)')
+  args = p.parse_args(argv)
+  args.archs, args.batches = args.archs.split(','), [int(b) for b in args.batches.split(',')]
+  args.width, args.image_size, args.steps, args.reps = 64, 112, 5, 5
+  args.loop_steps, args.input_batches, args.variant, args.dtype = 300, 20, '', 'bfloat16'
+  args.transformer_layers = 4  # the ABAW4 winners' encoder
+  args.loop_inputs = ('jpeg', 'cached')
+  args.segments, args.length, args.features, args.hidden = 32, 250, 512, 1024
+  if args.smoke:  # the test variant's network, image size and batch (on one device)
+    args.archs, args.batches, args.width, args.image_size = ['resnet18'], [16], 4, 32
+    args.steps, args.reps, args.loop_steps, args.input_batches = 2, 2, 6, 2
+    args.segments, args.length, args.features, args.hidden = 2, 8, 16, 16
+    args.variant, args.dtype, args.transformer_layers = 'test', 'auto', 1
+    args.loop_inputs = ('cached',)  # the same loop as 'jpeg' but for data.decoded_cache
+    args.no_torch_compile = True
+  return args
+
+
+def tables(result: dict) -> str:
+  lines = [f"# Accelerator check, {result['date']}", '', f"{result['device']}; jax "
+           f"{result['jax']}; command: `{result['command']}`", '']
+  for arch, by_batch in result.get('step', {}).items():
+    rows = []
+    for batch, r in by_batch.items():
+      if 'does_not_fit' in r:
+        rows.append((batch, 'does not fit', '', '', '', '', ''))
+        continue
+      for kind in ('train', 'eval'):
+        j = r[kind]
+        torch_rates = {k: v['images_per_s'] for k, v in r.get('torch', {}).items()
+                       if k.startswith(kind)}
+        rows.append((batch, kind, f"{j['images_per_s']:.0f}", f"{j['step_ms']:.1f}",
+                     f"{j['compile_s']:.1f}", f"{j['tflops']:.1f} ({j['peak_fraction']:.1%})",
+                     ', '.join(f'{k.split(" ", 1)[1]} {v:.0f} ({j["images_per_s"] / v:.2f}x)'
+                               for k, v in torch_rates.items())))
+    lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
+        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of peak)',
+         'PyTorch img/s (JAX/PyTorch)'), rows), '']
+  if 'loop' in result:
+    r = result['loop']
+    lines += ['## Full loop against the bare step', '', common.format_table(
+        ('input', 'img/s', 'of bare'),
+        [('bare step', f"{r['bare_images_per_s']:.0f}", '1.000')] +
+        [(k, f"{r[k]['images_per_s']:.0f}", f"{r[k]['of_bare']:.3f}")
+         for k in ('jpeg', 'cached') if k in r]),
+              '', f"input: {r['input_cpu_ms_per_image']:.2f} CPU ms per image, so "
+              f"{r['input_cores_at_bare_rate']:.1f} cores at the bare step's rate; "
+              f"{r['workers']} workers", '']
+  if 'temporal' in result:
+    lines += ['## Temporal encoders (training step)', '', common.format_table(
+        ('encoder', 'segments/s', 'frames/s', 'PyTorch segments/s', 'JAX/PyTorch'),
+        [(k, f"{v['segments_per_s']:.1f}", f"{v['frames_per_s']:.0f}",
+          f"{v['torch_segments_per_s']:.1f}", f"{v['vs_torch']:.2f}")
+         for k, v in result['temporal'].items()]), '']
+  lines += ['## Checks', '', '```', json.dumps(result['checks'], indent=1), '```']
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  parts, start = set(args.parts.split(',')), time.perf_counter()
+  os.makedirs(args.out, exist_ok=True)
+  if not jax.config.jax_compilation_cache_dir:  # the loop and the bare step compile once
+    jax.config.update('jax_compilation_cache_dir', os.path.join(args.cache_dir, 'jax'))
+  d = jax.devices()[0]
+  result = {'date': f'{datetime.datetime.now():%Y-%m-%d %H:%M}', 'command': common.command_line(),
+            'device': f'{jax.device_count()} x {d.device_kind} ({d.platform}), {os.cpu_count()} '
+                      f'CPUs, {platform.machine()}', 'jax': jax.__version__, 'smoke': args.smoke,
+            'dtype': args.dtype, 'checks': {}}
+  if parts & {'step', 'eval'}:
+    result['step'] = {}
+    for arch in args.archs:
+      print(f'[step] {arch}: JAX, per-device batches {args.batches} ...', flush=True)
+      by_batch = largest_fitting(args, arch, result['checks'].setdefault('steady_state', {}))
+      for batch, r in by_batch.items():
+        if 'does_not_fit' not in r:
+          print(f'[step] {arch}: PyTorch, batch {batch} ...', flush=True)
+          r['torch'] = torch_image_rows(args, arch, batch, not args.no_torch_compile)
+      result['step'][arch] = by_batch
+    first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
+    result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
+  if 'loop' in parts:
+    print(f'[loop] full loop against the bare step ... ({time.perf_counter() - start:.0f} s)',
+          flush=True)
+    result['loop'] = loop_part(args)
+  if 'temporal' in parts:
+    print(f'[temporal] GRU, LSTM, Transformer ... ({time.perf_counter() - start:.0f} s)',
+          flush=True)
+    result['temporal'] = temporal_part(args, result['checks'].setdefault('steady_state', {}))
+  result['seconds'] = time.perf_counter() - start
+  with open(os.path.join(args.out, 'accelerator.json'), 'w') as f:
+    json.dump(result, f, indent=1, default=str)
+  text = tables(result)
+  with open(os.path.join(args.out, 'accelerator.md'), 'w') as f:
+    f.write(text)
+  print(text)
+  print(f'wrote {args.out}/accelerator.json and accelerator.md')
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,50 @@
+"""The GPU check (benchmarks/accelerator.py) in its --smoke mode: every part runs, at tiny sizes,
+so the script cannot rot between GPU loans; and the GPU code paths it checks hold on the CPU.
+
+(Named to run after test_docs.py: the smoke mode uses the test variant's programs, which the
+README's commands compiled into this session's compilation cache.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_accelerator_check_smoke(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'), '--smoke',
+       '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache')],
+      env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  result = json.loads((tmp_path / 'accelerator.json').read_text())
+  text = (tmp_path / 'accelerator.md').read_text()
+  step = result['step']['resnet18']['16']
+  for kind in ('train', 'eval'):
+    assert step[kind]['images_per_s'] > 0 and step[kind]['compile_s'] > 0
+    assert step[kind]['tflops'] > 0  # XLA's cost analysis gave the FLOPs
+    assert step['torch'][f'{kind} eager']['images_per_s'] > 0
+  loop = result['loop']
+  assert loop['bare_images_per_s'] > 0 and loop['input_cpu_ms_per_image'] > 0
+  assert loop['workers'] == 0  # auto: no worker processes when the step runs on the CPU
+  assert loop['cached']['of_bare'] > 0
+  assert set(result['temporal']) == {'gru', 'lstm', 'transformer'}
+  for encoder in result['temporal'].values():
+    assert encoder['segments_per_s'] > 0 and encoder['torch_segments_per_s'] > 0
+  # The steady state compiles nothing new, donates without warnings and moves nothing to or
+  # from the host implicitly (jax.transfer_guard('disallow') around the timed steps).
+  checks = result['checks']
+  assert set(checks['steady_state']) == {'train resnet18 b16', 'eval resnet18 b16',
+                                         'temporal gru', 'temporal lstm', 'temporal transformer'}
+  for where, check in checks['steady_state'].items():
+    assert check == {'compilations': 0, 'transfer_guard': 'ok', 'donation_warnings': 0}, where
+  assert checks['bf16_vs_float32_loss']['ok'], checks['bf16_vs_float32_loss']
+  assert '## resnet18, auto' in text and '## Temporal encoders' in text and 'JAX/PyTorch' in text
+
+
+def test_gpu_wrapper_script_is_valid_bash():
+  script = os.path.join(REPO, 'benchmarks', 'accelerator.sh')
+  done = subprocess.run(['bash', '-n', script], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
