@@ -1,28 +1,22 @@
 """Accelerator check: affectjax's steps, loop and temporal encoders against PyTorch, one call.
 
-Every figure is paired with its reference, measured in the same run: medians of repeated timed
-windows after warm-up, compile time apart. Parts (`--parts`, default all):
-  step      the project's multi-task training step (`runs.Run.train_step`: ResNet, masked CE + BCE
-            + CCC, Adam, donated state) in bf16 at 112x112, per-device batch 256 and the largest
-            of 512 / 1024 that fits, for ResNet50 and ResNet18: images/s, step time, TFLOP/s from
-            XLA's cost analysis and its fraction of the chip's bf16 peak; against PyTorch's
-            ResNet (torchvision's where installed), channels_last, bf16 autocast, Adam, eager and
-            `torch.compile`.
-  eval      the inference step (`Run.eval_step`), against PyTorch under `inference_mode`.
-  loop      the full training loop (`trainer.train_and_evaluate`: grain over the synthetic JPEG
-            tree with worker processes, and over the decoded-frame cache) against the bare step
-            on the same batches, and the host cores the input needs at the bare step's rate.
-  temporal  GRU / LSTM / Transformer encoders over 250-frame segments of 512-d features, a
-            training step each: segments/s and frames/s, against nn.GRU / nn.LSTM /
-            nn.TransformerEncoder.
-Checks of the GPU code paths, recorded with the figures: compilations during the timed windows
-(must be 0: no recompilation after warm-up), donation warnings (0), the steady-state steps run
-under `jax.transfer_guard('disallow')` (no implicit host transfer), and a bf16 step's loss
-against the float32 step's on the same state and batch.
+Each figure has its reference from the same run (medians of timed windows after warm-up,
+compile time apart). Parts (`--parts`):
+  step/eval  the project's multi-task train step (`Run.train_step`: masked CE + BCE + CCC, Adam,
+             donated state) and eval step, bf16, 112x112, ResNet50 and ResNet18, per-device batch
+             256 and the largest of 512 / 1024 that fits: images/s, ms/step, TFLOP/s (XLA cost
+             analysis) and fraction of bf16 peak; against PyTorch (torchvision's ResNet where
+             installed; channels_last, bf16 autocast, Adam), eager and `torch.compile`.
+  loop       `trainer.train_and_evaluate` (grain workers over the synthetic JPEG tree, and the
+             decoded cache) against the bare step on the same batches; input CPU per image.
+  temporal   GRU / LSTM / Transformer training steps on 250 x 512 segments against nn.GRU /
+             nn.LSTM / nn.TransformerEncoder: segments/s and frames/s.
+Recorded checks: compilations in the timed windows (0), donation warnings (0), timed steps under
+`jax.transfer_guard('disallow')`, and the first loss in bf16 against float32.
 
   python benchmarks/accelerator.py --out results/          # the GPU check (about 8 minutes)
-  python benchmarks/accelerator.py --smoke --out /tmp/acc  # every part, tiny, CPU, seconds
-Writes `accelerator.json` (every number) and `accelerator.md` (the tables) under --out.
+  python benchmarks/accelerator.py --smoke --out /tmp/acc  # every part, tiny, on the CPU
+Writes `accelerator.json` and `accelerator.md` under --out after each part.
 """
 import argparse
 import contextlib
@@ -45,25 +39,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(REPO, 'tests')]  # bench_loop; the PyTorch reference ResNet
 
-import bench_loop  # pylint: disable=wrong-import-position
-import bench_step  # pylint: disable=wrong-import-position
-import common  # pylint: disable=wrong-import-position
-from affectjax import config as config_lib  # pylint: disable=wrong-import-position
-from affectjax import kinds, parallel, runs  # pylint: disable=wrong-import-position
-from affectjax.data import pipeline  # pylint: disable=wrong-import-position
-from affectjax.models import temporal  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import bench_loop
+import bench_step
+import common
+from affectjax import config as config_lib
+from affectjax import kinds, parallel, runs
+from affectjax.data import pipeline
+from affectjax.models import temporal
 
 # Dense bf16 peak TFLOP/s by device kind (vendor data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0}
 COMPILES = []  # backend compilations seen (jax.monitoring), for the recompilation check
 
 
-def _on_event(event: str, duration: float, **kwargs) -> None:
-  if event == '/jax/core/compile/backend_compile_duration':
-    COMPILES.append(duration)
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **_: COMPILES.append(duration)
+    if event == '/jax/core/compile/backend_compile_duration' else None)
 
 
 def device_peak() -> float:
@@ -91,14 +83,7 @@ def steady_state(checks: dict, where: str):
 
 def timed(fn, warmup: int, reps: int) -> list:
   """Seconds of each of `reps` calls of the blocking `fn` after `warmup` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+  return common.interleaved_times({'fn': fn}, reps, warmup)[0]['fn']
 
 
 def image_config(args, arch: str, batch: int, dtype: str = 'bfloat16', variant: str = ''):
@@ -210,15 +195,20 @@ def torch_image_rows(args, arch: str, batch: int, compile_model: bool) -> dict:
 
 
 def largest_fitting(args, arch: str, checks: dict) -> dict:
-  """Figures for each per-device batch of --batches; the larger ones only where they fit."""
+  """Figures at the first per-device batch of --batches, then at the largest of the others
+  that fits (tried largest first; one that does not fit is recorded as such)."""
   results = {}
-  for batch in args.batches:
+  first, *larger = args.batches
+  for batch in [first] + sorted(larger, reverse=True):
     try:
       results[batch] = jax_image_rows(args, arch, batch, checks)
     except Exception as e:  # pylint: disable=broad-except
       if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
         raise
       results[batch] = {'does_not_fit': str(e).splitlines()[0][:200]}
+      continue
+    if batch != first:
+      break
   return results
 
 
@@ -339,7 +329,8 @@ def parse_args(argv=None):
   p.add_argument('--parts', default='step,eval,loop,temporal')
   p.add_argument('--smoke', action='store_true', help='every part at tiny sizes (CPU, seconds)')
   p.add_argument('--archs', default='resnet50,resnet18')
-  p.add_argument('--batches', default='256,512,1024', help='per-device batches to try')
+  p.add_argument('--batches', default='256,512,1024',
+                 help='per-device batches: the first, then the largest of the others that fits')
   p.add_argument('--no-torch-compile', action='store_true')
   p.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'affectjax-bench'),
                  help='data.cache_dir of the loop part (synthetic set, decoded cache)')
@@ -419,7 +410,10 @@ def main(argv=None) -> dict:
       for batch, r in by_batch.items():
         if 'does_not_fit' not in r:
           print(f'[step] {arch}: PyTorch, batch {batch} ...', flush=True)
-          r['torch'] = torch_image_rows(args, arch, batch, not args.no_torch_compile)
+          # torch.compile takes minutes per shape: at the first batch only
+          r['torch'] = torch_image_rows(args, arch, batch, not args.no_torch_compile and
+                                        batch == args.batches[0])
+          save(args, result)
       result['step'][arch] = by_batch
     first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
     result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
@@ -427,19 +421,25 @@ def main(argv=None) -> dict:
     print(f'[loop] full loop against the bare step ... ({time.perf_counter() - start:.0f} s)',
           flush=True)
     result['loop'] = loop_part(args)
+    save(args, result)
   if 'temporal' in parts:
     print(f'[temporal] GRU, LSTM, Transformer ... ({time.perf_counter() - start:.0f} s)',
           flush=True)
     result['temporal'] = temporal_part(args, result['checks'].setdefault('steady_state', {}))
   result['seconds'] = time.perf_counter() - start
+  print(save(args, result))
+  print(f'wrote {args.out}/accelerator.json and accelerator.md in {result["seconds"]:.0f} s')
+  return result
+
+
+def save(args, result: dict) -> str:
+  """Writes the JSON and the tables so far (after each part: a run cut short keeps them)."""
   with open(os.path.join(args.out, 'accelerator.json'), 'w') as f:
     json.dump(result, f, indent=1, default=str)
   text = tables(result)
   with open(os.path.join(args.out, 'accelerator.md'), 'w') as f:
     f.write(text)
-  print(text)
-  print(f'wrote {args.out}/accelerator.json and accelerator.md')
-  return result
+  return text
 
 
 if __name__ == '__main__':

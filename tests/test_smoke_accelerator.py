@@ -48,3 +48,21 @@ def test_gpu_wrapper_script_is_valid_bash():
   script = os.path.join(REPO, 'benchmarks', 'accelerator.sh')
   done = subprocess.run(['bash', '-n', script], capture_output=True, text=True)
   assert done.returncode == 0, done.stderr
+
+
+def test_the_largest_batch_that_fits_is_found_largest_first(monkeypatch):
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import accelerator  # pylint: disable=import-outside-toplevel
+  tried = []
+
+  def rows(args, arch, batch, checks):
+    tried.append(batch)
+    if batch > 512:
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 80.1GiB')
+    return {'train': {'images_per_s': batch}}
+
+  monkeypatch.setattr(accelerator, 'jax_image_rows', rows)
+  found = accelerator.largest_fitting(accelerator.parse_args(['--out', 'unused']), 'resnet50', {})
+  assert tried == [256, 1024, 512]
+  assert found[1024]['does_not_fit'].startswith('RESOURCE_EXHAUSTED')
+  assert found[512] == {'train': {'images_per_s': 512}}
