@@ -81,11 +81,6 @@ def steady_state(checks: dict, where: str):
                        'donation_warnings': sum('donat' in str(w.message) for w in caught)}
 
 
-def timed(fn, warmup: int, reps: int) -> list:
-  """Seconds of each of `reps` calls of the blocking `fn` after `warmup` calls."""
-  return common.interleaved_times({'fn': fn}, reps, warmup)[0]['fn']
-
-
 def image_config(args, arch: str, batch: int, dtype: str = 'bfloat16', variant: str = ''):
   """configs/mtl3.py (its `variant`) at the benchmark's network, image size, batch, dtype."""
   c = config_lib.load_config_file(
@@ -112,10 +107,8 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
   out = {}
   for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
     start = time.perf_counter()
-    compiled = fn.lower(state, device_batch).compile()
+    compiled, cost = bench_step.compile_step(fn, state, device_batch)
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = dict((cost[0] if isinstance(cost, (list, tuple)) else cost) or {})
     holder = {'state': state}
 
     def call(compiled=compiled, name=name):
@@ -130,7 +123,7 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
           compiled(jax.tree_util.tree_map(jnp.copy, state), device_batch)[1]['loss']))
     call()  # warm-up outside the guarded window
     with steady_state(checks, f'{name} {arch} b{batch}'):
-      times = timed(call, 0, args.reps)
+      times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
     step_s = statistics.median(times) / args.steps
     images = config.global_batch_size
     tflops = cost.get('flops', float('nan')) / step_s / 1e12
@@ -142,7 +135,7 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
   return out
 
 
-def torch_image_rows(args, arch: str, batch: int, compile_model: bool) -> dict:
+def torch_image_rows(args, arch: str, batch: int, variants=(False,)) -> dict:
   """PyTorch train and inference images/s of the same network size and batch (one device)."""
   import torch  # pylint: disable=g-import-not-at-top
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -163,7 +156,7 @@ def torch_image_rows(args, arch: str, batch: int, compile_model: bool) -> dict:
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda')
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   rows = {}
-  for compiled in ((False, True) if compile_model else (False,)):
+  for compiled in variants:  # False: eager; True: torch.compile
     model = torch.compile(net) if compiled else net
 
     def train(model=model):
@@ -188,7 +181,7 @@ def torch_image_rows(args, arch: str, batch: int, compile_model: bool) -> dict:
       start = time.perf_counter()
       fn()  # warm-up (and compilation)
       first_s = time.perf_counter() - start
-      times = timed(fn, 0, args.reps)
+      times = common.interleaved_times({'torch': fn}, args.reps, 0)[0]['torch']
       rows[f'{kind} {name}'] = {'images_per_s': batch * args.steps / statistics.median(times),
                                 'first_call_s': first_s, 'source': source}
   return rows
@@ -293,7 +286,7 @@ def temporal_part(args, checks: dict) -> dict:
     call()
     compile_s = time.perf_counter() - start
     with steady_state(checks, f'temporal {name}'):
-      times = timed(call, 0, args.reps)
+      times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
     jax_rate = b * args.steps / statistics.median(times)
     if name == 'transformer':
       layer = torch.nn.TransformerEncoderLayer(hidden, 4, hidden, 0.0, batch_first=True)
@@ -316,7 +309,8 @@ def temporal_part(args, checks: dict) -> dict:
         opt.step()
       sync()
 
-    torch_rate = b * args.steps / statistics.median(timed(torch_call, 1, args.reps))
+    torch_times = common.interleaved_times({'torch': torch_call}, args.reps, 1)[0]['torch']
+    torch_rate = b * args.steps / statistics.median(torch_times)
     results[name] = {'segments_per_s': jax_rate, 'frames_per_s': jax_rate * length,
                      'compile_s': compile_s, 'torch_segments_per_s': torch_rate,
                      'vs_torch': jax_rate / torch_rate}
@@ -332,12 +326,14 @@ def parse_args(argv=None):
   p.add_argument('--batches', default='256,512,1024',
                  help='per-device batches: the first, then the largest of the others that fits')
   p.add_argument('--no-torch-compile', action='store_true')
+  p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
+                 'where more than 150 s of it are left')
   p.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'affectjax-bench'),
                  help='data.cache_dir of the loop part (synthetic set, decoded cache)')
   args = p.parse_args(argv)
   args.archs, args.batches = args.archs.split(','), [int(b) for b in args.batches.split(',')]
   args.width, args.image_size, args.steps, args.reps = 64, 112, 5, 5
-  args.loop_steps, args.input_batches, args.variant, args.dtype = 300, 20, '', 'bfloat16'
+  args.loop_steps, args.input_batches, args.variant, args.dtype = 200, 20, '', 'bfloat16'
   args.transformer_layers = 4  # the ABAW4 winners' encoder
   args.loop_inputs = ('jpeg', 'cached')
   args.segments, args.length, args.features, args.hidden = 32, 250, 512, 1024
@@ -357,17 +353,14 @@ def tables(result: dict) -> str:
   for arch, by_batch in result.get('step', {}).items():
     rows = []
     for batch, r in by_batch.items():
-      if 'does_not_fit' in r:
-        rows.append((batch, 'does not fit', '', '', '', '', ''))
-        continue
-      for kind in ('train', 'eval'):
-        j = r[kind]
-        torch_rates = {k: v['images_per_s'] for k, v in r.get('torch', {}).items()
-                       if k.startswith(kind)}
-        rows.append((batch, kind, f"{j['images_per_s']:.0f}", f"{j['step_ms']:.1f}",
-                     f"{j['compile_s']:.1f}", f"{j['tflops']:.1f} ({j['peak_fraction']:.1%})",
-                     ', '.join(f'{k.split(" ", 1)[1]} {v:.0f} ({j["images_per_s"] / v:.2f}x)'
-                               for k, v in torch_rates.items())))
+      rows += [(batch, 'does not fit', '', '', '', '', '')] if 'does_not_fit' in r else [(
+          batch, kind, f"{r[kind]['images_per_s']:.0f}", f"{r[kind]['step_ms']:.1f}",
+          f"{r[kind]['compile_s']:.1f}",
+          f"{r[kind]['tflops']:.1f} ({r[kind]['peak_fraction']:.1%})",
+          ', '.join(f'{k.split(" ", 1)[1]} {v["images_per_s"]:.0f} '
+                    f'({r[kind]["images_per_s"] / v["images_per_s"]:.2f}x)'
+                    for k, v in r.get('torch', {}).items() if k.startswith(kind)))
+          for kind in ('train', 'eval')]
     lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
         ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of peak)',
          'PyTorch img/s (JAX/PyTorch)'), rows), '']
@@ -406,15 +399,13 @@ def main(argv=None) -> dict:
     result['step'] = {}
     for arch in args.archs:
       print(f'[step] {arch}: JAX, per-device batches {args.batches} ...', flush=True)
-      by_batch = largest_fitting(args, arch, result['checks'].setdefault('steady_state', {}))
+      by_batch = result['step'][arch] = largest_fitting(
+          args, arch, result['checks'].setdefault('steady_state', {}))
       for batch, r in by_batch.items():
         if 'does_not_fit' not in r:
-          print(f'[step] {arch}: PyTorch, batch {batch} ...', flush=True)
-          # torch.compile takes minutes per shape: at the first batch only
-          r['torch'] = torch_image_rows(args, arch, batch, not args.no_torch_compile and
-                                        batch == args.batches[0])
+          print(f'[step] {arch}: PyTorch eager, batch {batch} ...', flush=True)
+          r['torch'] = torch_image_rows(args, arch, batch)
           save(args, result)
-      result['step'][arch] = by_batch
     first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
     result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
   if 'loop' in parts:
@@ -426,6 +417,16 @@ def main(argv=None) -> dict:
     print(f'[temporal] GRU, LSTM, Transformer ... ({time.perf_counter() - start:.0f} s)',
           flush=True)
     result['temporal'] = temporal_part(args, result['checks'].setdefault('steady_state', {}))
+  # torch.compile takes minutes per network and shape: last, at the first batch, in the time
+  # left of --budget (the figures so far are saved).
+  for arch in result.get('step', {}) if not args.no_torch_compile else ():
+    if time.perf_counter() - start > args.budget - 150:
+      print(f'[torch.compile] {arch}: skipped, over the time budget', flush=True)
+      continue
+    print(f'[torch.compile] {arch}, batch {args.batches[0]} ...', flush=True)
+    result['step'][arch][args.batches[0]]['torch'].update(
+        torch_image_rows(args, arch, args.batches[0], (True,)))
+    save(args, result)
   result['seconds'] = time.perf_counter() - start
   print(save(args, result))
   print(f'wrote {args.out}/accelerator.json and accelerator.md in {result["seconds"]:.0f} s')
