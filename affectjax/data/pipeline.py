@@ -306,7 +306,8 @@ class AffectIterator(grain.DatasetIterator):
 def worker_count(data_config, platform: str | None = None, cores: int | None = None) -> int:
   """Grain worker processes of `data_config.worker_count`, resolving -1 (auto): none when the
   step runs on the CPU (workers would take its cores), else the host's cores less two (the
-  main process and the device feed), at most 32."""
+  main process and the device feed), at most 32. Per process: with several processes on one
+  host (one per GPU), set it explicitly to share the cores."""
   if data_config.worker_count >= 0:
     return int(data_config.worker_count)
   if platform is None:
