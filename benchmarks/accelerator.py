@@ -222,9 +222,9 @@ def loop_part(args) -> dict:
   """The full loop (JPEG workers, decoded cache) against the bare step; input cores needed."""
   # The demo's synthetic set (at 112 px) with the benchmark's network; --smoke: the test variant
   # as it is (tests/test_docs.py trains the same programs: the compilation cache has them).
-  config = image_config(args, args.archs[0], args.batches[0], args.dtype, args.variant or 'demo')
-  if args.smoke:
-    config = config_lib.load_config_file(os.path.join(REPO, 'configs', 'mtl3.py:test'))
+  config = (config_lib.load_config_file(os.path.join(REPO, 'configs', 'mtl3.py:test'))
+            if args.smoke else image_config(args, args.archs[0], args.batches[0], args.dtype,
+                                            'demo'))
   config.progress_bar, config.log_every_steps = False, max(args.loop_steps // 5, 1)
   config.checkpoint_every_steps, config.checkpoint_every_epochs = 10**9, 0.0
   config.eval_every_epochs = 1e9

@@ -195,7 +195,7 @@ def record_numbers(packed, index, where: str, fix: str) -> np.ndarray:
         f'held only the frames of one layout; {fix}')
   same = all(index.summary.get(k) == made.get(k) for k in ('layout', 'num_expr_classes'))
   tasks = [t for t in index.summary.get('tasks', labels.TASKS)
-           if same and t in made.get('tasks', labels.TASKS)]
+           if t in made.get('tasks', labels.TASKS)] if same else []
   differs = np.zeros(len(index), bool)
   for task in tasks:
     packed_values, values = getattr(packed, task)[records], getattr(index, task)
@@ -271,9 +271,7 @@ class TfdsSource:
     if data_source is None:
       import tensorflow_datasets as tfds  # deferred: optional `tfds` extra
       from affectjax.data import tfds_builder  # registers the `affwild2` builder
-      prepared_dir = os.path.join(data_dir, tfds_builder.Affwild2.name, config_name,
-                                  str(tfds_builder.Affwild2.VERSION))
-      if not os.path.exists(os.path.join(prepared_dir, 'dataset_info.json')):
+      if not tfds_builder.Affwild2(config=config_name, data_dir=data_dir).is_prepared():
         raise DataError(
             f'no prepared TFDS dataset {tfds_builder.Affwild2.name}/{config_name} in {data_dir} '
             f'(data.packed_dir): prepare it with python -m affectjax.data.tfds_builder --root '
