@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 from absl import logging
@@ -103,6 +103,8 @@ class Progress:
     self._bar = None
     self._last = (initial_step, time.perf_counter())
     self.images_per_second = float('nan')
+    self.input_wait_fraction = float('nan')  # of the interval spent waiting for batches
+    self._waited = 0.0
     if enabled:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
@@ -114,14 +116,29 @@ class Progress:
     now = time.perf_counter()
     if step > last_step:
       self.images_per_second = (step - last_step) * self.batch_size / (now - last_time)
-    self._last = (step, now)
+      self.input_wait_fraction = min(self._waited / (now - last_time), 1.0)
+    self._last, self._waited = (step, now), 0.0
     text = {'loss': f"{summary.get('loss', float('nan')):.4f}",
-            'img/s': f'{self.images_per_second:.0f}'}
+            'img/s': f'{self.images_per_second:.0f}',
+            'input wait': f'{self.input_wait_fraction:.0%}'}
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(text, refresh=False)
     else:
       logging.info('step %d: %s', step, ', '.join(f'{k} {v}' for k, v in text.items()))
+
+  def timed(self, batches: Iterator) -> Iterator:
+    """`batches`, adding the time spent waiting for each to the interval's input wait (a
+    training loop that waits for its input leaves the devices idle)."""
+    batches = iter(batches)
+    while True:
+      start = time.perf_counter()
+      try:
+        item = next(batches)
+      except StopIteration:
+        return
+      self._waited += time.perf_counter() - start
+      yield item
 
   def exclude(self, seconds: float):
     """Leaves `seconds` (an evaluation) out of the current interval's images/s."""

@@ -73,6 +73,7 @@ class StepLedger:
     self.interval = None  # (last step, its metrics list): a logging interval not yet read
     self.deferred = None  # (step, state copy, input state, metrics since the last logging step)
     self.throughput = []  # images/s of each logging interval
+    self.input_wait = []  # the fraction of each logging interval spent waiting for batches
 
   def add_step(self, step: int, step_metrics: dict, ends_interval: bool) -> None:
     """Records a dispatched step; then writes the previous interval and the deferred save,
@@ -105,8 +106,10 @@ class StepLedger:
     summary = self._read(end, interval_metrics)
     self.progress.update(end, summary)
     summary.update(epoch=end / self.steps_per_epoch,
-                   images_per_second=self.progress.images_per_second)
+                   images_per_second=self.progress.images_per_second,
+                   input_wait_fraction=self.progress.input_wait_fraction)
     self.throughput.append(self.progress.images_per_second)
+    self.input_wait.append(self.progress.input_wait_fraction)
     self.writer.write(end, 'train', summary)
 
   def _save(self, step: int, state, input_state, unlogged: list, score=None) -> None:
@@ -191,8 +194,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   trained_input = train_iter.get_state()  # the input state after the latest trained batch
   try:
     with _Preemption() as preemption:
-      batches = parallel.prefetch_to_mesh(train_iter, run.mesh, size=config.prefetch_to_device,
-                                          state_fn=train_iter.get_state)
+      batches = progress.timed(parallel.prefetch_to_mesh(
+          train_iter, run.mesh, size=config.prefetch_to_device, state_fn=train_iter.get_state))
       for batch, input_state in batches:
         if step >= run.total_steps:
           break
@@ -249,6 +252,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
              'final_metrics': last_metrics, 'workdir': workdir,
              'images_per_second': (float(np.median(ledger.throughput)) if ledger.throughput
                                    else None),
+             'input_wait_fraction': (float(np.median(ledger.input_wait)) if ledger.input_wait
+                                     else None),
              'state': state}
   if parallel.is_main_process():
     print(format_summary(summary, run), flush=True)
@@ -260,7 +265,8 @@ def format_summary(summary: dict, run: runs.Run) -> str:
            f"{summary['seconds']:.0f} s; workdir {summary['workdir']}"]
   if summary['images_per_second']:
     lines.append(f"  training throughput (median of logging intervals): "
-                 f"{summary['images_per_second']:.0f} images/s")
+                 f"{summary['images_per_second']:.0f} images/s, waiting for input "
+                 f"{summary['input_wait_fraction']:.1%} of the time")
   if summary['best_step'] is not None:
     lines.append(f"  best validation score {summary['best_score']:.4f} at step "
                  f"{summary['best_step']}")

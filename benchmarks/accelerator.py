@@ -4,8 +4,9 @@ Each figure has its reference from the same run (medians of timed windows after 
 compile time apart). Parts (`--parts`):
   step/eval  the project's multi-task train step (`Run.train_step`: masked CE + BCE + CCC, Adam,
              donated state) and eval step, bf16, 112x112, ResNet50 and ResNet18, per-device batch
-             256 and the largest of 512 / 1024 that fits: images/s, ms/step, TFLOP/s (XLA cost
-             analysis) and fraction of bf16 peak; against PyTorch (torchvision's ResNet where
+             256 and the largest of 512 / 1024 that fits: images/s, ms/step, TFLOP/s (XLA's FLOP
+             count of the lowered steps, taken on the CPU beside the timings) and its fraction of
+             the device's bf16 matrix-product rate measured in the same run; against PyTorch (torchvision's ResNet where
              installed; channels_last, bf16 autocast, Adam), eager and `torch.compile`.
   loop       `trainer.train_and_evaluate` (grain workers over the synthetic JPEG tree, and the
              decoded cache) against the bare step on the same batches; input CPU per image.
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +45,12 @@ sys.path[:0] = [HERE, os.path.join(REPO, 'tests')]  # bench_loop; the PyTorch re
 import bench_loop
 import bench_step
 import common
+import torch_refs
 from affectjax import config as config_lib
 from affectjax import kinds, parallel, runs
 from affectjax.data import pipeline
 from affectjax.models import temporal
 
-# Dense bf16 peak TFLOP/s by device kind (vendor data sheets, SXM parts).
-PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0}
 COMPILES = []  # backend compilations seen (jax.monitoring), for the recompilation check
 
 
@@ -58,9 +59,14 @@ jax.monitoring.register_event_duration_secs_listener(
     if event == '/jax/core/compile/backend_compile_duration' else None)
 
 
-def device_peak() -> float:
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float('nan'))
+def matmul_tflops(size: int, reps: int) -> float:
+  """The device's measured bf16 matrix-product rate (TFLOP/s): the utilisation reference."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.bfloat16)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  times = common.interleaved_times(
+      {'mm': lambda: jax.block_until_ready([matmul(a) for _ in range(10)])}, reps, 0)[0]['mm']
+  return 10 * 2 * size**3 / min(times) / 1e12
 
 
 @contextlib.contextmanager
@@ -107,7 +113,7 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
   out = {}
   for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
     start = time.perf_counter()
-    compiled, cost = bench_step.compile_step(fn, state, device_batch)
+    compiled, _ = bench_step.compile_step(fn, state, device_batch)
     compile_s = time.perf_counter() - start
     holder = {'state': state}
 
@@ -126,65 +132,50 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
       times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
     step_s = statistics.median(times) / args.steps
     images = config.global_batch_size
-    tflops = cost.get('flops', float('nan')) / step_s / 1e12
     out[name] = {'images_per_s': images / step_s, 'step_ms': step_s * 1e3,
-                 'compile_s': compile_s, 'tflops': tflops,
-                 'peak_fraction': tflops / jax.device_count() / device_peak(),
+                 'compile_s': compile_s,
                  'spread': [images * args.steps / t for t in (max(times), min(times))]}
     state = holder['state']
   return out
 
 
-def torch_image_rows(args, arch: str, batch: int, variants=(False,)) -> dict:
-  """PyTorch train and inference images/s of the same network size and batch (one device)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  depth = int(arch.replace('resnet', ''))
-  try:
-    import torchvision  # pylint: disable=g-import-not-at-top
-    net = getattr(torchvision.models, arch)(num_classes=7)
-    source = 'torchvision'
-  except ImportError:
-    import torch_resnet  # pylint: disable=g-import-not-at-top
-    net = torch_resnet.TorchResNet(depth, args.width, num_classes=7)
-    source = 'tests/torch_resnet.py'
-  net = net.to(device, memory_format=torch.channels_last)
-  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-  images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                         device=device).to(memory_format=torch.channels_last)
-  labels = torch.randint(0, 7, (batch,), device=device)
-  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda')
-  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  rows = {}
-  for compiled in variants:  # False: eager; True: torch.compile
-    model = torch.compile(net) if compiled else net
+def flops_models(args) -> dict:
+  """{arch: {'train', 'eval': [FLOPs per step, per image]}} of one device's steps, from XLA's
+  analysis of the steps lowered on the CPU (the program's count, whatever runs it: a GPU's
+  analysis counts none, its convolutions being cuDNN calls). Linear in the batch: lowered at 2
+  and 4 images."""
+  models = {}
+  for arch in args.archs:
+    counts = models[arch] = {}
+    for b in (2, 4):
+      run, state, device_batch = build(image_config(args, arch, b, args.dtype, args.variant))
+      for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
+        cost = fn.lower(state, device_batch).cost_analysis()
+        counts.setdefault(name, []).append(
+            dict(cost[0] if isinstance(cost, list) else cost)['flops'] / jax.device_count())
+    models[arch] = {k: [2 * v[0] - v[1], (v[1] - v[0]) / 2] for k, v in counts.items()}
+  return models
 
-    def train(model=model):
-      for _ in range(args.steps):
-        with autocast:
-          out = model((images.float() - 127.5) / 127.5)
-          out = out if out.shape[-1] == 7 else net.fc(out)
-          loss = torch.nn.functional.cross_entropy(out.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-      sync()
 
-    def infer(model=model):
-      with torch.inference_mode(), autocast:
-        for _ in range(args.steps):
-          model((images.float() - 127.5) / 127.5)
-      sync()
+def start_flops_models(args):
+  """flops_models in a CPU process beside the GPU timings (returns a function that waits)."""
+  if jax.devices()[0].platform == 'cpu':
+    return lambda: flops_models(args)
+  job = subprocess.Popen([sys.executable, __file__, '--out', args.out, '--flops-only',
+                          '--archs', ','.join(args.archs)] + ['--smoke'] * args.smoke, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return lambda: json.loads(job.communicate()[0].strip().splitlines()[-1])
 
-    name = 'torch.compile' if compiled else 'eager'
-    for kind, fn in (('train', train), ('eval', infer)):
-      start = time.perf_counter()
-      fn()  # warm-up (and compilation)
-      first_s = time.perf_counter() - start
-      times = common.interleaved_times({'torch': fn}, args.reps, 0)[0]['torch']
-      rows[f'{kind} {name}'] = {'images_per_s': batch * args.steps / statistics.median(times),
-                                'first_call_s': first_s, 'source': source}
-  return rows
+
+def add_tflops(step: dict, models: dict, peak: float) -> None:
+  """TFLOP/s of each timed step and its fraction of one device's measured `peak`."""
+  for arch, by_batch in step.items():
+    for batch, r in by_batch.items():
+      for kind in ('train', 'eval') if 'does_not_fit' not in r else ():
+        per_step, per_image = models[arch][kind]
+        tflops = (per_step + per_image * batch) / (r[kind]['step_ms'] / 1e3) / 1e12
+        r[kind]['tflops'] = tflops * jax.device_count()
+        r[kind]['peak_fraction'] = tflops / peak
 
 
 def largest_fitting(args, arch: str, checks: dict) -> dict:
@@ -225,7 +216,7 @@ def loop_part(args) -> dict:
   config = (config_lib.load_config_file(os.path.join(REPO, 'configs', 'mtl3.py:test'))
             if args.smoke else image_config(args, args.archs[0], args.batches[0], args.dtype,
                                             'demo'))
-  config.progress_bar, config.log_every_steps = False, max(args.loop_steps // 5, 1)
+  config.progress_bar, config.log_every_steps = False, max(args.loop_steps // 10, 1)
   config.checkpoint_every_steps, config.checkpoint_every_epochs = 10**9, 0.0
   config.eval_every_epochs = 1e9
   config.data.decoded_cache = False
@@ -247,14 +238,29 @@ def loop_part(args) -> dict:
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
     r = bench_loop.loop_images_per_second(c, args.loop_steps)
-    out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare}
+    fed = input_images_per_second(c, index, args.loop_steps)
+    out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare,
+                 'input_wait': r['input_wait'], 'input_only_images_per_s': fed}
   return out
+
+
+def input_images_per_second(config, index, steps: int) -> float:
+  """The trainer's input alone: workers, batching and transfers to the devices, no step."""
+  iterator = pipeline.make_train_iterator(index, config.data, seed=0,
+                                          global_batch_size=config.global_batch_size)
+  batches = parallel.prefetch_to_mesh(iterator, parallel.make_mesh(),
+                                      size=config.prefetch_to_device, state_fn=iterator.get_state)
+  for _ in range(min(10, steps)):  # workers started, queues full
+    jax.block_until_ready(next(batches)[0])
+  start = time.perf_counter()
+  for _ in range(steps):
+    batch, _ = next(batches)
+  jax.block_until_ready(batch)
+  return steps * config.global_batch_size / (time.perf_counter() - start)
 
 
 def temporal_part(args, checks: dict) -> dict:
   """Training steps of each encoder over [batch, length, features] segments, JAX and PyTorch."""
-  import torch  # pylint: disable=g-import-not-at-top
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
   b, length, dim, hidden = args.segments, args.length, args.features, args.hidden
   rng = np.random.default_rng(0)
   x = rng.standard_normal((b, length, dim), np.float32)
@@ -288,29 +294,7 @@ def temporal_part(args, checks: dict) -> dict:
     with steady_state(checks, f'temporal {name}'):
       times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
     jax_rate = b * args.steps / statistics.median(times)
-    if name == 'transformer':
-      layer = torch.nn.TransformerEncoderLayer(hidden, 4, hidden, 0.0, batch_first=True)
-      net = torch.nn.Sequential(torch.nn.Linear(dim, hidden),
-                                torch.nn.TransformerEncoder(layer, layers)).to(device)
-      forward = net
-    else:
-      rnn = (torch.nn.GRU if name == 'gru' else torch.nn.LSTM)(dim, hidden, batch_first=True)
-      net = rnn.to(device)
-      forward = lambda t, net=net: net(t)[0]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    tx_, ty = torch.from_numpy(x).to(device), torch.from_numpy(target).to(device)
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-
-    def torch_call(forward=forward, opt=opt):
-      for _ in range(args.steps):
-        loss = torch.mean((forward(tx_) - ty) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-      sync()
-
-    torch_times = common.interleaved_times({'torch': torch_call}, args.reps, 1)[0]['torch']
-    torch_rate = b * args.steps / statistics.median(torch_times)
+    torch_rate = torch_refs.temporal_segments_per_second(args, name, layers, x, target)
     results[name] = {'segments_per_s': jax_rate, 'frames_per_s': jax_rate * length,
                      'compile_s': compile_s, 'torch_segments_per_s': torch_rate,
                      'vs_torch': jax_rate / torch_rate}
@@ -328,13 +312,15 @@ def parse_args(argv=None):
   p.add_argument('--no-torch-compile', action='store_true')
   p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
                  'where more than 150 s of it are left')
+  p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)  # step_flops
   p.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'affectjax-bench'),
                  help='data.cache_dir of the loop part (synthetic set, decoded cache)')
   args = p.parse_args(argv)
   args.archs, args.batches = args.archs.split(','), [int(b) for b in args.batches.split(',')]
   args.width, args.image_size, args.steps, args.reps = 64, 112, 5, 5
-  args.loop_steps, args.input_batches, args.variant, args.dtype = 200, 20, '', 'bfloat16'
+  args.loop_steps, args.input_batches, args.variant, args.dtype = 500, 20, '', 'bfloat16'
   args.transformer_layers = 4  # the ABAW4 winners' encoder
+  args.matmul_size = 8192
   args.loop_inputs = ('jpeg', 'cached')
   args.segments, args.length, args.features, args.hidden = 32, 250, 512, 1024
   if args.smoke:  # the test variant's network, image size and batch (on one device)
@@ -342,6 +328,7 @@ def parse_args(argv=None):
     args.steps, args.reps, args.loop_steps, args.input_batches = 2, 2, 6, 2
     args.segments, args.length, args.features, args.hidden = 2, 8, 16, 16
     args.variant, args.dtype, args.transformer_layers = 'test', 'auto', 1
+    args.matmul_size = 256
     args.loop_inputs = ('cached',)  # the same loop as 'jpeg' but for data.decoded_cache
     args.no_torch_compile = True
   return args
@@ -350,26 +337,32 @@ def parse_args(argv=None):
 def tables(result: dict) -> str:
   lines = [f"# Accelerator check, {result['date']}", '', f"{result['device']}; jax "
            f"{result['jax']}; command: `{result['command']}`", '']
+  if 'matmul_tflops' in result:
+    lines += [f"bf16 matrix product ({result['matmul_tflops']:.3g} TFLOP/s measured): the "
+              'reference of the TFLOP/s fractions.', '']
   for arch, by_batch in result.get('step', {}).items():
     rows = []
     for batch, r in by_batch.items():
       rows += [(batch, 'does not fit', '', '', '', '', '')] if 'does_not_fit' in r else [(
           batch, kind, f"{r[kind]['images_per_s']:.0f}", f"{r[kind]['step_ms']:.1f}",
           f"{r[kind]['compile_s']:.1f}",
-          f"{r[kind]['tflops']:.1f} ({r[kind]['peak_fraction']:.1%})",
+          f"{r[kind]['tflops']:.1f} ({r[kind]['peak_fraction']:.1%})"
+          if 'tflops' in r[kind] else 'counting',
           ', '.join(f'{k.split(" ", 1)[1]} {v["images_per_s"]:.0f} '
                     f'({r[kind]["images_per_s"] / v["images_per_s"]:.2f}x)'
                     for k, v in r.get('torch', {}).items() if k.startswith(kind)))
           for kind in ('train', 'eval')]
     lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
-        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of peak)',
+        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of matmul)',
          'PyTorch img/s (JAX/PyTorch)'), rows), '']
   if 'loop' in result:
     r = result['loop']
     lines += ['## Full loop against the bare step', '', common.format_table(
-        ('input', 'img/s', 'of bare'),
-        [('bare step', f"{r['bare_images_per_s']:.0f}", '1.000')] +
-        [(k, f"{r[k]['images_per_s']:.0f}", f"{r[k]['of_bare']:.3f}")
+        ('input', 'img/s', 'of bare', 'waiting for input', 'input alone img/s (no step)'),
+        [('bare step', f"{r['bare_images_per_s']:.0f}", '1.000', '', '')] +
+        [(k, f"{r[k]['images_per_s']:.0f}", f"{r[k]['of_bare']:.3f}",
+          f"{r[k].get('input_wait', float('nan')):.1%}",
+          f"{r[k].get('input_only_images_per_s', float('nan')):.0f}")
          for k in ('jpeg', 'cached') if k in r]),
               '', f"input: {r['input_cpu_ms_per_image']:.2f} CPU ms per image, so "
               f"{r['input_cores_at_bare_rate']:.1f} cores at the bare step's rate; "
@@ -387,6 +380,9 @@ def tables(result: dict) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   parts, start = set(args.parts.split(',')), time.perf_counter()
+  if args.flops_only:
+    print(json.dumps(flops_models(args)))
+    return {}
   os.makedirs(args.out, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:  # the loop and the bare step compile once
     jax.config.update('jax_compilation_cache_dir', os.path.join(args.cache_dir, 'jax'))
@@ -396,7 +392,7 @@ def main(argv=None) -> dict:
                       f'CPUs, {platform.machine()}', 'jax': jax.__version__, 'smoke': args.smoke,
             'dtype': args.dtype, 'checks': {}}
   if parts & {'step', 'eval'}:
-    result['step'] = {}
+    result['step'], flops = {}, start_flops_models(args)
     for arch in args.archs:
       print(f'[step] {arch}: JAX, per-device batches {args.batches} ...', flush=True)
       by_batch = result['step'][arch] = largest_fitting(
@@ -404,10 +400,13 @@ def main(argv=None) -> dict:
       for batch, r in by_batch.items():
         if 'does_not_fit' not in r:
           print(f'[step] {arch}: PyTorch eager, batch {batch} ...', flush=True)
-          r['torch'] = torch_image_rows(args, arch, batch)
+          r['torch'] = torch_refs.image_rates(args, arch, batch)
           save(args, result)
     first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
     result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
+    result['matmul_tflops'] = matmul_tflops(args.matmul_size, args.reps)
+    add_tflops(result['step'], flops(), result['matmul_tflops'])
+    save(args, result)
   if 'loop' in parts:
     print(f'[loop] full loop against the bare step ... ({time.perf_counter() - start:.0f} s)',
           flush=True)
@@ -425,7 +424,7 @@ def main(argv=None) -> dict:
       continue
     print(f'[torch.compile] {arch}, batch {args.batches[0]} ...', flush=True)
     result['step'][arch][args.batches[0]]['torch'].update(
-        torch_image_rows(args, arch, args.batches[0], (True,)))
+        torch_refs.image_rates(args, arch, args.batches[0], (True,)))
     save(args, result)
   result['seconds'] = time.perf_counter() - start
   print(save(args, result))

@@ -10,6 +10,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="/tmp/site:$PWD"
 # Overlap the gradient all-reduce with the backward pass (BUILD.md, performance notes).
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+# JAX would take 75% of the GPU's memory up front; the PyTorch references run in the same process.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 out="${OUT:-${OUT_DIR:-results}}"
-python3 benchmarks/accelerator.py --out "$out" "$@"
+case " $* " in *" --out "*) python3 benchmarks/accelerator.py "$@" ;;
+  *) python3 benchmarks/accelerator.py --out "$out" "$@" ;; esac

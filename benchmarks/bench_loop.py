@@ -93,7 +93,8 @@ def loop_images_per_second(config, steps: int) -> dict:
   per_save = ((window - window_steps * batch / clean_rate) / saves_in_window
               if saves_in_window else float('nan'))
   return {'rate': window_steps * batch / window, 'clean_rate': clean_rate,
-          'saves': saves_in_window, 'seconds_per_save': per_save}
+          'saves': saves_in_window, 'seconds_per_save': per_save,
+          'input_wait': statistics.median(r['input_wait_fraction'] for r in logged[1:] or logged)}
 
 
 def bare_step_images_per_second(config, batches: list, steps: int) -> float:

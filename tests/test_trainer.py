@@ -58,6 +58,7 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
   for key in ('expr_f1', 'au_f1', 'va_ccc', 'mtl_score', 'score'):
     assert np.isfinite(evals[-1][key])
   assert all(np.isfinite(r['loss']) for r in trains)
+  assert all(0.0 <= r['input_wait_fraction'] <= 1.0 for r in trains)
   # Reading counts from the first frame: every frame of every training batch, and of the
   # validation pass, none unreadable.
   assert summary['train_frames_read'] == summary['steps'] * config.global_batch_size
@@ -433,3 +434,4 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   for key in ('count_expr', 'count_va'):  # each labelled frame predicted once from its block
     assert final[key] == image_eval[key], key
   assert np.isfinite(final['expr_f1']) and np.isfinite(final['va_ccc'])
+
