@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from affectjax import labels, parallel, train
@@ -39,21 +40,63 @@ def data_root(config: ml_collections.ConfigDict) -> str:
 
 def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple | None = None):
   """The frame index of `split` for `tasks` (default: the config's): from the Aff-Wild2 root,
-  or from packed shards alone."""
+  or from packed shards alone. The training split leaves out the validation videos of `tasks`
+  (`data.holdout_validation_videos`, see `holdout_validation_videos`)."""
   tasks = tasks or labels.parse_tasks(config.tasks)
-  if not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir:
-    # Training from ArrayRecord shards without the raw tree: the pack carries its index.
-    index = sources.packed_index(config.data.packed_dir, split)
-    sources.check_packed_labels(index, config.data.packed_dir, config.data.layout, tasks,
-                                config.num_expr_classes)
-    index = index.subset(sampling.labelled_rows(index, tasks))
-  else:
-    index = index_lib.build_index(
-        data_root(config), split, layout=config.data.layout, tasks=tasks,
-        num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
+  root = None if packed_only(config) else data_root(config)
+  index = _split_index(config, root, split, tasks)
+  if split == 'train':
+    index = holdout_validation_videos(index, _split_index(config, root, 'validation', tasks),
+                                      config.data.holdout_validation_videos)
   if parallel.is_main_process():
     print(index.describe(), flush=True)
   return index
+
+
+def packed_only(config: ml_collections.ConfigDict) -> bool:
+  """Training from ArrayRecord shards without the raw tree: the pack carries its index."""
+  return not config.data.root and config.data.source == 'arrayrecord' and config.data.packed_dir
+
+
+def _split_index(config, root, split: str, tasks: tuple):
+  if root is None:
+    index = sources.packed_index(config.data.packed_dir, split)
+    sources.check_packed_labels(index, config.data.packed_dir, config.data.layout, tasks,
+                                config.num_expr_classes)
+    return index.subset(sampling.labelled_rows(index, tasks))
+  return index_lib.build_index(
+      root, split, layout=config.data.layout, tasks=tasks,
+      num_expr_classes=config.num_expr_classes, cache_dir=config.data.cache_dir or None)
+
+
+def holdout_validation_videos(train_index, validation_index, holdout: bool):
+  """`train_index` without the source videos that `validation_index` holds (when `holdout`).
+
+  Aff-Wild2's per-task sets can place a video in one task's training set and another task's
+  validation set; a multi-task run would then train on the frames of a video it validates on.
+  Such overlaps are always reported; with `holdout` their training frames are removed and counted.
+  """
+  held = set(validation_index.source_videos)
+  overlap = np.asarray([v in held for v in train_index.source_videos], bool)
+  if not overlap.any():
+    return train_index
+  rows = overlap[train_index.video_id]
+  names = sorted({train_index.source_videos[i] for i in np.flatnonzero(overlap)})
+  shown = ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+  what = (f'{len(names)} source videos ({int(rows.sum())} frames) of the training split are also '
+          f'validation videos of tasks {",".join(validation_index.summary.get("tasks", []))}: '
+          f'{shown}')
+  if not holdout:
+    if parallel.is_main_process():
+      print(f'warning: {what}; they stay in training (data.holdout_validation_videos=False), '
+            'so validation scores on them are optimistic', flush=True)
+    return train_index
+  if parallel.is_main_process():
+    print(f'{what}; held out of training (data.holdout_validation_videos)', flush=True)
+  kept = train_index.subset(np.flatnonzero(~rows))
+  kept.summary = dict(kept.summary, held_out_validation_videos=len(names),
+                      held_out_frames=int(rows.sum()))
+  return kept
 
 
 def test_list(config: ml_collections.ConfigDict) -> str:

@@ -62,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'decoded_cache': False,
       'decoded_cache_dir': '',  # '' = cache_dir, else ~/.cache/affectjax (+ /decoded)
       'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
+      # Leave out of training every video that is a validation video of a trained task (the
+      # per-task sets can put one video in one task's training set and another's validation set).
+      'holdout_validation_videos': True,
       # -1 = auto (`worker_count`: none on a CPU backend, else the host's cores less two);
       # 0 = read in this process; n > 0 = n grain worker processes
       'worker_count': -1,

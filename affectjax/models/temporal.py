@@ -5,9 +5,10 @@ one video, padded at the end) -> per frame and task: 'expr' [B, L, C] logits, 'a
 logits, 'va' [B, L, 2] tanh (valence, arousal), all float32.
 
 Encoders (`encoder`):
-- 'gru' / 'lstm': `num_layers` unidirectional layers of `hidden` units (flax `nn.RNN` over
-  `GRUCell` / `OptimizedLSTMCell`, which follow PyTorch's GRU / LSTM equations); padded frames
-  after a segment's end do not affect the valid ones.
+- 'gru' / 'lstm': `num_layers` unidirectional layers of `hidden` units (RecurrentLayer: PyTorch's
+  GRU / LSTM equations, flax's GRUCell / OptimizedLSTMCell parameter layout, input projections
+  hoisted out of the scan as cuDNN does); padded frames after a segment's end do not affect the
+  valid ones.
 - 'transformer': a Dense projection to `hidden`, sinusoidal positions, then `num_layers` post-norm
   encoder layers as PyTorch's `TransformerEncoderLayer` (self-attention with `num_heads` heads,
   ReLU feed-forward of `ff_dim`, dropout, LayerNorm after each residual); padded frames are
@@ -20,6 +21,7 @@ and 'feedback' frameworks and carrying an RNN's last state into the next segment
 from typing import ClassVar, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -93,22 +95,80 @@ class SequenceEncoder(nn.Module):
   ff_dim: int = 1024
 
 
+class _Weights(nn.Module):
+  """A recurrent kernel [fan_in, features] (orthogonal init) and optional bias, as parameters."""
+  features: int
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, fan_in: int):
+    kernel = self.param('kernel', nn.initializers.orthogonal(), (fan_in, self.features))
+    return kernel, (self.param('bias', nn.initializers.zeros_init(), (self.features,))
+                    if self.use_bias else None)
+
+
+class RecurrentLayer(nn.Module):
+  """One unidirectional GRU or LSTM layer over [B, L, D] -> [B, L, hidden], with PyTorch's
+  equations and flax's GRUCell / OptimizedLSTMCell parameter layout (gates 'ir', 'iz', 'in' /
+  'ii', 'if', 'ig', 'io' for the input, 'hr', ... for the state).
+
+  As cuDNN does, the input projections of all frames are one matrix product before the scan;
+  the scan does only the state's [B, hidden] x [hidden, gates x hidden] product per frame (flax's
+  cells project the input inside the scan, frame by frame). Causal: a frame's output never sees
+  later (padded) frames.
+  """
+  hidden: int
+  cell: str  # 'gru' | 'lstm'
+
+  @nn.compact
+  def __call__(self, x):
+    gates = ('r', 'z', 'n') if self.cell == 'gru' else ('i', 'f', 'g', 'o')
+    # GRU: biases on the input side and on 'hn' (inside the reset gate); LSTM: on the state side.
+    inputs = jnp.concatenate([nn.Dense(self.hidden, use_bias=self.cell == 'gru',
+                                       name=f'i{g}')(x) for g in gates], axis=-1)
+    weights = [_Weights(self.hidden, self.cell == 'lstm' or g == 'n', name=f'h{g}')(self.hidden)
+               for g in gates]
+    kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
+    h = self.hidden
+    # A zero initial state derived from the input: under shard_map it is then per-device
+    # ('varying') like the scan's outputs, as jax.lax.scan requires.
+    zero = jnp.zeros_like(inputs[:, 0, :h])
+    if self.cell == 'gru':
+      bias_n = weights[2][1]
+
+      def step(state, projected):
+        recurrent = state @ kernel
+        r = nn.sigmoid(projected[:, :h] + recurrent[:, :h])
+        z = nn.sigmoid(projected[:, h:2 * h] + recurrent[:, h:2 * h])
+        n = jnp.tanh(projected[:, 2 * h:] + r * (recurrent[:, 2 * h:] + bias_n))
+        state = (1.0 - z) * n + z * state
+        return state, state
+      init = zero
+    else:
+      bias = jnp.concatenate([b for _, b in weights])
+
+      def step(state, projected):
+        c, hs = state
+        pre = projected + hs @ kernel + bias
+        i, f, o = (nn.sigmoid(pre[:, k * h:(k + 1) * h]) for k in (0, 1, 3))
+        c = f * c + i * jnp.tanh(pre[:, 2 * h:3 * h])
+        hs = o * jnp.tanh(c)
+        return (c, hs), hs
+      init = (zero, zero)
+    _, outputs = jax.lax.scan(step, init, jnp.swapaxes(inputs, 0, 1))
+    return jnp.swapaxes(outputs, 0, 1)
+
+
 class RecurrentEncoder(SequenceEncoder):
-  """`num_layers` unidirectional RNN layers of `hidden` units (`cell`), dropout after each;
-  padded frames after a segment's end do not affect the valid ones."""
+  """`num_layers` unidirectional RNN layers of `hidden` units (`cell`, RecurrentLayer), dropout
+  after each; padded frames after a segment's end do not affect the valid ones."""
   cell: ClassVar[str] = 'gru'
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
-    lengths = mask.sum(axis=1).astype(jnp.int32)  # valid frames come first in a segment
+    del mask  # causal layers: the valid frames come first in a segment
     for i in range(self.num_layers):
-      cell = (nn.GRUCell(self.hidden, name=f'gru{i}') if self.cell == 'gru'
-              else nn.OptimizedLSTMCell(self.hidden, name=f'lstm{i}'))
-      # A zero initial state derived from the input: under shard_map it is then per-device
-      # ('varying') like the scan's outputs, as jax.lax.scan requires.
-      zero = jnp.zeros_like(x[:, 0, :1]) * jnp.zeros((1, self.hidden), x.dtype)
-      carry = zero if self.cell == 'gru' else (zero, zero)
-      x = nn.RNN(cell, name=f'rnn{i}')(x, initial_carry=carry, seq_lengths=lengths)
+      x = RecurrentLayer(self.hidden, self.cell, name=f'{self.cell}{i}')(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return x
 
