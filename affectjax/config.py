@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   c.num_devices = 0  # 0 = all devices; n restricts a single-process run to n devices
   c.init_from = ''  # converted weights (python -m affectjax.convert) or another run
+  # The weights the config's paper starts from ('' = none): a run started without init_from
+  # says loudly that it trains from scratch instead (trainer.init_warning).
+  c.paper_init = ''
   # Input normalisation: 'auto' follows the init_from weights, else 'unit' (scratch).
   c.preprocessing = 'auto'  # 'auto' | 'unit' | 'imagenet' | 'vggface2'
 
@@ -270,12 +273,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('optim.schedule', optim.SCHEDULES), ('data.layout', layout.LAYOUTS),
       ('data.sampling', sampling.SAMPLING_SCHEMES), ('data.source', sources.SOURCES),
       ('temporal.encoder', (*temporal.ENCODERS, 'stat')),
-      ('temporal.window', ('segment', 'block')), ('distributed.initialize', ('auto', 'yes', 'no'))):
+      ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
+      ('temporal.va_heads', ('tanh', 'linear')),
+      ('distributed.initialize', ('auto', 'yes', 'no'))):
     _one_of(config, field, allowed)
   try:
     tasks = labels.parse_tasks(config.tasks)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from None
+  if config.kind == 'temporal' and config.temporal.encoder != 'stat':
+    try:
+      feedback = temporal.parse_feedback(config.temporal.feedback)
+      if bool(feedback) != (config.temporal.framework == 'feedback'):
+        raise ValueError(f'temporal.feedback={config.temporal.feedback!r}: source>target pairs '
+                         "are needed by, and only by, temporal.framework='feedback'")
+      temporal.top_order(tasks, feedback)
+    except ValueError as e:
+      raise ConfigError(f'config.{e}') from None
   if config.data.sampling == 'alternating' and not {'expr', 'au'} <= set(tasks):
     raise ConfigError(f'config.data.sampling=alternating: needs tasks expr and au, got '
                       f'config.tasks={config.tasks}')

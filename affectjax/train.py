@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from affectjax import losses
+from affectjax import labels, losses
 from affectjax import optim
 from affectjax.data import sampling
 from affectjax.models import preprocess
@@ -93,6 +93,17 @@ def flatten_time(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> 
   return {k: flat(v) for k, v in outputs.items()}, flat_batch
 
 
+def without_untrained_labels(batch: Mapping[str, jax.Array], phase: jax.Array) -> dict:
+  """`batch` with the labels of the task `phase` does not train set to their sentinels
+  (sampling.FROZEN_TASKS_BY_PHASE): the alternating E phase trains on the EXPR loss alone even
+  where its frames carry AU labels (data.phase_sets='inclusive'), and A on the AU loss alone."""
+  out = dict(batch)
+  for frozen_phase, tasks in sampling.FROZEN_TASKS_BY_PHASE.items():
+    for task in (t for t in tasks if t in out):
+      out[task] = jnp.where(phase == frozen_phase, labels.TASK_TABLE[task].missing, out[task])
+  return out
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,
                model_inputs: ModelInputs) -> tuple[TrainState, dict]:
@@ -109,6 +120,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
   aug_rng, dropout_rng = jax.random.split(device_rng)
   inputs = model_inputs(batch, config, aug_rng)
+  phase = jax.lax.pmax(batch['phase'][0], DATA_AXIS)  # same on every row and device
+  batch = without_untrained_labels(batch, phase)
 
   def loss_fn(params):
     outputs, new_vars = state.apply_fn(
@@ -125,7 +138,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     # Per-device statistics (like DDP without SyncBatchNorm); averaged so the state stays
     # replicated. Averaging running variances is the usual approximation.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
-  phase = jax.lax.pmax(batch['phase'][0], DATA_AXIS)  # same on every row and device
 
   def update(old: TrainState) -> TrainState:
     # tx.update rather than apply_gradients: the loss goes to the plateau rule (optim.py).

@@ -178,6 +178,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     train_iter.set_state(input_state)
     print(f'Resumed from {checkpoints.directory} at step {int(state.step)}', flush=True)
   else:
+    warning = init_warning(config)
+    if warning and parallel.is_main_process():
+      print(warning, flush=True)
     if config.init_from:
       state, _ = ckpt_lib.init_from(state, config.init_from)
     state = parallel.replicate(state, run.mesh)
@@ -258,6 +261,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if parallel.is_main_process():
     print(format_summary(summary, run), flush=True)
   return summary
+
+
+def init_warning(config: ml_collections.ConfigDict) -> str | None:
+  """The warning for a run that starts from scratch where its paper starts from pretrained
+  weights (config.paper_init); None otherwise."""
+  if not config.paper_init or config.init_from:
+    return None
+  rule = '!' * 78
+  return (f'{rule}\nWARNING: the paper behind this config starts from {config.paper_init} weights; '
+          'this run\ntrains from scratch (config.init_from is unset), so its scores are not the '
+          "paper's.\nConvert the weights with python -m affectjax.convert and pass "
+          f'--config.init_from=DIR\n(README: VGGFace2 or ImageNet weights).\n{rule}')
 
 
 def format_summary(summary: dict, run: runs.Run) -> str:

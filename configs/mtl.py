@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.data.layout = 'per_task'
   c.data.sampling = 'alternating'
   c.model.arch = 'resnet50'
+  c.paper_init = 'VGGFace2'  # the paper's initialisation (a run without init_from warns)
   c.model.head_hidden = 512
   c.loss.expr = 'focal'
   c.loss.focal_gamma = 2.0

@@ -15,6 +15,8 @@ def get_config(arg=None):
   c.data.layout = 'per_task'
   c.data.sampling = 'balanced'
   c.model.arch = 'resnet50'
+  # The paper's initialisation (a run without init_from warns).
+  c.paper_init = 'VGGFace2, fine-tuned on AffectNet and RAF-DB'
   c.model.va5 = True
   config_lib.temporal_statistical_loss(c)
   c = config_lib.apply_variant(c, arg)

@@ -8,11 +8,14 @@ a temporal model on segments of them:
     --config.temporal.features_dir=runs/mtl3/features
 
 Variants: `gru` (default), `lstm` (hidden 1024) or `transformer` (4 layers, 4 heads, feed-forward
-1024); append `,demo` or `,test` for the small variants (`configs/temporal.py:transformer,demo`).
-Segments of 250 consecutive annotated frames; per task a head of Dense 512 -> 256 -> output;
+1024); with `share_bottom` or `feedback` (AU's top encoder feeding EXPR's) for the paper's other
+frameworks (`basic` by default); append `,demo` or `,test` for the small variants
+(`configs/temporal.py:lstm,feedback,demo`).
+Segments of 250 consecutive annotated frames; per task a head of Dense 512 -> 256 -> output
+(separate linear valence and arousal heads);
 loss a MSE(valence) + b MSE(arousal) + c CE(EXPR, 8 classes) + d BCE(AU), all weights 1 here
 (the paper tunes them); Adam 5e-5, 50 epochs, batch 8 segments, dropout 0.3. The paper's
-share-bottom / feedback frameworks and its state carried across segments are not implemented;
+state carried across segments is not implemented;
 its VA smoothing is mode=eval's tuned window plus --config.predict.va_window.
 """
 from affectjax import config as config_lib
@@ -20,8 +23,11 @@ from affectjax.models import temporal
 
 
 def get_config(arg=None):
-  encoder, variant = config_lib.parse_variant(arg, tuple(temporal.ENCODERS), 'gru',
-                                              'configs/temporal.py')
+  words = [w for w in (arg or '').split(',') if w]
+  frameworks = [w for w in words if w in temporal.FRAMEWORKS]
+  encoder, variant = config_lib.parse_variant(
+      ','.join(w for w in words if w not in temporal.FRAMEWORKS), tuple(temporal.ENCODERS),
+      'gru', 'configs/temporal.py')
   c = config_lib.base_config()
   c.kind = 'temporal'
   c.tasks = 'expr,au,va'
@@ -36,6 +42,10 @@ def get_config(arg=None):
   c.temporal.head_dims = (512, 256)
   c.temporal.dropout = 0.3
   c.temporal.length = 250
+  c.temporal.framework = frameworks[0] if frameworks else 'basic'
+  c.temporal.top_layers = 1  # the authors' code: one layer per task on top of the shared ones
+  c.temporal.feedback = 'au>expr' if c.temporal.framework == 'feedback' else ''
+  c.temporal.va_heads = 'linear'  # valence and arousal heads of their own, linear
   c.loss.expr = 'ce'
   c.loss.va = 'mse'
   c.loss.va_column_weights = (1.0, 1.0)  # a, b

@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.data.layout = 'per_task'
   c.data.sampling = 'joint'
   c.model.arch = 'resnet18'
+  c.paper_init = 'ImageNet'  # the paper's initialisation (a run without init_from warns)
   c.num_epochs = 20.0
   c.device_augment.flip = True
   c.device_augment.rotate_deg = 10.0

@@ -2,6 +2,7 @@
 loaded, and the command line turns a bad config file, variant or field into one line."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from affectjax.models import temporal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The variants each config file accepts before `,demo` / `,test` ('' = its default).
-CHOICES = {'temporal.py': ('', *temporal.ENCODERS), 'temporal_stat.py': ('', 'stat_lstm', 'stat'),
+CHOICES = {'temporal.py': ('', *temporal.ENCODERS, 'gru,share_bottom', 'transformer,feedback'),
+           'temporal_stat.py': ('', 'stat_lstm', 'stat'),
            'unitask.py': ('', 'va', 'expr', 'au', 'mtl')}
 
 
@@ -102,6 +104,17 @@ def test_sampling_schemes_need_their_tasks():
     config_lib.check_config(_base(tasks='expr,va', **{'data.sampling': 'alternating'}))
   with pytest.raises(config_lib.ConfigError, match='balanced: needs the expr task'):
     config_lib.check_config(_base(tasks='au', **{'data.sampling': 'balanced'}))
+
+
+def test_feedback_pairs_are_checked(tmp_path):
+  fields = {'kind': 'temporal', 'temporal.features_dir': str(tmp_path),
+            'temporal.framework': 'feedback'}
+  for feedback, message in (
+      ('au>expr,expr>au', 'form a cycle'), ('au>pose', "names ['pose'], not tasks of this run"),
+      ('', "needed by, and only by, temporal.framework='feedback'"), ('au', 'source>target')):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+      config_lib.check_config(_base(**fields, **{'temporal.feedback': feedback}))
+  config_lib.check_config(_base(**fields, **{'temporal.feedback': 'au>expr'}))
 
 
 def test_paths_the_config_names_must_exist(tmp_path):

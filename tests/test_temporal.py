@@ -7,7 +7,7 @@ import torch
 from affectjax import labels
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline, sequences
-from affectjax.models import temporal
+from affectjax.models import stat, temporal
 
 D, H, HEAD = 5, 8, 6
 
@@ -28,16 +28,30 @@ def _t(x):
   return torch.tensor(np.asarray(x), dtype=torch.float32)
 
 
+def torch_gru(p, in_dim: int, hidden: int):
+  """torch.nn.GRU with a flax GRU layer's parameters `p` copied in."""
+  rnn = torch.nn.GRU(in_dim, hidden, batch_first=True)
+  rnn.weight_ih_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('ir', 'iz', 'in')])
+  rnn.weight_hh_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('hr', 'hz', 'hn')])
+  rnn.bias_ih_l0.data = torch.cat([_t(p['ir']['bias']), _t(p['iz']['bias']),
+                                   _t(p['in']['bias'])])
+  rnn.bias_hh_l0.data = torch.cat([torch.zeros(2 * hidden), _t(p['hn']['bias'])])
+  return rnn
+
+
+def torch_head(hp, size: int):
+  """Dense, ReLU, Dense in PyTorch with a flax TaskHead's parameters `hp` copied in."""
+  first = torch.nn.Linear(hp['hidden0']['kernel'].shape[0], HEAD)
+  last = torch.nn.Linear(HEAD, size)
+  first.weight.data, first.bias.data = _t(hp['hidden0']['kernel']).T, _t(hp['hidden0']['bias'])
+  last.weight.data, last.bias.data = _t(hp['out']['kernel']).T, _t(hp['out']['bias'])
+  return torch.nn.Sequential(first, torch.nn.ReLU(), last)
+
+
 def _torch_reference(encoder, params):
   """The same network in PyTorch, with the flax parameters copied in."""
   if encoder == 'gru':
-    rnn = torch.nn.GRU(D, H, batch_first=True)
-    p = params['gru0']
-    rnn.weight_ih_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('ir', 'iz', 'in')])
-    rnn.weight_hh_l0.data = torch.cat([_t(p[k]['kernel']).T for k in ('hr', 'hz', 'hn')])
-    rnn.bias_ih_l0.data = torch.cat([_t(p['ir']['bias']), _t(p['iz']['bias']),
-                                     _t(p['in']['bias'])])
-    rnn.bias_hh_l0.data = torch.cat([torch.zeros(2 * H), _t(p['hn']['bias'])])
+    rnn = torch_gru(params['gru0'], D, H)
   elif encoder == 'lstm':
     rnn = torch.nn.LSTM(D, H, batch_first=True)
     p = params['lstm0']
@@ -66,13 +80,8 @@ def _torch_reference(encoder, params):
       getattr(layer, name).weight.data = _t(p[name]['scale'])
       getattr(layer, name).bias.data = _t(p[name]['bias'])
     layer.eval()
-  heads = {}
-  for task, size in (('expr', 8), ('au', 12), ('va', 2)):
-    hp = params['head'][task]
-    first, last = torch.nn.Linear(H, HEAD), torch.nn.Linear(HEAD, size)
-    first.weight.data, first.bias.data = _t(hp['hidden0']['kernel']).T, _t(hp['hidden0']['bias'])
-    last.weight.data, last.bias.data = _t(hp['out']['kernel']).T, _t(hp['out']['bias'])
-    heads[task] = torch.nn.Sequential(first, torch.nn.ReLU(), last)
+  heads = {task: torch_head(params['head'][task], size)
+           for task, size in (('expr', 8), ('au', 12), ('va', 2))}
 
   def forward(features, mask):
     x = _t(features)
@@ -178,7 +187,7 @@ def _copy_lstm(torch_lstm, p, suffix=''):
 
 def test_stat_model_matches_numpy_statistics_and_a_pytorch_bilstm():
   c, hidden, branch = 7, 6, 5
-  model = temporal.StatModel(stat=True, lstm_layers=1, lstm_hidden=hidden, branch_hidden=branch,
+  model = stat.StatModel(stat=True, lstm_layers=1, lstm_hidden=hidden, branch_hidden=branch,
                              va5=True, tasks=('expr', 'va'), num_expr_classes=c)
   rng = np.random.default_rng(3)
   mask = np.ones((3, 6), bool)

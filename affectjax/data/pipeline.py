@@ -62,6 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       'decoded_cache': False,
       'decoded_cache_dir': '',  # '' = cache_dir, else ~/.cache/affectjax (+ /decoded)
       'sampling': 'joint',  # 'joint' | 'alternating' | 'balanced' (see sampling.py)
+      'phase_sets': 'exclusive',  # alternating's E / A sets: 'exclusive' | 'inclusive'
       # Leave out of training every video that is a validation video of a trained task (the
       # per-task sets can put one video in one task's training set and another's validation set).
       'holdout_validation_videos': True,
@@ -350,7 +351,7 @@ def check_batch(global_batch_size: int, process_index: int, process_count: int) 
 def steps_per_epoch(index, data_config, global_batch_size: int) -> int:
   """Training steps (global batches) per epoch for this index and sampling scheme."""
   groups = sampling.make_groups(index, labels.parse_tasks(data_config.tasks),
-                                data_config.sampling)
+                                data_config.sampling, data_config.phase_sets)
   return sampling.steps_per_epoch(groups, global_batch_size)
 
 
@@ -367,7 +368,7 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
   phase int32 [B], index int32 [B]` with B = global_batch_size // process_count."""
   check_batch(global_batch_size, process_index, process_count)
   tasks = labels.parse_tasks(data_config.tasks)
-  groups = sampling.make_groups(index, tasks, data_config.sampling)
+  groups = sampling.make_groups(index, tasks, data_config.sampling, data_config.phase_sets)
   if sampling.steps_per_epoch(groups, global_batch_size) == 0:
     raise ValueError(f'no complete batch of {global_batch_size} frames per epoch: frames per '
                      f'phase {groups.counts()}')

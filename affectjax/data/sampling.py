@@ -12,13 +12,18 @@ import numpy as np
 
 SAMPLING_SCHEMES = ('joint', 'alternating', 'balanced')
 # Batch phases (`batch['phase']`, the same on every row of a batch): `joint` and `balanced`
-# batches are all PHASE_JOINT; `alternating` runs, each epoch, the frames with EXPR labels only,
-# then those with AU labels only, then those with both.
+# batches are all PHASE_JOINT; `alternating` runs, each epoch, phase E, then A, then B (the
+# incomplete-labels paper's Algorithm 1). Its phase sets (`PHASE_SETS`, data.phase_sets):
+# 'exclusive' (the authors' code): E = frames with EXPR labels only, A = AU labels only, B = both;
+# 'inclusive' (the paper's text): E = every frame with an EXPR label, A = every frame with AU
+# labels, B = both (a frame with both is then visited three times an epoch).
 PHASE_JOINT, PHASE_EXPR_ONLY, PHASE_AU_ONLY, PHASE_BOTH = 0, 1, 2, 3
 PHASE_NAMES = {PHASE_JOINT: 'joint', PHASE_EXPR_ONLY: 'expr_only', PHASE_AU_ONLY: 'au_only',
                PHASE_BOTH: 'both'}
-# The task heads a training step leaves unchanged in each phase (the others train): in the
-# EXPR-only phase the AU head is frozen and vice versa, as in the incomplete-labels paper's code.
+PHASE_SETS = ('exclusive', 'inclusive')
+# The task each phase neither trains nor scores: its head is left unchanged (as in the authors'
+# code) and its labels are left out of the loss (with inclusive sets, E's frames can carry AU
+# labels: Algorithm 1 trains E on the EXPR loss alone).
 FROZEN_TASKS_BY_PHASE = {PHASE_EXPR_ONLY: ('au',), PHASE_AU_ONLY: ('expr',)}
 _PLAN_STREAM = 0x5A4D  # separates plan randomness from augmentation randomness
 
@@ -45,10 +50,12 @@ class Groups:
     return {PHASE_NAMES[p]: int(r.size) for p, r in self.phases}
 
 
-def make_groups(index, tasks: tuple, sampling: str) -> Groups:
-  """Splits the labelled rows into the phases of `sampling`."""
+def make_groups(index, tasks: tuple, sampling: str, phase_sets: str = 'exclusive') -> Groups:
+  """Splits the labelled rows into the phases of `sampling` (`phase_sets`: alternating's)."""
   if sampling not in SAMPLING_SCHEMES:
     raise ValueError(f'sampling must be one of {SAMPLING_SCHEMES}, got {sampling!r}')
+  if phase_sets not in PHASE_SETS:
+    raise ValueError(f'phase_sets must be one of {PHASE_SETS}, got {phase_sets!r}')
   presence = label_presence(index, tasks)
   if sampling == 'joint':
     return Groups(sampling, ((PHASE_JOINT, labelled_rows(index, tasks)),))
@@ -56,8 +63,9 @@ def make_groups(index, tasks: tuple, sampling: str) -> Groups:
     if not {'expr', 'au'} <= set(tasks):
       raise ValueError(f"sampling='alternating' needs tasks expr and au, got {tasks}")
     e, a = presence['expr'], presence['au']
-    return Groups(sampling, ((PHASE_EXPR_ONLY, np.flatnonzero(e & ~a)),
-                             (PHASE_AU_ONLY, np.flatnonzero(a & ~e)),
+    only_e, only_a = (e, a) if phase_sets == 'inclusive' else (e & ~a, a & ~e)
+    return Groups(sampling, ((PHASE_EXPR_ONLY, np.flatnonzero(only_e)),
+                             (PHASE_AU_ONLY, np.flatnonzero(only_a)),
                              (PHASE_BOTH, np.flatnonzero(e & a))))
   if 'expr' not in tasks:
     raise ValueError(f"sampling='balanced' needs the expr task, got {tasks}")

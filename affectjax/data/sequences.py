@@ -140,7 +140,8 @@ class SequenceBatchMaker:
     elif window == 'block':
       self.units = block_rows(index, length)
       if training:
-        self.groups = sampling.make_groups(index, self.tasks, data_config.sampling)
+        self.groups = sampling.make_groups(index, self.tasks, data_config.sampling,
+                                             data_config.phase_sets)
         self.steps_per_epoch = sampling.steps_per_epoch(self.groups, self.global_batch)
       else:
         self.eval_targets = sampling.eval_plan(index, self.tasks, self.global_batch,

@@ -42,3 +42,54 @@ class MultiTaskHead(nn.Module):
                                                        self.va5):
       out[name] = ACTIVATIONS[activation](dense(size, name)(x))
     return out
+
+
+class TaskHead(nn.Module):
+  dims: Sequence[int]
+  out: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i, dim in enumerate(self.dims):
+      x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(
+          nn.Dense(dim, name=f'hidden{i}')(x)))
+    return nn.Dense(self.out, name='out')(x)
+
+
+class TaskHeads(nn.Module):
+  """One `TaskHead` per task, named by the task (parameters under 'head/<task>'); with `va5`
+  also the temporal statistical model's VA 5-vector branch ('head/va5', tanh)."""
+  tasks: Sequence[str]
+  num_expr_classes: int
+  dims: Sequence[int]
+  dropout: float
+  va5: bool = False
+  va_heads: str = 'tanh'  # 'tanh' | 'linear' (separate valence and arousal heads)
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    """x: [..., F], or {task: [..., F]} (each task's own encoder output)."""
+    if self.va_heads not in ('tanh', 'linear'):
+      raise ValueError(f"temporal.va_heads must be 'tanh' or 'linear', got {self.va_heads!r}")
+    out = {}
+    for name, size, activation in labels.model_outputs(self.tasks, self.num_expr_classes,
+                                                       self.va5):
+      inputs = x[name] if isinstance(x, dict) else x
+      if name == 'va' and self.va_heads == 'linear':
+        out[name] = ValenceArousalHeads(self.dims, self.dropout, name=name)(inputs, train)
+      else:
+        out[name] = ACTIVATIONS[activation](
+            TaskHead(self.dims, size, self.dropout, name=name)(inputs, train))
+    return out
+
+
+class ValenceArousalHeads(nn.Module):
+  """The ABAW4 winners' VA output: a head each for valence and arousal, linear, [..., 2]."""
+  dims: Sequence[int]
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return jnp.concatenate([TaskHead(self.dims, 1, self.dropout, name=name)(x, train)
+                            for name in ('valence', 'arousal')], axis=-1)

@@ -15,8 +15,9 @@ Encoders (`encoder`):
   masked out of the attention. Context stays within a segment.
 Each task has its own head: `head_dims` Dense+ReLU+dropout layers (512, 256 in the paper), then
 the task's output layer; parameters live under 'head/<task>' so heads can be masked by path.
-Encoders are modules in the table `ENCODERS`. Not implemented yet: the paper's 'share-bottom'
-and 'feedback' frameworks and carrying an RNN's last state into the next segment.
+Encoders are modules in the table `ENCODERS`; the paper's frameworks ('basic', 'share_bottom',
+'feedback') are `TemporalModel.framework`. Not implemented yet: carrying an RNN's last state into
+the next segment.
 """
 from typing import ClassVar, Sequence
 
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from affectjax import labels
-from affectjax.models import heads
+from affectjax.models import heads, stat
 
 def default_temporal_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
@@ -38,6 +39,12 @@ def default_temporal_config() -> ml_collections.ConfigDict:
       'ff_dim': 1024,  # transformer feed-forward width
       'head_dims': (512, 256),
       'dropout': 0.3,
+      # The ABAW4 winners' frameworks (TemporalModel): 'basic' | 'share_bottom' | 'feedback';
+      # top encoders of `top_layers` layers; feedback 'source>target' task pairs, e.g. 'au>expr'.
+      'framework': 'basic',
+      'top_layers': 1,
+      'feedback': '',
+      'va_heads': 'tanh',  # 'tanh' (one tanh pair) | 'linear' (separate valence, arousal heads)
       # encoder 'stat' (the temporal statistical model, window 'block'): its modules
       'stat': True,  # mean / max / min over the block
       'lstm_layers': 1,  # bidirectional LSTM layers of `hidden` units over the probabilities
@@ -64,25 +71,14 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, attention_mask, train: bool):
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    attended = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name='attention')(
-        x, x, mask=attention_mask, deterministic=True)
+    # Dropout on the attention weights too, as PyTorch's MultiheadAttention(dropout=...).
+    attended = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout, name='attention')(
+            x, x, mask=attention_mask, deterministic=not train)
     x = nn.LayerNorm(epsilon=1e-5, name='norm1')(x + drop(attended))
     y = nn.Dense(self.ff_dim, name='ff1')(x)
     y = nn.Dense(x.shape[-1], name='ff2')(drop(nn.relu(y)))
     return nn.LayerNorm(epsilon=1e-5, name='norm2')(x + drop(y))
-
-
-class TaskHead(nn.Module):
-  dims: Sequence[int]
-  out: int
-  dropout: float
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    for i, dim in enumerate(self.dims):
-      x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(
-          nn.Dense(dim, name=f'hidden{i}')(x)))
-    return nn.Dense(self.out, name='out')(x)
 
 
 class SequenceEncoder(nn.Module):
@@ -201,8 +197,46 @@ class TransformerEncoder(SequenceEncoder):
 ENCODERS = {'gru': GRUEncoder, 'lstm': LSTMEncoder, 'transformer': TransformerEncoder}
 
 
+FRAMEWORKS = ('basic', 'share_bottom', 'feedback')
+
+
+def parse_feedback(pairs: str) -> tuple:
+  """'au>expr,expr>va' -> (('au', 'expr'), ('expr', 'va')): (source, target) task pairs."""
+  out = []
+  for pair in (p.strip() for p in (pairs or '').split(',') if p.strip()):
+    source, sep, target = pair.partition('>')
+    if not sep or not source or not target or source == target:
+      raise ValueError(f"temporal.feedback: {pair!r} is not 'source>target' with two tasks")
+    out.append((source, target))
+  return tuple(out)
+
+
+def top_order(tasks: Sequence[str], feedback: Sequence[tuple]) -> list:
+  """The tasks in an order where every feedback source comes before its targets."""
+  unknown = {t for pair in feedback for t in pair} - set(tasks)
+  if unknown:
+    raise ValueError(f'temporal.feedback names {sorted(unknown)}, not tasks of this run '
+                     f'({",".join(tasks)})')
+  order = []
+  while len(order) < len(tasks):
+    ready = [t for t in tasks if t not in order
+             and all(s in order for s, target in feedback if target == t)]
+    if not ready:
+      raise ValueError(f'temporal.feedback pairs {feedback} form a cycle')
+    order += ready
+  return order
+
+
 class TemporalModel(nn.Module):
-  """A sequence encoder of `ENCODERS` and per-task heads, a prediction per frame."""
+  """A sequence encoder of `ENCODERS` and per-task heads, a prediction per frame.
+
+  Frameworks (ABAW4 winners): 'basic', the encoder shared by every task's head; 'share_bottom',
+  the encoder as a shared bottom with one top encoder per task (`top_layers` layers, parameters
+  'top_<task>/...'); 'feedback', share-bottom where a target task's top encoder also reads its
+  `feedback` sources' top-encoder outputs (concatenated; no gradient flows back into a source).
+  `va_heads`: 'tanh' (one head, a tanh pair) or 'linear' (the paper's separate valence and
+  arousal heads, linear outputs, parameters 'head/va/valence', 'head/va/arousal').
+  """
   encoder: str = 'gru'
   hidden: int = 1024
   num_layers: int = 1
@@ -212,9 +246,18 @@ class TemporalModel(nn.Module):
   dropout: float = 0.3
   tasks: Sequence[str] = labels.TASKS
   num_expr_classes: int = 8
+  framework: str = 'basic'
+  top_layers: int = 1
+  feedback: Sequence[tuple] = ()
+  va_heads: str = 'tanh'
 
   @nn.compact
   def __call__(self, inputs, train: bool = False):
+    if self.framework not in FRAMEWORKS:
+      raise ValueError(f'temporal.framework must be one of {FRAMEWORKS}, got {self.framework!r}')
+    if bool(self.feedback) != (self.framework == 'feedback'):
+      raise ValueError("temporal.feedback (source>target pairs) is needed by, and only by, "
+                       f"temporal.framework='feedback' (got {self.framework!r})")
     if self.encoder not in ENCODERS:
       raise ValueError(f'temporal.encoder must be one of {(*ENCODERS, "stat")}, got '
                        f'{self.encoder!r}')
@@ -223,95 +266,28 @@ class TemporalModel(nn.Module):
     # The encoder's layers live directly under this model (`gru0`, `layer0`, `project`...), as
     # they did before encoders were modules of their own: existing checkpoints restore.
     nn.share_scope(self, encoder)
-    x = encoder(jnp.asarray(inputs['features'], jnp.float32),
-                jnp.asarray(inputs['mask'], bool), train)
-    return TaskHeads(tuple(self.tasks), self.num_expr_classes, tuple(self.head_dims),
-                     self.dropout, name='head')(x, train)
-
-
-class TaskHeads(nn.Module):
-  """One `TaskHead` per task, named by the task (parameters under 'head/<task>'); with `va5`
-  also the temporal statistical model's VA 5-vector branch ('head/va5', tanh)."""
-  tasks: Sequence[str]
-  num_expr_classes: int
-  dims: Sequence[int]
-  dropout: float
-  va5: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    out = {}
-    for name, size, activation in labels.model_outputs(self.tasks, self.num_expr_classes,
-                                                       self.va5):
-      out[name] = heads.ACTIVATIONS[activation](
-          TaskHead(self.dims, size, self.dropout, name=name)(x, train))
-    return out
-
-
-def masked_stats(x, mask):
-  """Mean, max and min over axis 1 of x [B, S, F] where mask [B, S]: three [B, F]."""
-  m = mask[..., None]
-  count = jnp.maximum(m.sum(axis=1), 1)
-  mean = jnp.where(m, x, 0.0).sum(axis=1) / count
-  return mean, jnp.where(m, x, -jnp.inf).max(axis=1), jnp.where(m, x, jnp.inf).min(axis=1)
-
-
-class StatModel(nn.Module):
-  """The multi-task temporal statistical model (ABAW 2020, method 2), over blocks of frames.
-
-  inputs {'features' [B, S, D], 'probs' [B, S, C] (the frame model's EXPR probabilities),
-  'mask' [B, S]}: a frame and its S - 1 previous frames, left-aligned, so the current frame is
-  the last present one. Fusion of the current features and probabilities with, when `stat`, the
-  masked mean, max and min over the block of the probabilities and of the features, and with
-  `lstm_layers` bidirectional LSTM layers of `lstm_hidden` units over the probabilities (their
-  final forward and backward states). Branches of two Dense layers: EXPR logits, VA (tanh) and,
-  with `va5`, the 5-vector (tanh). Outputs [B, 1, ...]: the current frame's prediction.
-  """
-  stat: bool = True
-  lstm_layers: int = 1
-  lstm_hidden: int = 1024
-  branch_hidden: int = 512
-  dropout: float = 0.0
-  va5: bool = True
-  tasks: Sequence[str] = ('expr', 'va')
-  num_expr_classes: int = 7
-
-  @nn.compact
-  def __call__(self, inputs, train: bool = False):
-    if 'probs' not in inputs:
-      raise ValueError('the temporal statistical model needs the frame model\'s EXPR '
-                       'probabilities: extract features from an image run that trains EXPR')
-    features = jnp.asarray(inputs['features'], jnp.float32)
-    probs = jnp.asarray(inputs['probs'], jnp.float32)
     mask = jnp.asarray(inputs['mask'], bool)
-    lengths = mask.sum(axis=1).astype(jnp.int32)
-    current = jnp.maximum(lengths - 1, 0)
-    take = lambda x: jnp.take_along_axis(x, current[:, None, None], axis=1)[:, 0]
-    parts = [take(features), take(probs)]
-    if self.stat:
-      parts += [*masked_stats(probs, mask), *masked_stats(features, mask)]
-    y = probs
-    for i in range(self.lstm_layers):
-      zero = jnp.zeros_like(y[:, 0, :1]) * jnp.zeros((1, self.lstm_hidden), y.dtype)
-      carry = ((zero, zero), (zero, zero))  # per-device under shard_map, like the outputs
-      (forward, backward), y = nn.Bidirectional(
-          nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden, name=f'lstm{i}_forward')),
-          nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden, name=f'lstm{i}_backward')),
-          return_carry=True, name=f'bilstm{i}')(y, initial_carry=carry, seq_lengths=lengths)
-      if i + 1 == self.lstm_layers:
-        parts += [forward[1], backward[1]]  # final hidden states (LSTM carry = (c, h))
-    x = nn.Dropout(self.dropout, deterministic=not train)(jnp.concatenate(parts, axis=-1))
-    out = TaskHeads(tuple(self.tasks), self.num_expr_classes, (self.branch_hidden,),
-                    self.dropout, va5=self.va5, name='head')(x, train)
-    return {k: v[:, None] for k, v in out.items()}
+    x = encoder(jnp.asarray(inputs['features'], jnp.float32), mask, train)
+    if self.framework != 'basic':
+      tops = {}
+      for task in top_order(self.tasks, self.feedback):
+        fed = [jax.lax.stop_gradient(tops[s]) for s, target in self.feedback if target == task]
+        tops[task] = ENCODERS[self.encoder](
+            self.hidden, self.top_layers, self.dropout, self.num_heads, self.ff_dim,
+            name=f'top_{task}')(jnp.concatenate([x] + fed, axis=-1), mask, train)
+      x = tops
+    return heads.TaskHeads(tuple(self.tasks), self.num_expr_classes, tuple(self.head_dims),
+                     self.dropout, va_heads=self.va_heads, name='head')(x, train)
 
 
 def create_model(temporal_config, tasks, num_expr_classes: int) -> nn.Module:
   c = temporal_config
   if c.encoder == 'stat':
-    return StatModel(stat=c.stat, lstm_layers=c.lstm_layers, lstm_hidden=c.hidden,
+    return stat.StatModel(stat=c.stat, lstm_layers=c.lstm_layers, lstm_hidden=c.hidden,
                      branch_hidden=c.head_dims[0], dropout=c.dropout, va5=c.va5,
                      tasks=tuple(tasks), num_expr_classes=num_expr_classes)
   return TemporalModel(encoder=c.encoder, hidden=c.hidden, num_layers=c.num_layers,
                        num_heads=c.num_heads, ff_dim=c.ff_dim, head_dims=tuple(c.head_dims),
-                       dropout=c.dropout, tasks=tuple(tasks), num_expr_classes=num_expr_classes)
+                       dropout=c.dropout, tasks=tuple(tasks), num_expr_classes=num_expr_classes,
+                       framework=c.framework, top_layers=c.top_layers,
+                       feedback=parse_feedback(c.feedback), va_heads=c.va_heads)
