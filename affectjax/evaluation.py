@@ -65,8 +65,8 @@ def format_frame_counts(metrics: dict, prefix: str = '') -> str:
 def tune_post_processing(kept: dict, tasks: tuple, index) -> dict:
   """The post-processing that does best on the kept predictions of an evaluation pass:
   per-AU thresholds maximising each AU's F1 (`au_thresholds`; `au_f1_tuned`) and the VA
-  smoothing window maximising the mean CCC (`va_window`; `va_ccc_smoothed`, the centred moving
-  average over each video's VA-labelled frames)."""
+  smoothing window maximising the mean CCC (`va_window`, in video frames; `va_ccc_smoothed`, the
+  centred moving average over each video's VA-labelled frames within the window)."""
   results = {}
   if 'au' in tasks:
     au = kept['au']
@@ -76,11 +76,11 @@ def tune_post_processing(kept: dict, tasks: tuple, index) -> dict:
     results['au_thresholds'] = [float(t) for t in thresholds]
   va = kept.get('va')
   if 'va' in tasks and va is not None and len(va['pred']):
-    video = index.video_id[va['index']]
-    window = metrics_lib.tune_va_window(va['pred'], va['target'], video)
+    video, frame = index.video_id[va['index']], index.frame[va['index']]
+    window = metrics_lib.tune_va_window(va['pred'], va['target'], video, frame=frame)
     results['va_window'] = window
     results['va_ccc_smoothed'] = metrics_lib.va_metrics(
-        metrics_lib.smooth_per_video(va['pred'], video, window), va['target'])['va_ccc']
+        metrics_lib.smooth_per_video(va['pred'], video, window, frame), va['target'])['va_ccc']
   return results
 
 

@@ -109,10 +109,10 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   skipped = evaluation.skipped_frames(iterator)
   decided, predicted = predictions.gather_decisions(
       rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
-  if 'va' in run.tasks and p.va_window > 1:  # over each video's predicted frames, in order
+  if 'va' in run.tasks and p.va_window > 1:  # each video's predicted frames within the window
     have = np.flatnonzero(predicted)
-    decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
-                                                       index.video_id[have], p.va_window)
+    decided['va'][have] = metrics_lib.smooth_per_video(
+        decided['va'][have], index.video_id[have], p.va_window, index.frame[have])
   written = []
   if parallel.is_main_process():
     counts = (predictions.read_frame_counts(p.frame_counts)

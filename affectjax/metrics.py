@@ -118,27 +118,45 @@ def tune_au_thresholds(probs, target, grid: Sequence[float] = DEFAULT_THRESHOLD_
 DEFAULT_VA_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 61)
 
 
-def smooth_per_video(values, video, window: int):
-  """Centred moving average over `window` consecutive rows (odd; 1 = unchanged) within each run
-  of equal `video` ids, rows in time order; near a video's ends the window shrinks to the rows
-  available. values float [N, ...]; video int [N] (rows of a video contiguous)."""
+def smooth_per_video(values, video, window: int, frame=None):
+  """Centred moving average within each run of equal `video` ids (rows of a video contiguous, in
+  time order); near a video's ends the window shrinks to what is available. values float
+  [N, ...]; video int [N].
+
+  `window` (odd; 1 = unchanged) counts video frames when `frame` (int [N], ascending within each
+  video) is given: a row averages the rows of its video whose frame number is within half a
+  window of its own, so where frames are sparse (no face, no label) the window never reaches
+  further in time than `window` frames. Without `frame` it counts rows."""
   values = np.asarray(values, np.float64)
   window = int(window)
   if window <= 1 or len(values) == 0:
     return values
   half = window // 2
-  first, last = index_lib.run_bounds(video)
-  rows = np.arange(len(values))
-  lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
+  video = np.asarray(video)
+  if frame is None:
+    first, last = index_lib.run_bounds(video)
+    rows = np.arange(len(values))
+    lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
+  else:
+    run = np.cumsum(np.r_[True, video[1:] != video[:-1]]) - 1
+    frame = np.asarray(frame, np.int64)
+    if np.any((np.diff(frame) <= 0) & (np.diff(run) == 0)):
+      raise ValueError('smooth_per_video: frame numbers must ascend within each video')
+    key = (run.astype(np.int64) << 32) + frame  # ascending over all rows
+    lo = np.searchsorted(key, key - half, side='left')
+    hi = np.searchsorted(key, key + half, side='right')
   cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])
   counts = (hi - lo).reshape((-1,) + (1,) * (values.ndim - 1))
   return (cumulative[hi] - cumulative[lo]) / counts
 
 
-def tune_va_window(pred, target, video, windows: Sequence[int] = DEFAULT_VA_WINDOWS) -> int:
+def tune_va_window(pred, target, video, windows: Sequence[int] = DEFAULT_VA_WINDOWS,
+                   frame=None) -> int:
   """The smoothing window (from `windows`) maximising the mean VA CCC of
-  `smooth_per_video(pred, video, w)` against target (float [N, 2]); ties go to the smaller."""
-  scores = [va_metrics(smooth_per_video(pred, video, w), target)['va_ccc'] for w in windows]
+  `smooth_per_video(pred, video, w, frame)` against target (float [N, 2]); ties go to the
+  smaller."""
+  scores = [va_metrics(smooth_per_video(pred, video, w, frame), target)['va_ccc']
+            for w in windows]
   return int(windows[int(np.argmax(scores))])
 
 

@@ -146,9 +146,12 @@ def flops_models(args) -> dict:
   and 4 images."""
   models = {}
   for arch in args.archs:
-    counts = models[arch] = {}
+    config = image_config(args, arch, 2, args.dtype, args.variant)
+    run, state, _ = build(config)
+    counts = {}
     for b in (2, 4):
-      run, state, device_batch = build(image_config(args, arch, b, args.dtype, args.variant))
+      host = bench_step.multitask_batch(b * jax.device_count(), config.data.image_size)
+      device_batch = parallel.global_batch(host, run.mesh)
       for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
         cost = fn.lower(state, device_batch).cost_analysis()
         counts.setdefault(name, []).append(

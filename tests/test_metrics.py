@@ -200,6 +200,26 @@ def test_smooth_per_video_is_a_centred_moving_average_within_each_video():
                                rtol=1e-12)
 
 
+def test_smoothing_windows_count_video_frames_where_frames_are_sparse():
+  rng = np.random.default_rng(2)
+  video = np.repeat([4, 1], [8, 6])
+  frame = np.r_[1, 2, 3, 7, 8, 20, 21, 22, 5, 6, 9, 10, 11, 30]  # gaps: no face, no label
+  values = rng.normal(size=(14, 2))
+  for window in (1, 3, 5, 9):
+    expected = np.empty_like(values)
+    for i in range(14):  # reference: the rows of the video within half a window of frames
+      same = [j for j in range(14)
+              if video[j] == video[i] and abs(frame[j] - frame[i]) <= window // 2]
+      expected[i] = values[same].mean(axis=0)
+    np.testing.assert_allclose(metrics.smooth_per_video(values, video, window, frame),
+                               expected, rtol=1e-12)
+  # Contiguous frames: the same as counting rows.
+  np.testing.assert_allclose(metrics.smooth_per_video(values, video, 5, np.arange(14) + 1),
+                             metrics.smooth_per_video(values, video, 5), rtol=1e-12)
+  with pytest.raises(ValueError, match='ascend'):
+    metrics.smooth_per_video(values, video, 3, frame[::-1])
+
+
 def test_tuned_va_window_maximises_ccc():
   rng = np.random.default_rng(1)
   video = np.repeat(np.arange(4), 50)

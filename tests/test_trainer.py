@@ -297,11 +297,11 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
       config, images=str(image_list), au_thresholds=str(threshold_file),
       out=str(tmp_path / 'tuned.csv')), str(workdir))
   assert open(tuned['files'][0]).read() == expected != '\n'.join(reference) + '\n'
-  # VA smoothing: a centred moving average over each video's predicted frames.
+  # VA smoothing: a centred moving average over each video's predicted frames (5 video frames).
   decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks)
   have = np.flatnonzero(predicted)
   decided['va'][have] = metrics_lib.smooth_per_video(decided['va'][have],
-                                                     index.video_id[have], 5)
+                                                     index.video_id[have], 5, index.frame[have])
   expected = open(predictions.write_mtl(str(tmp_path / 'smooth.csv'), index, decided,
                                         have)).read()
   smoothed = inference.predict_checkpoint(_predict_config(
