@@ -283,11 +283,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.{e}') from None
   if config.kind == 'temporal' and config.temporal.encoder != 'stat':
     try:
-      feedback = temporal.parse_feedback(config.temporal.feedback)
-      if bool(feedback) != (config.temporal.framework == 'feedback'):
-        raise ValueError(f'temporal.feedback={config.temporal.feedback!r}: source>target pairs '
-                         "are needed by, and only by, temporal.framework='feedback'")
-      temporal.top_order(tasks, feedback)
+      temporal.check_framework(config.temporal.framework,
+                               temporal.parse_feedback(config.temporal.feedback), tasks)
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
   if config.data.sampling == 'alternating' and not {'expr', 'au'} <= set(tasks):

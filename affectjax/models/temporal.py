@@ -211,6 +211,16 @@ def parse_feedback(pairs: str) -> tuple:
   return tuple(out)
 
 
+def check_framework(framework: str, feedback: Sequence[tuple], tasks: Sequence[str]) -> None:
+  """Raises ValueError unless `framework`, its `feedback` pairs and `tasks` go together."""
+  if framework not in FRAMEWORKS:
+    raise ValueError(f'temporal.framework must be one of {FRAMEWORKS}, got {framework!r}')
+  if bool(feedback) != (framework == 'feedback'):
+    raise ValueError("temporal.feedback (source>target pairs) is needed by, and only by, "
+                     f"temporal.framework='feedback' (got {framework!r})")
+  top_order(tasks, feedback)
+
+
 def top_order(tasks: Sequence[str], feedback: Sequence[tuple]) -> list:
   """The tasks in an order where every feedback source comes before its targets."""
   unknown = {t for pair in feedback for t in pair} - set(tasks)
@@ -253,11 +263,7 @@ class TemporalModel(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train: bool = False):
-    if self.framework not in FRAMEWORKS:
-      raise ValueError(f'temporal.framework must be one of {FRAMEWORKS}, got {self.framework!r}')
-    if bool(self.feedback) != (self.framework == 'feedback'):
-      raise ValueError("temporal.feedback (source>target pairs) is needed by, and only by, "
-                       f"temporal.framework='feedback' (got {self.framework!r})")
+    check_framework(self.framework, self.feedback, self.tasks)
     if self.encoder not in ENCODERS:
       raise ValueError(f'temporal.encoder must be one of {(*ENCODERS, "stat")}, got '
                        f'{self.encoder!r}')
