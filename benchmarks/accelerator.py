@@ -10,6 +10,8 @@ compile time apart). Parts (`--parts`):
              installed; channels_last, bf16 autocast, Adam), eager and `torch.compile`.
   loop       `trainer.train_and_evaluate` (grain workers over the synthetic JPEG tree, and the
              decoded cache) against the bare step on the same batches; input CPU per image.
+  profile    a `jax.profiler` trace of the first train step's steady state, summarised by
+             benchmarks/utilisation.py: device busy and idle time, time by kind of operation.
   temporal   GRU / LSTM / Transformer training steps on 250 x 512 segments against nn.GRU /
              nn.LSTM / nn.TransformerEncoder: segments/s and frames/s.
 Recorded checks: compilations in the timed windows (0), donation warnings (0), timed steps under
@@ -45,6 +47,7 @@ sys.path[:0] = [HERE, os.path.join(REPO, 'tests')]  # bench_loop; the PyTorch re
 import bench_loop
 import bench_step
 import common
+import utilisation
 import torch_refs
 from affectjax import config as config_lib
 from affectjax import kinds, parallel, runs
@@ -58,15 +61,6 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **_: COMPILES.append(duration)
     if event == '/jax/core/compile/backend_compile_duration' else None)
 
-
-def matmul_tflops(size: int, reps: int) -> float:
-  """The device's measured bf16 matrix-product rate (TFLOP/s): the utilisation reference."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.bfloat16)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  times = common.interleaved_times(
-      {'mm': lambda: jax.block_until_ready([matmul(a) for _ in range(10)])}, reps, 0)[0]['mm']
-  return 10 * 2 * size**3 / min(times) / 1e12
 
 
 @contextlib.contextmanager
@@ -130,8 +124,10 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
     call()  # warm-up outside the guarded window
     with steady_state(checks, f'{name} {arch} b{batch}'):
       times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
-    step_s = statistics.median(times) / args.steps
-    images = config.global_batch_size
+    if name == 'train' and 'profile' in args.parts and not args.profiled:  # the first only
+      args.profiled = True
+      out['profile'] = utilisation.profile(call, args.steps, os.path.join(args.out, 'trace'))
+    step_s, images = statistics.median(times) / args.steps, config.global_batch_size
     out[name] = {'images_per_s': images / step_s, 'step_ms': step_s * 1e3,
                  'compile_s': compile_s,
                  'spread': [images * args.steps / t for t in (max(times), min(times))]}
@@ -169,16 +165,6 @@ def start_flops_models(args):
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   return lambda: json.loads(job.communicate()[0].strip().splitlines()[-1])
 
-
-def add_tflops(step: dict, models: dict, peak: float) -> None:
-  """TFLOP/s of each timed step and its fraction of one device's measured `peak`."""
-  for arch, by_batch in step.items():
-    for batch, r in by_batch.items():
-      for kind in ('train', 'eval') if 'does_not_fit' not in r else ():
-        per_step, per_image = models[arch][kind]
-        tflops = (per_step + per_image * batch) / (r[kind]['step_ms'] / 1e3) / 1e12
-        r[kind]['tflops'] = tflops * jax.device_count()
-        r[kind]['peak_fraction'] = tflops / peak
 
 
 def largest_fitting(args, arch: str, checks: dict) -> dict:
@@ -237,9 +223,16 @@ def loop_part(args) -> dict:
   out = {'bare_images_per_s': bare, 'input_cpu_ms_per_image': cpu_per_image * 1e3,
          'input_cores_at_bare_rate': bare * cpu_per_image,
          'workers': pipeline.worker_count(config.data)}
-  for name in args.loop_inputs:
+  for name in args.loop_inputs:  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
+    name, _, overrides = name.partition(':')
+    for field, value in (o.split('=') for o in overrides.split(',') if o):
+      holder, key = c, field.split('.')
+      for part in key[:-1]:
+        holder = holder[part]
+      kind = type(holder[key[-1]])
+      holder[key[-1]] = value.lower() == 'true' if kind is bool else kind(value)
     r = bench_loop.loop_images_per_second(c, args.loop_steps)
     fed = input_images_per_second(c, index, args.loop_steps)
     out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare,
@@ -307,12 +300,14 @@ def temporal_part(args, checks: dict) -> dict:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', required=True, help='folder for accelerator.json and .md')
-  p.add_argument('--parts', default='step,eval,loop,temporal')
+  p.add_argument('--parts', default='step,eval,profile,loop,temporal')
   p.add_argument('--smoke', action='store_true', help='every part at tiny sizes (CPU, seconds)')
   p.add_argument('--archs', default='resnet50,resnet18')
   p.add_argument('--batches', default='256,512,1024',
                  help='per-device batches: the first, then the largest of the others that fits')
   p.add_argument('--no-torch-compile', action='store_true')
+  p.add_argument('--loop-variant', action='append', default=[], help='an extra JPEG loop, as '
+                 'NAME:data.FIELD=VALUE,... (e.g. w4:data.worker_count=4)')
   p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
                  'where more than 150 s of it are left')
   p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)  # step_flops
@@ -323,8 +318,8 @@ def parse_args(argv=None):
   args.width, args.image_size, args.steps, args.reps = 64, 112, 5, 5
   args.loop_steps, args.input_batches, args.variant, args.dtype = 500, 20, '', 'bfloat16'
   args.transformer_layers = 4  # the ABAW4 winners' encoder
-  args.matmul_size = 8192
-  args.loop_inputs = ('jpeg', 'cached')
+  args.matmul_size, args.profiled = 8192, False
+  args.loop_inputs = ('jpeg', 'cached', *args.loop_variant)
   args.segments, args.length, args.features, args.hidden = 32, 250, 512, 1024
   if args.smoke:  # the test variant's network, image size and batch (on one device)
     args.archs, args.batches, args.width, args.image_size = ['resnet18'], [16], 4, 32
@@ -332,7 +327,7 @@ def parse_args(argv=None):
     args.segments, args.length, args.features, args.hidden = 2, 8, 16, 16
     args.variant, args.dtype, args.transformer_layers = 'test', 'auto', 1
     args.matmul_size = 256
-    args.loop_inputs = ('cached',)  # the same loop as 'jpeg' but for data.decoded_cache
+    args.loop_inputs = ('cached', *args.loop_variant)  # no JPEG decoding on the CPU step
     args.no_torch_compile = True
   return args
 
@@ -358,6 +353,10 @@ def tables(result: dict) -> str:
     lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
         ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of matmul)',
          'PyTorch img/s (JAX/PyTorch)'), rows), '']
+    for batch, r in by_batch.items():
+      if 'profile' in r:
+        lines += [f'### Profile of the train step, {arch}, batch {batch}', ''] + (
+            utilisation.table(r['profile']))
   if 'loop' in result:
     r = result['loop']
     lines += ['## Full loop against the bare step', '', common.format_table(
@@ -366,7 +365,7 @@ def tables(result: dict) -> str:
         [(k, f"{r[k]['images_per_s']:.0f}", f"{r[k]['of_bare']:.3f}",
           f"{r[k].get('input_wait', float('nan')):.1%}",
           f"{r[k].get('input_only_images_per_s', float('nan')):.0f}")
-         for k in ('jpeg', 'cached') if k in r]),
+         for k in r if isinstance(r[k], dict)]),
               '', f"input: {r['input_cpu_ms_per_image']:.2f} CPU ms per image, so "
               f"{r['input_cores_at_bare_rate']:.1f} cores at the bare step's rate; "
               f"{r['workers']} workers", '']
@@ -407,8 +406,8 @@ def main(argv=None) -> dict:
           save(args, result)
     first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
     result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
-    result['matmul_tflops'] = matmul_tflops(args.matmul_size, args.reps)
-    add_tflops(result['step'], flops(), result['matmul_tflops'])
+    result['matmul_tflops'] = utilisation.matmul_tflops(args.matmul_size, args.reps)
+    utilisation.add_tflops(result['step'], flops(), result['matmul_tflops'])
     save(args, result)
   if 'loop' in parts:
     print(f'[loop] full loop against the bare step ... ({time.perf_counter() - start:.0f} s)',

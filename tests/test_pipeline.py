@@ -314,7 +314,7 @@ def test_too_many_corrupt_frames_fail_from_the_first_frames(dataset_root, train_
       _take(it, 100)
   finally:
     it.close()
-  assert pipeline.BAD_FRAME_FLOOR < it.bad_frames['bad'] <= 2 * pipeline.BAD_FRAME_FLOOR
+  assert sources.BAD_FRAME_FLOOR < it.bad_frames['bad'] <= 2 * sources.BAD_FRAME_FLOOR
   assert it.bad_frames['read'] < 100
   ev = pipeline.make_eval_iterator(index, config, global_batch_size=BATCH)
   with pytest.raises(sources.DataError, match='could not be read or decoded'):
@@ -423,6 +423,8 @@ def test_auto_worker_count_leaves_a_cpu_backend_its_cores():
   config = pipeline.default_data_config()
   assert config.worker_count == -1  # auto
   assert pipeline.worker_count(config, 'cpu', 16) == 0
-  assert [pipeline.worker_count(config, 'gpu', n) for n in (2, 16, 128)] == [1, 14, 32]
+  # WORKERS_PER_DEVICE (4) per local accelerator, within the cores less two, at most 32.
+  assert [pipeline.worker_count(config, 'gpu', n, 1) for n in (2, 16, 128)] == [1, 4, 4]
+  assert [pipeline.worker_count(config, 'gpu', n, 8) for n in (2, 16, 128)] == [1, 14, 32]
   config.worker_count = 3
   assert pipeline.worker_count(config, 'gpu', 16) == pipeline.worker_count(config, 'cpu', 2) == 3

@@ -243,13 +243,13 @@ def test_empty_half_filled_and_half_labelled_files_are_errors(tmp_path, content,
 
 
 def test_bad_frame_tolerance_floor_and_counts_resume():
-  counter = pipeline.BadFrameCounter(0.001)
-  counter.add(20, [f'f{i}' for i in range(pipeline.BAD_FRAME_FLOOR)])  # the floor: tolerated
+  counter = sources.BadFrameCounter(0.001)
+  counter.add(20, [f'f{i}' for i in range(sources.BAD_FRAME_FLOOR)])  # the floor: tolerated
   with pytest.raises(sources.DataError, match=r'11 of 21 frames.*latest: f10'):
     counter.add(1, ['f10'])
-  assert pipeline.allowed_bad_frames(100_000, 0.001) == 100
+  assert sources.allowed_bad_frames(100_000, 0.001) == 100
   with pytest.raises(sources.DataError, match=r'max_bad_frame_fraction=0.0\); latest: x'):
-    pipeline.BadFrameCounter(0.0).add(1, ['x'])  # 0 tolerates none
+    sources.BadFrameCounter(0.0).add(1, ['x'])  # 0 tolerates none
 
 
 def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_index, tmp_path):

@@ -30,6 +30,11 @@ def test_accelerator_check_smoke(tmp_path):
   # twice that again for the backward pass.
   assert 2.5 < step['train']['tflops'] / step['train']['images_per_s'] / (
       step['eval']['tflops'] / step['eval']['images_per_s']) < 3.5
+  # The profile's summary of a traced steady state (on the CPU, of the host's XLA threads).
+  profile = step['profile']
+  assert profile['steps'] == 2 and profile['wall_ms'] > 0 and 0 < profile['busy_ms']
+  assert abs(sum(c['fraction'] for c in profile['classes'].values()) - 1) < 1e-6
+  assert profile['top'] and '### Profile of the train step' in text
   loop = result['loop']
   assert loop['bare_images_per_s'] > 0 and loop['input_cpu_ms_per_image'] > 0
   assert loop['workers'] == 0  # auto: no worker processes when the step runs on the CPU

@@ -19,9 +19,9 @@ how many frames were read to build it and which were bad (`READ_KEY`, `BAD_KEY`)
 removes these before returning the batch and keeps the counts, from the first frame, in the
 process that iterates (worker processes or not), in its resumable state. It logs each bad path
 once (the first ten) and raises `sources.DataError` as soon as the bad frames exceed
-`allowed_bad_frames(read so far)`: `max_bad_frame_fraction` of the frames read so far, but at
-least `BAD_FRAME_FLOOR` frames (so one unlucky bad frame in the first batch does not stop a
-run; 0 tolerates none). Evaluation counts each pass on its own.
+`sources.allowed_bad_frames(read so far)`: `max_bad_frame_fraction` of the frames read so far,
+but at least `sources.BAD_FRAME_FLOOR` frames (so one unlucky bad frame in the first batch does
+not stop a run; 0 tolerates none). Evaluation counts each pass on its own.
 
 Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
 `worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
@@ -42,7 +42,10 @@ from affectjax.data import sources
 
 _AUGMENT_STREAM = 0xA5A5
 _MAX_SUBSTITUTES = 64
-_MAX_WARNINGS = 10
+# Auto worker processes per accelerator. On an H200 (ResNet50, 112 px, batch 256, ~17,900 img/s)
+# 4 JPEG workers kept 0.945 of the bare step; 14 kept 0.72-0.83, their bursts delaying the
+# process that dispatches the steps (docs/benchmarks.md, "Accelerator check").
+WORKERS_PER_DEVICE = 4
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -66,9 +69,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Leave out of training every video that is a validation video of a trained task (the
       # per-task sets can put one video in one task's training set and another's validation set).
       'holdout_validation_videos': True,
-      # -1 = auto (`worker_count`: none on a CPU backend, else the host's cores less two);
+      # -1 = auto (`worker_count`: none on a CPU backend, else 4 per GPU within the cores);
       # 0 = read in this process; n > 0 = n grain worker processes
       'worker_count': -1,
+      # Added to the worker processes' CPU niceness (os.nice): decoding yields to the process that
+      # dispatches the steps (0 = same priority).
+      'worker_nice': 0,
       'read_threads': 1,  # threads per process building batches ahead (0 = on demand)
       'prefetch_buffer_size': 2,  # batches buffered per process (and per worker)
       'max_bad_frame_fraction': 0.001,  # fail above this fraction of undecodable frames
@@ -76,42 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-BAD_FRAME_FLOOR = 10  # bad frames always tolerated when max_bad_frame_fraction > 0
 READ_KEY, BAD_KEY = 'frames_read', 'bad_rows'  # host-only batch entries, removed by the iterator
-
-
-def allowed_bad_frames(read: int, max_fraction: float) -> float:
-  """Bad frames tolerated after `read` frames: the fraction, with a floor of BAD_FRAME_FLOOR."""
-  if max_fraction <= 0:
-    return 0
-  return max(BAD_FRAME_FLOOR, max_fraction * read)
-
-
-class BadFrameCounter:
-  """Frames read and bad frames seen by an iterator; raises DataError above the tolerance."""
-
-  def __init__(self, max_fraction: float, read: int = 0, bad: int = 0):
-    self.max_fraction = float(max_fraction)
-    self.read, self.bad = int(read), int(bad)
-    self.last_path = None
-    self._warned = set()
-
-  def add(self, num_read: int, bad_paths: list) -> None:
-    self.read += int(num_read)
-    self.bad += len(bad_paths)
-    for path in bad_paths:
-      self.last_path = path
-      if path not in self._warned and len(self._warned) < _MAX_WARNINGS:
-        self._warned.add(path)
-        more = ' (further bad frames are not logged one by one)' if len(
-            self._warned) == _MAX_WARNINGS else ''
-        logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
-    if bad_paths and self.bad > allowed_bad_frames(self.read, self.max_fraction):
-      raise sources.DataError(
-          f'{self.bad} of {self.read} frames read so far could not be read or decoded '
-          f'({self.bad / self.read:.1%} > data.max_bad_frame_fraction={self.max_fraction}' +
-          (f', beyond the first {BAD_FRAME_FLOOR} tolerated' if self.max_fraction > 0 else '') +
-          f'); latest: {self.last_path}')
 
 
 def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> dict:
@@ -256,7 +227,7 @@ class AffectIterator(grain.DatasetIterator):
     self.frame_counts = frame_counts
     self.maker = maker
     self.step = 0  # batches delivered, including before a restore
-    self.counter = BadFrameCounter(data_config.max_bad_frame_fraction)
+    self.counter = sources.BadFrameCounter(data_config.max_bad_frame_fraction)
 
   @property
   def epoch(self) -> int:
@@ -304,21 +275,28 @@ class AffectIterator(grain.DatasetIterator):
     counts = [state.get(key, 0) for key in ('frames_read', 'bad_frames')]
     process = getattr(self.maker, 'process_index', 0)  # several processes: one entry each
     counts = [c[process] if isinstance(c, list) else c for c in counts]
-    self.counter = BadFrameCounter(self.counter.max_fraction, *counts)
+    self.counter = sources.BadFrameCounter(self.counter.max_fraction, *counts)
 
 
-def worker_count(data_config, platform: str | None = None, cores: int | None = None) -> int:
+def worker_count(data_config, platform: str | None = None, cores: int | None = None,
+                 devices: int | None = None) -> int:
   """Grain worker processes of `data_config.worker_count`, resolving -1 (auto): none when the
-  step runs on the CPU (workers would take its cores), else the host's cores less two (the
-  main process and the device feed), at most 32. Per process: with several processes on one
-  host (one per GPU), set it explicitly to share the cores."""
+  step runs on the CPU (workers would take its cores), else WORKERS_PER_DEVICE per local
+  accelerator, within the host's cores less two (the main process and the device feed), at most
+  32. Per process: with several processes on one host (one per GPU), each gets its own."""
   if data_config.worker_count >= 0:
     return int(data_config.worker_count)
-  if platform is None:
+  if platform is None or devices is None:
     import jax  # deferred: the pipeline itself never needs jax
-    platform = jax.default_backend()
+    platform, devices = platform or jax.default_backend(), devices or jax.local_device_count()
   cores = cores or os.cpu_count() or 1
-  return 0 if platform == 'cpu' else max(1, min(32, cores - 2))
+  return 0 if platform == 'cpu' else max(1, min(32, cores - 2, WORKERS_PER_DEVICE * devices))
+
+
+def _lower_priority(nice: int, worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  if nice > 0:
+    os.nice(nice)
 
 
 def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
@@ -336,7 +314,8 @@ def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers,
-        per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))))
+        per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))),
+        worker_init_fn=functools.partial(_lower_priority, int(data_config.worker_nice)))
   return iter(ds)
 
 

@@ -16,6 +16,7 @@ import os
 import struct
 
 import numpy as np
+from absl import logging
 
 from affectjax import labels
 
@@ -343,3 +344,41 @@ def _tfds_source(index, data_config) -> TfdsSource:
       cache_dir=data_config.cache_dir or None)
   name = tfds_builder.config_name(summary['layout'], summary['num_expr_classes'])
   return TfdsSource(data_config.packed_dir, index.split, name, index, prepared_index=prepared)
+
+
+BAD_FRAME_FLOOR = 10  # bad frames always tolerated when max_bad_frame_fraction > 0
+_MAX_WARNINGS = 10
+
+
+def allowed_bad_frames(read: int, max_fraction: float) -> float:
+  """Bad frames tolerated after `read` frames: the fraction, with a floor of BAD_FRAME_FLOOR."""
+  if max_fraction <= 0:
+    return 0
+  return max(BAD_FRAME_FLOOR, max_fraction * read)
+
+
+class BadFrameCounter:
+  """Frames read and bad frames seen by an iterator; raises DataError above the tolerance."""
+
+  def __init__(self, max_fraction: float, read: int = 0, bad: int = 0):
+    self.max_fraction = float(max_fraction)
+    self.read, self.bad = int(read), int(bad)
+    self.last_path = None
+    self._warned = set()
+
+  def add(self, num_read: int, bad_paths: list) -> None:
+    self.read += int(num_read)
+    self.bad += len(bad_paths)
+    for path in bad_paths:
+      self.last_path = path
+      if path not in self._warned and len(self._warned) < _MAX_WARNINGS:
+        self._warned.add(path)
+        more = ' (further bad frames are not logged one by one)' if len(
+            self._warned) == _MAX_WARNINGS else ''
+        logging.warning('Skipping a frame that cannot be read or decoded: %s%s', path, more)
+    if bad_paths and self.bad > allowed_bad_frames(self.read, self.max_fraction):
+      raise DataError(
+          f'{self.bad} of {self.read} frames read so far could not be read or decoded '
+          f'({self.bad / self.read:.1%} > data.max_bad_frame_fraction={self.max_fraction}' +
+          (f', beyond the first {BAD_FRAME_FLOOR} tolerated' if self.max_fraction > 0 else '') +
+          f'); latest: {self.last_path}')
