@@ -235,6 +235,22 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), input=ocp.args.JsonRestore()))
     return state.replace(**restored['state']), dict(restored['input'] or {})
 
+  def restore_model(self, state, step: int):
+    """`state` with the model of checkpoint `step` (its step, params and BatchNorm statistics,
+    in `state`'s shardings), whatever optimiser the run trained with: for inference, whose
+    config may set the optimiser otherwise."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+    try:
+      model = {k: jax.tree_util.tree_map(
+          lambda old, new: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+          getattr(state, k), restored[k]) for k in ('step', 'params', 'batch_stats')}
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointError(
+          f"{self.directory}/{step}: its network differs from the config's (train and evaluate "
+          f'with the same model settings): {e}'[:600]) from None
+    return state.replace(**model)
+
   def wait(self):
     """Waits for the pending save; CheckpointSaveError if it failed."""
     try:

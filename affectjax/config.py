@@ -14,7 +14,7 @@ from affectjax import checkpoint, labels, losses, metrics, optim, predictions
 from affectjax.data import layout, pipeline, sampling, sources
 from affectjax.models import affect, preprocess, temporal
 
-MODES = ('train', 'eval', 'predict', 'features')  # main.py's mode table
+MODES = ('train', 'eval', 'predict', 'features', 'ensemble')  # main.py's mode table
 KINDS = ('image', 'temporal')  # kinds.KINDS
 
 
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   """Every knob of a run, with defaults; configs/*.py change a few of them."""
   c = ml_collections.ConfigDict()
-  c.mode = 'train'  # 'train' | 'eval' | 'predict' | 'features'
+  c.mode = 'train'  # 'train' | 'eval' | 'predict' | 'features' | 'ensemble'
   c.tasks = 'expr,au,va'  # comma-separated subset of expr, au, va
   c.num_expr_classes = 7  # 7 (ABAW1/2) or 8 (ABAW3+, with Other)
   c.edition = 'abaw2'  # metric definitions for the validation score: 'abaw2' | 'abaw3'
@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
       # 'auto' (images -> mtl, videos -> per_video) | 'mtl' (ABAW3/4) | 'per_task' (ABAW5+) |
       # 'per_video' (ABAW1/2: one txt per video and task, a line for every frame)
       'format': 'auto',
-      'frame_counts': '',  # per_video: file of <video>,<frames> lines (default: last crop)
+      # per_video, and per_task of a video list: file of <video>,<frames> lines (default: the
+      # last crop)
+      'frame_counts': '',
       'out': '',  # output file / folder ('' = WORKDIR/predictions_<list name>_step<N>)
       # AU decision thresholds: '' = 0.5; or the eval JSON of mode=eval (per-AU thresholds
       # tuned on the validation split) or a file of 12 comma-separated numbers
@@ -101,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
       # reports the window that does best on the validation split (method 4's post-processing)
       'va_window': 1,
   })
+
+  # mode=ensemble: 'DIR[@CHECKPOINT],...' finished runs whose predictions are averaged
+  # (affectjax.ensemble); evaluated on eval_split, and a test list predicted with `predict`.
+  c.ensemble = ml_collections.ConfigDict({'members': ''})
 
   c.distributed = ml_collections.ConfigDict({
       'initialize': 'auto',  # 'auto' (cluster detected) | 'yes' | 'no'
@@ -270,7 +276,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('mode', MODES), ('kind', KINDS), ('num_expr_classes', (7, 8)),
       ('edition', metrics.EDITIONS), ('dtype', ('auto', 'float32', 'bfloat16')),
       ('preprocessing', ('auto', *preprocess.PRESETS)), ('optim.optimizer', optim.OPTIMIZERS),
-      ('optim.schedule', optim.SCHEDULES), ('data.layout', layout.LAYOUTS),
+      ('optim.schedule', optim.SCHEDULES), ('optim.plateau.monitor', optim.PLATEAU_MONITORS),
+      ('loss.au', ('bce', 'mse')), ('data.layout', layout.LAYOUTS),
       ('data.sampling', sampling.SAMPLING_SCHEMES), ('data.source', sources.SOURCES),
       ('temporal.encoder', (*temporal.ENCODERS, 'stat')),
       ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
@@ -344,6 +351,8 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
       raise ConfigError("config.temporal.features_dir is unset: kind=temporal reads the "
                         "per-frame features of an image run's mode=features (WORKDIR/features)")
     _existing(config, 'temporal.features_dir', folder=True)
+  if config.mode == 'ensemble':
+    _check_ensemble(config)
   if config.mode == 'features' and config.kind != 'image':
     raise ConfigError(f'config.kind={config.kind}: mode=features extracts features with an '
                       'image run')
@@ -361,3 +370,18 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     _existing(config, 'predict.au_thresholds', folder=False)
     _existing(config, 'predict.frame_counts', folder=False)
     _at_least(config, 'predict.va_window', 1, whole=True)
+
+
+def _check_ensemble(config: ml_collections.ConfigDict) -> None:
+  members = [m.strip() for m in config.ensemble.members.split(',') if m.strip()]
+  if not members:
+    raise ConfigError("config.ensemble.members is unset: mode=ensemble averages finished runs, "
+                      "'DIR[@CHECKPOINT],...'")
+  for member in members:
+    folder, _, which = member.partition('@')
+    if not os.path.isfile(os.path.join(folder, 'config.json')):
+      raise ConfigError(f'config.ensemble.members: {folder} is not a run folder (no config.json '
+                        'there: a folder a training run wrote)')
+    if which and which not in ('best', 'latest') and not which.isdigit():
+      raise ConfigError(f'config.ensemble.members: {member}: the checkpoint after @ must be '
+                        'best, latest or a step number')

@@ -103,11 +103,16 @@ def evaluate(run, eval_step, state, data, *, keep_predictions: bool = False,
       rows.append((outputs, batch))
 
   infer(run, eval_step, state, iterator, on_batch)
-  results = accumulator.compute()
+  results = metrics_of(accumulator, run.tasks, run.kind.frame_index(data), tune)
   results['skipped_frames'] = skipped_frames(iterator)  # left out of the metrics
   results['eval_frames'] = reading_counts(iterator.get_state())[0]
-  if tune:
-    results.update(tune_post_processing(accumulator.predictions(), run.tasks,
-                                        run.kind.frame_index(data)))
   return results, rows
+
+
+def metrics_of(accumulator, tasks: tuple, index, tune: bool) -> dict:
+  """The metrics of an accumulated pass and, with `tune`, `tune_post_processing`'s."""
+  results = accumulator.compute()
+  if tune:
+    results.update(tune_post_processing(accumulator.predictions(), tasks, index))
+  return results
 

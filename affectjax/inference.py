@@ -13,7 +13,7 @@ import numpy as np
 from affectjax import checkpoint as ckpt_lib
 from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, predictions, runs
 from affectjax import files
-from affectjax.data import sequences
+from affectjax.data import sequences, unlabelled
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, data):
@@ -30,7 +30,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, data):
     raise ckpt_lib.CheckpointError(
         f'config.eval_checkpoint={which}: no such step in {checkpoints.directory} (steps there: '
         f'{", ".join(map(str, checkpoints.manager.all_steps()))})')
-  state, _ = checkpoints.restore(parallel.replicate(run.state, run.mesh), step)
+  state = checkpoints.restore_model(parallel.replicate(run.state, run.mesh), step)
   checkpoints.close()
   return run, state
 
@@ -42,24 +42,34 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   data = kind.load_split(config, config.eval_split)
   index = kind.frame_index(data)
   run, state = restore(config, workdir, data)
-  config = run.config
+  eval_metrics, rows = evaluation.evaluate(run, run.eval_step(), state, data,
+                                           keep_predictions=run.config.write_predictions,
+                                           tune=True)
+  step = int(state.step)
+  report_evaluation(run.config, workdir, eval_metrics, rows, index, run.tasks, f'step{step}',
+                    f'checkpoint step {step}')
+  return eval_metrics
+
+
+def report_evaluation(config, workdir: str, eval_metrics: dict, rows, index, tasks: tuple,
+                      name: str, what: str) -> None:
+  """Scores, prints and writes (under config.eval_out or WORKDIR) an evaluation's metrics, its
+  tuned post-processing and, given its (outputs, batch) `rows`, the per-frame predictions:
+  eval_<split>_<name>.json and predictions_<split>_<name>.csv."""
   out_dir = os.path.abspath(config.eval_out or workdir)
   writable = files.is_writable(out_dir)
   if not writable and parallel.is_main_process():
     print(f'{out_dir} is not writable: the results are printed, not written '
           '(set --config.eval_out=DIR to write them)', flush=True)
-  eval_metrics, rows = evaluation.evaluate(run, run.eval_step(), state, data,
-                                           keep_predictions=config.write_predictions, tune=True)
-  eval_metrics['score'] = metrics_lib.score(eval_metrics, run.tasks, config.edition)
-  step = int(state.step)
+  eval_metrics['score'] = metrics_lib.score(eval_metrics, tasks, config.edition)
   if parallel.is_main_process():
     # Named by split and step: runs evaluating other checkpoints or splits write other files,
     # and a file appears whole (atomic rename) even when two evaluate the same one.
-    out = os.path.join(out_dir, f'eval_{config.eval_split}_step{step}.json')
+    out = os.path.join(out_dir, f'eval_{config.eval_split}_{name}.json')
     if writable:
       with files.atomic_write(out) as f:
         json.dump(eval_metrics, f, indent=2)
-    print(f'Evaluated checkpoint step {step} on {config.eval_split} ({len(index)} frames): '
+    print(f'Evaluated {what} on {config.eval_split} ({len(index)} frames): '
           f'score {eval_metrics["score"]:.4f}\n  ' +
           logs.format_metrics(eval_metrics, evaluation.HEADLINE_KEYS) +
           evaluation.format_frame_counts(eval_metrics, prefix='\n  ') +
@@ -78,10 +88,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             'smoothed (optimistic on the tuning split)', flush=True)
     if rows is not None and writable:
       path = predictions.write_predictions(
-          os.path.join(out_dir, f'predictions_{config.eval_split}_step{step}.csv'), rows,
-          index, run.tasks)
+          os.path.join(out_dir, f'predictions_{config.eval_split}_{name}.csv'), rows,
+          index, tasks)
       print(f'  wrote {path}', flush=True)
-  return eval_metrics
 
 
 def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -107,26 +116,40 @@ def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = []
   evaluation.infer(run, run.eval_step(), state, iterator, lambda *pair: rows.append(pair))
   skipped = evaluation.skipped_frames(iterator)
+  written, predicted = write_test_predictions(
+      config, fmt, out, rows, index, run.tasks, run.config.num_expr_classes,
+      f'{list_path}) with checkpoint step {step}; {skipped} unreadable frames filled from their '
+      'nearest neighbour')
+  return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
+          'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
+
+
+def write_test_predictions(config, fmt: str, out: str, rows, index, tasks: tuple,
+                           num_expr_classes: int, what: str) -> tuple:
+  """Decides a test list's (outputs, batch) `rows` with config.predict's AU thresholds and VA
+  window, writes them in the submission format `fmt` to `out` and says so (`what`: the list
+  and the model); returns (files written, predicted bool per index row)."""
+  p = config.predict
   decided, predicted = predictions.gather_decisions(
-      rows, len(index), run.tasks, predictions.read_au_thresholds(p.au_thresholds))
-  if 'va' in run.tasks and p.va_window > 1:  # each video's predicted frames within the window
+      rows, len(index), tasks, predictions.read_au_thresholds(p.au_thresholds))
+  if 'va' in tasks and p.va_window > 1:  # each video's predicted frames within the window
     have = np.flatnonzero(predicted)
     decided['va'][have] = metrics_lib.smooth_per_video(
         decided['va'][have], index.video_id[have], p.va_window, index.frame[have])
   written = []
   if parallel.is_main_process():
     counts = (predictions.read_frame_counts(p.frame_counts)
-              if p.frame_counts and fmt == 'per_video' else None)
-    written = predictions.write_submission(fmt, out, index, decided, predicted, run.tasks,
-                                           run.config.num_expr_classes, counts)
+              if p.frame_counts and fmt in ('per_video', 'per_task') else None)
+    order = (predictions.list_order(index, unlabelled.read_image_list(p.images))
+             if p.images else None)
+    written = predictions.write_submission(fmt, out, index, decided, predicted, tasks,
+                                           num_expr_classes, counts, order)
     print(f'Predicted {int(predicted.sum())} of {len(index)} listed frames of '
-          f'{len(index.video_names)} videos ({list_path}) with checkpoint step {step}; '
-          f'{skipped} unreadable frames filled from their nearest neighbour; AU thresholds '
+          f'{len(index.video_names)} videos ({what}; AU thresholds '
           f'{p.au_thresholds or 0.5}; VA smoothing window {p.va_window}.\n'
           f'  format {fmt}: wrote {len(written)} files, e.g. {written[0] if written else "-"}',
           flush=True)
-  return {'step': step, 'frames': len(index), 'predicted': int(predicted.sum()),
-          'skipped_frames': skipped, 'format': fmt, 'files': written, 'out': out}
+  return written, predicted
 
 
 class FrameFeatures:

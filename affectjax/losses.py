@@ -156,7 +156,7 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # frames' EXPR labels (scikit-learn's 'balanced'; resolved by the trainer)
       'expr_class_weights': None,
       'label_smoothing': 0.0,
-      'au': 'bce',
+      'au': 'bce',  # 'bce' | 'mse' (of the AU probability against the 0/1 label)
       # None, 12 positive-class weights, or 'neg_pos_ratio': per AU, negatives / positives
       # among the training frames (the usual BCEWithLogitsLoss pos_weight; resolved by the trainer)
       'au_pos_weight': None,
@@ -188,10 +188,14 @@ def _local_stats(outputs, batch, cfg):
     stats['expr'] = pair
     stats['expr_labels'] = jnp.sum(mask, dtype=jnp.float32)
   if 'au' in outputs:
-    if cfg.au != 'bce':
-      raise ValueError(f'unknown au loss {cfg.au!r}')
     mask = labels.au_mask(batch['au']) & valid[:, None]
-    stats['au'] = sigmoid_bce(outputs['au'], batch['au'], mask, cfg.au_pos_weight)
+    if cfg.au == 'bce':
+      stats['au'] = sigmoid_bce(outputs['au'], batch['au'], mask, cfg.au_pos_weight)
+    elif cfg.au == 'mse':  # the probability against the 0/1 label (the naive MTL baseline)
+      stats['au'] = squared_error(jax.nn.sigmoid(outputs['au'].astype(jnp.float32)),
+                                  batch['au'], mask)
+    else:
+      raise ValueError(f'unknown au loss {cfg.au!r}')
   if 'va' in outputs or 'va5' in outputs:
     # A frame counts for VA only when both valence and arousal are annotated.
     mask = jnp.all(labels.va_mask(batch['va']), axis=-1) & valid

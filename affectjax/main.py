@@ -4,7 +4,9 @@ Modes (`--config.mode`): `train` (default; evaluates periodically, resumes from 
 checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eval_split`) and
 `predict` (restores a checkpoint and writes ABAW submission files for the unlabelled test list
 `config.predict.videos` or `config.predict.images`) and `features` (writes a checkpoint's
-per-frame features for the temporal models of configs/temporal.py).
+per-frame features for the temporal models of configs/temporal.py) and `ensemble` (averages
+the predictions of finished runs, `config.ensemble.members`, and evaluates and predicts with the
+average).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
 A config no run can use (also `init_from` naming nothing usable) ends the run before anything
 is loaded, with `error: ...` on stderr and exit status 2 (as does a config file that cannot be
@@ -68,9 +70,10 @@ def main(argv):
   try:
     config_lib.check_config(config)
     _maybe_initialize_distributed(config)
-    from affectjax import inference, trainer
+    from affectjax import ensemble, inference, trainer
     modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
-             'predict': inference.predict_checkpoint, 'features': inference.extract_features}
+             'predict': inference.predict_checkpoint, 'features': inference.extract_features,
+             'ensemble': ensemble.run_ensemble}
     modes[config.mode](config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     _fail(e, 2)

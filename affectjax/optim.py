@@ -2,6 +2,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -26,11 +27,13 @@ def default_optim_config() -> ml_collections.ConfigDict:
       'weight_decay': 0.0,  # decoupled for adamw, L2 added to the gradient for adam and sgd
       'grad_clip_norm': 0.0,  # 0 disables global-norm clipping
       # ReduceLROnPlateau (PyTorch's defaults), as optax.contrib.reduce_on_plateau on the
-      # epoch-mean training loss: after `patience` epochs without a relative improvement of
-      # `rtol`, the update is scaled by `factor` (then `cooldown` epochs without a check).
+      # epoch-mean training loss ('train_loss') or on the validation score of each evaluation
+      # ('val_score', higher is better; patience then counts evaluations): after `patience`
+      # without an improvement of `rtol` (relative for the loss, absolute for the score), the
+      # update is scaled by `factor` (then `cooldown` without a check).
       'plateau': ml_collections.ConfigDict({
-          'enabled': False, 'factor': 0.1, 'patience': 10, 'rtol': 1e-4, 'cooldown': 0,
-          'min_scale': 0.0}),
+          'enabled': False, 'monitor': 'train_loss', 'factor': 0.1, 'patience': 10,
+          'rtol': 1e-4, 'cooldown': 0, 'min_scale': 0.0}),
   })
 
 
@@ -66,15 +69,51 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
   return optax.chain(*_optimizer_parts(config, schedule), *_plateau(config, steps_per_epoch))
 
 
+PLATEAU_MONITORS = ('train_loss', 'val_score')
+
+
+def _plateau_rule(p, accumulation_size: int) -> optax.GradientTransformationExtraArgs:
+  # PyTorch's patience is the number of bad epochs tolerated (it reduces after patience + 1);
+  # optax reduces after `patience` of them. The validation score is fed negated (optax
+  # minimises), where a relative tolerance would flip with the sign: it improves when it rises
+  # by more than `rtol` (PyTorch's threshold_mode='abs').
+  absolute = p.monitor == 'val_score'
+  return optax.contrib.reduce_on_plateau(
+      factor=p.factor, patience=p.patience + 1, rtol=0.0 if absolute else p.rtol,
+      atol=p.rtol if absolute else 0.0, cooldown=p.cooldown,
+      accumulation_size=accumulation_size, min_scale=p.min_scale)
+
+
 def _plateau(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list:
   p = config.plateau
   if not p.enabled:
     return []
-  # PyTorch's patience is the number of bad epochs tolerated (it reduces after patience + 1);
-  # optax reduces after `patience` of them.
-  return [optax.contrib.reduce_on_plateau(
-      factor=p.factor, patience=p.patience + 1, rtol=p.rtol, atol=0.0, cooldown=p.cooldown,
-      accumulation_size=max(int(steps_per_epoch), 1), min_scale=p.min_scale)]
+  if p.monitor == 'train_loss':
+    return [_plateau_rule(p, max(int(steps_per_epoch), 1))]
+  rule = _plateau_rule(p, 1)  # the state; the steps only apply its scale (observe_plateau)
+
+  def update(updates, state, params=None, **extra):
+    del params, extra
+    return jax.tree_util.tree_map(lambda u: (state.scale * u).astype(u.dtype), updates), state
+
+  return [optax.GradientTransformationExtraArgs(rule.init, update)]
+
+
+def observe_plateau(config: ml_collections.ConfigDict, opt_state, score: float):
+  """The optimiser state after an evaluation with `score`: with plateau.monitor='val_score' the
+  plateau rule sees it (a step towards reducing the scale when it does not improve); otherwise
+  unchanged. The new leaves keep the old ones' shardings."""
+  p = config.plateau
+  if not (p.enabled and p.monitor == 'val_score'):
+    return opt_state
+  kind, rule = optax.contrib.ReduceLROnPlateauState, _plateau_rule(p, 1)
+
+  def observe(state):
+    new = rule.update({}, state, value=jnp.asarray(-score, jnp.float32))[1]
+    return jax.tree_util.tree_map(lambda n, o: jax.device_put(n, o.sharding), new, state)
+
+  return jax.tree_util.tree_map(lambda x: observe(x) if isinstance(x, kind) else x, opt_state,
+                                is_leaf=lambda x: isinstance(x, kind))
 
 
 def plateau_scale(opt_state) -> jax.Array | float:

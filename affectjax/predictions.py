@@ -141,17 +141,16 @@ def write_mtl(path: str, index, decided: dict, rows) -> str:
   return path
 
 
-def write_per_task(out_dir: str, index, decided: dict, tasks: tuple,
+def write_per_task(out_dir: str, entries: list, decided: dict, tasks: tuple,
                    num_expr_classes: int) -> list:
-  """ABAW5+: one CSV per trained task over every index row."""
+  """ABAW5+: one CSV per trained task, a line per (image name, index row) of `entries`."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for task in (t for t in FILE_ORDER if t in tasks):
     path = os.path.join(out_dir, f'{labels.TASK_TABLE[task].submission_name}.csv')
     with files.atomic_write(path) as f:
       f.write(f'image_location,{_header(task, num_expr_classes)}\n')
-      for row in range(len(index)):
-        f.write(f'{_image_name(index, row)},{_task_line(task, decided, row)}\n')
+      f.writelines(f'{name},{_task_line(task, decided, row)}\n' for name, row in entries)
     paths.append(path)
   return paths
 
@@ -171,13 +170,11 @@ def read_frame_counts(path: str) -> dict:
   return counts
 
 
-def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, tasks: tuple,
-                    num_expr_classes: int, frame_counts: dict | None = None) -> list:
-  """ABAW1/2: `<out_dir>/<TASK>/<video>.txt`, one line per frame 1..N of each video, frames
-  without a prediction filled from the nearest predicted frame. Each task folder is replaced
-  whole."""
+def every_frame_rows(index, predicted: np.ndarray, frame_counts: dict | None = None) -> dict:
+  """{video: int64 [N]}: for each frame 1..N of each video (N from `frame_counts`, else its last
+  crop), the index row whose decision it takes: its own, else its nearest predicted frame's."""
   frame_counts = frame_counts or {}
-  rows_by_video = {}  # per video, the index row each of its frames 1..N takes its decision from
+  rows_by_video = {}
   for video_id, video in enumerate(index.video_names):
     rows = np.flatnonzero(index.video_id == video_id)
     have = rows[predicted[rows]]
@@ -189,6 +186,15 @@ def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, t
       raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
     frames = np.arange(1, count + 1, dtype=np.int64)
     rows_by_video[video] = have[nearest_predicted(frames, index.frame[have].astype(np.int64))]
+  return rows_by_video
+
+
+def write_per_video(out_dir: str, index, decided: dict, predicted: np.ndarray, tasks: tuple,
+                    num_expr_classes: int, frame_counts: dict | None = None) -> list:
+  """ABAW1/2: `<out_dir>/<TASK>/<video>.txt`, one line per frame 1..N of each video, frames
+  without a prediction filled from the nearest predicted frame. Each task folder is replaced
+  whole."""
+  rows_by_video = every_frame_rows(index, predicted, frame_counts)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for task in (t for t in FILE_ORDER if t in tasks):
@@ -219,17 +225,35 @@ def submission_format(requested: str, image_list: bool) -> str:
 
 
 def write_submission(fmt: str, out: str, index, decided: dict, predicted: np.ndarray,
-                     tasks: tuple, num_expr_classes: int, frame_counts: dict | None = None
-                     ) -> list:
+                     tasks: tuple, num_expr_classes: int, frame_counts: dict | None = None,
+                     order=None) -> list:
   """Writes the decisions of a test list's frames in the submission format `fmt` to `out` (a
-  file for `mtl`, else a folder); returns the paths written. Frames without a prediction take
-  their video's nearest predicted frame's decision."""
+  file for `mtl`, else a folder); returns the paths written. `order`: the index rows of an
+  image list's lines, in the list's order (`list_order`), which `mtl` and `per_task` keep;
+  without it (a video list) `mtl` writes the index rows and `per_task`, like `per_video`, every
+  frame 1..N of each video. Frames without a prediction take their video's nearest predicted
+  frame's decision."""
   if fmt == 'per_video':
     return write_per_video(out, index, decided, predicted, tasks, num_expr_classes,
                            frame_counts)
-  filled = {k: v[fill_rows(index, predicted)] for k, v in decided.items()}
+  rows = range(len(index)) if order is None else order
   if fmt == 'mtl':
+    filled = {k: v[fill_rows(index, predicted)] for k, v in decided.items()}
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    return [write_mtl(out if out.endswith('.csv') else out + '.csv', index, filled,
-                      range(len(index)))]
-  return write_per_task(out, index, filled, tasks, num_expr_classes)
+    return [write_mtl(out if out.endswith('.csv') else out + '.csv', index, filled, rows)]
+  if order is not None:
+    source = fill_rows(index, predicted)
+    entries = [(_image_name(index, row), source[row]) for row in rows]
+  else:
+    entries = [(f'{video}/{frame:05d}.jpg', row) for video, source in
+               every_frame_rows(index, predicted, frame_counts).items()
+               for frame, row in enumerate(source, 1)]
+  return write_per_task(out, entries, decided, tasks, num_expr_classes)
+
+
+def list_order(index, images: list) -> np.ndarray:
+  """The index row of each (video, frame) of an image list (`unlabelled.read_image_list`), in
+  the list's order (repeated lines repeat their row)."""
+  row_of = {(index.video_names[v], int(f)): r
+            for r, (v, f) in enumerate(zip(index.video_id, index.frame))}
+  return np.asarray([row_of[(video, frame)] for video, frame in images], np.int64)

@@ -12,7 +12,7 @@ import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
-from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, runs
+from affectjax import evaluation, kinds, logs, metrics as metrics_lib, optim, parallel, runs
 from affectjax import workdir as workdir_lib
 
 
@@ -215,6 +215,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           progress.exclude(time.perf_counter() - eval_start)  # img/s counts training only
           score = metrics_lib.score(eval_metrics, run.tasks, config.edition)
           eval_metrics['score'] = score
+          state = state.replace(opt_state=optim.observe_plateau(config.optim, state.opt_state,
+                                                                score))
           read, bad = evaluation.reading_counts(trained_input)
           eval_metrics.update(train_frames_read=read, train_bad_frames=bad)
           writer.write(step, config.eval_split, eval_metrics)

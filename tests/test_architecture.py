@@ -19,6 +19,7 @@ LAYERS = (
     ('runs',),  # the resolved config and the run
     ('evaluation',),
     ('trainer', 'inference', 'convert'),  # the loop; modes from a checkpoint; the converter
+    ('ensemble',),  # averages of runs restored by inference
     ('main',),
 )
 

@@ -51,7 +51,8 @@ def _base(**fields):
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('mode', 'trian', "config.mode='trian': must be one of train, eval, predict, features"),
+    ('mode', 'trian', "config.mode='trian': must be one of train, eval, predict, features, "
+                      'ensemble'),
     ('kind', 'video', "config.kind='video': must be one of image, temporal"),
     ('tasks', 'expr,pose', "config.tasks='expr,pose': unknown task 'pose'; expected a non-empty "
                            'subset of expr,au,va'),
@@ -150,6 +151,20 @@ def test_init_from_must_name_weights_and_is_not_created(tmp_path):
     config_lib.check_config(_base(init_from=str(tmp_path)))
 
 
+def test_ensemble_needs_run_folders_and_checkpoints(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match='ensemble.members is unset'):
+    config_lib.check_config(_base(mode='ensemble'))
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.check_config(_base(mode='ensemble', **{'ensemble.members': str(tmp_path)}))
+  assert str(e.value) == (f'config.ensemble.members: {tmp_path} is not a run folder (no '
+                          'config.json there: a folder a training run wrote)')
+  (tmp_path / 'config.json').write_text('{}')
+  with pytest.raises(config_lib.ConfigError, match='@last: the checkpoint after @ must be'):
+    config_lib.check_config(_base(mode='ensemble', **{'ensemble.members': f'{tmp_path}@last'}))
+  config_lib.check_config(_base(mode='ensemble',
+                                **{'ensemble.members': f'{tmp_path}, {tmp_path}@12'}))
+
+
 def test_predict_needs_exactly_one_existing_test_list(tmp_path):
   listed = tmp_path / 'test.txt'
   listed.write_text('video1\n')
@@ -225,7 +240,11 @@ def test_unitask_config_variants():
   for task, tasks in (('va', 'va'), ('expr', 'expr'), ('au', 'au'), ('mtl', 'expr,au,va')):
     full = load_config('unitask', task)
     assert (full.tasks, full.model.arch, full.data.image_size) == (tasks, 'resnet18', 112)
-    assert full.optim.plateau.enabled == (task == 'va')
+    assert full.optim.plateau.enabled and full.optim.plateau.monitor == 'val_score'
+    assert full.model.head_hidden == 0  # the fc replaced, no hidden layer
+    assert (full.loss.expr, full.loss.au, full.loss.va) == (
+        'ce', 'mse' if task == 'mtl' else 'bce', 'mse')
+    assert full.loss.expr_class_weights == ('balanced' if task == 'expr' else None)
     assert full.optim.optimizer == ('sgd' if task == 'expr' else 'adam')
     for variant in ('demo', 'test'):
       small = load_config('unitask', f'{task},{variant}')

@@ -85,6 +85,11 @@ COMMANDS = {
         expect=('runs/demo/predictions_test_videos_step*/VA/*.txt',
                 'runs/demo/predictions_test_videos_step*/EXPR/*.txt',
                 'runs/demo/predictions_test_videos_step*/AU/*.txt')),
+    'python -m affectjax.main --config=configs/mtl3.py:demo --workdir=runs/ensemble '
+    '--config.mode=ensemble --config.ensemble.members=runs/demo@best,runs/demo@latest': Run(
+        stdout=('Evaluated the ensemble of 2 members', '[ensemble] 2 members'),
+        expect=('runs/ensemble/eval_validation_ensemble.json', 'runs/ensemble/ensemble.json',
+                'runs/ensemble/predictions_validation_ensemble.csv')),
     'python -m affectjax.main --config=configs/mtl.py --workdir=runs/mtl '
     '--config.data.root=/data/affwild2 --config.data.worker_count=8': Run(
         before='make_dataset', expect=('runs/mtl/checkpoints/*',),

@@ -152,6 +152,7 @@ CONFIGS = {
     'focal_mse': dict(expr='focal', focal_alpha=[0.25, 1, 1, 1, 0.5, 1, 1], va='mse',
                       va_column_weights=(0.7, 1.3), weights={'au': 2.0}),
     'ccc_plus_mse': dict(expr='ce', va='ccc+mse', weights={'va': 0.5, 'va5': 1.0}),
+    'naive_mse': dict(expr='ce', au='mse', va='mse'),  # method 3's naive multi-task model
 }
 
 
@@ -173,6 +174,8 @@ def _numpy_total(outputs, batch, cfg):
   pw = 1.0 if cfg.au_pos_weight is None else np.array(cfg.au_pos_weight)
   t, x = batch['au'], outputs['au'].astype(np.float64)
   bce = pw * t * np.logaddexp(0, -x) + (1 - t) * np.logaddexp(0, x)
+  if cfg.au == 'mse':  # of the probability against the 0/1 label
+    bce = (1 / (1 + np.exp(-x)) - t) ** 2
   total += w.au * (bce[am].sum() / max(am.sum(), 1))
   vm = (batch['va'] > -5).all(-1) & valid
   pred, target = outputs['va'][vm].astype(np.float64), batch['va'][vm]

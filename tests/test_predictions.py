@@ -1,4 +1,6 @@
-"""Submission-file helpers: test lists, nearest-frame filling, frame counts."""
+"""Submission-file helpers: test lists, nearest-frame filling, frame counts, formats."""
+import os
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,39 @@ def test_au_thresholds_file(tmp_path):
   thresholds = np.array([0.25] * 6 + [0.75] * 6)
   decided = predictions.decode_outputs({'au': logits}, ('au',), thresholds)
   np.testing.assert_array_equal(decided['au'], [[1] * 6 + [0] * 6, [1] * 12])
+
+
+def test_submissions_keep_the_list_order_and_cover_every_frame(tmp_path):
+  """ABAW3/4 `mtl` and ABAW5+ `per_task` from an image list: its lines in its order (a repeated
+  line repeated); `per_task` from a video list: every frame 1..N of each video."""
+  for video, frames in (('a', (1, 3)), ('b', (2,))):
+    (tmp_path / 'cropped_aligned' / video).mkdir(parents=True)
+    for f in frames:
+      (tmp_path / 'cropped_aligned' / video / f'{f:05d}.jpg').write_bytes(b'')
+  images = [('b', 2), ('a', 3), ('a', 1), ('b', 2)]
+  index = unlabelled.frames_index(str(tmp_path), images=images)  # rows a/1, a/3, b/2
+  decided = {'expr': np.array([4, 5, 6]), 'au': np.eye(3, 12, dtype=np.int64),
+             'va': np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])}
+  predicted = np.array([True, False, True])  # a/3 unreadable: it takes a/1's decisions
+  order = predictions.list_order(index, images)
+  assert order.tolist() == [2, 1, 0, 2]
+  mtl, = predictions.write_submission('mtl', str(tmp_path / 'mtl'), index, decided, predicted,
+                                      ('expr', 'au', 'va'), 8, order=order)
+  au = {0: '1,0,0,0,0,0,0,0,0,0,0,0', 2: '0,0,1,0,0,0,0,0,0,0,0,0'}
+  assert open(mtl).read().splitlines() == [
+      'image,valence,arousal,expression,aus', f'b/00002.jpg,0.500000,0.600000,6,{au[2]}',
+      f'a/00003.jpg,0.100000,0.200000,4,{au[0]}', f'a/00001.jpg,0.100000,0.200000,4,{au[0]}',
+      f'b/00002.jpg,0.500000,0.600000,6,{au[2]}']
+  paths = predictions.write_submission('per_task', str(tmp_path / 'listed'), index, decided,
+                                       predicted, ('expr', 'va'), 8, order=order)
+  assert [os.path.basename(p) for p in paths] == ['VA.csv', 'EXPR.csv']  # organisers' order
+  assert open(paths[1]).read().splitlines() == [
+      'image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other',
+      'b/00002.jpg,6', 'a/00003.jpg,4', 'a/00001.jpg,4', 'b/00002.jpg,6']
+  # A video list: frames 1..N of each video (b/1 has no crop; N = 4 for b from frame_counts).
+  index = unlabelled.frames_index(str(tmp_path), videos=['a', 'b'])
+  paths = predictions.write_submission('per_task', str(tmp_path / 'videos'), index, decided,
+                                       np.ones(3, bool), ('expr',), 8, {'b': 4})
+  assert open(paths[0]).read().splitlines()[1:] == [
+      'a/00001.jpg,4', 'a/00002.jpg,4', 'a/00003.jpg,5',
+      'b/00001.jpg,6', 'b/00002.jpg,6', 'b/00003.jpg,6', 'b/00004.jpg,6']

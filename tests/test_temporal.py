@@ -1,4 +1,6 @@
 """Temporal encoders against PyTorch (GRU, LSTM, TransformerEncoderLayer) and feature segments."""
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -251,6 +253,19 @@ def test_blocks_hold_the_frame_and_its_past_and_label_the_frame(tmp_path):
                                   global_batch_size=4, seed=1)
   batch = next(train)
   assert batch['expr'].shape == (4, 1) and (batch['expr'] >= 0).all()
+
+
+def test_blocks_count_video_frames_and_repeat_the_last_frame_over_gaps():
+  # Video 0 has crops at frames 3, 4, 7, 8 (5 and 6: no face); video 1 at 1, 2.
+  index = types.SimpleNamespace(video_id=np.array([0, 0, 0, 0, 1, 1]),
+                                frame=np.array([3, 4, 7, 8, 1, 2]))
+  np.testing.assert_array_equal(sequences.block_rows(index, 3), [
+      [0, -1, -1],  # frame 3: frames 1 and 2 come before the video's first crop
+      [0, 1, -1],
+      [1, 1, 2],  # frame 7: frames 5, 6 (frame 4's row repeated), 7
+      [1, 2, 3],  # frame 8: frames 6 (frame 4), 7, 8
+      [4, -1, -1],
+      [4, 5, -1]])
 
 
 @pytest.mark.parametrize('encoder,layers', [

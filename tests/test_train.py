@@ -214,3 +214,23 @@ def test_plateau_scales_the_update_after_patience_epochs_without_improvement():
   assert scales == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, pytest.approx(0.1)]
   # Adam on constant gradients steps by the learning rate; the plateau scales that step.
   np.testing.assert_allclose(updates['w'], -0.1 * 0.1 * np.ones(3), rtol=1e-5)
+
+
+def test_plateau_on_the_validation_score_moves_only_at_evaluations():
+  c = tiny_config(**{'optim.plateau.enabled': True, 'optim.plateau.patience': 1,
+                     'optim.plateau.monitor': 'val_score'})
+  tx = optim.create_optimizer(c.optim, optax.constant_schedule(0.1), steps_per_epoch=2)
+  params, grads = {'w': jnp.ones(3)}, {'w': jnp.ones(3)}
+  state, scales = tx.init(params), []
+  for score in (0.3, 0.4, 0.4, 0.35, 0.2):  # evaluations: better, then three not better
+    for loss in (5.0, 9.0, 1.0):  # the training loss does not move it
+      updates, state = tx.update(grads, state, params, value=jnp.asarray(loss))
+    state = optim.observe_plateau(c.optim, state, score)
+    scales.append(float(optim.plateau_scale(state)))
+  # As ReduceLROnPlateau(mode='max', patience=1): the second evaluation without improvement
+  # reduces the scale; the third, after it, starts a new count.
+  assert scales == [1.0, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
+  updates, _ = tx.update(grads, state, params, value=jnp.asarray(0.0))
+  np.testing.assert_allclose(updates['w'], -0.1 * 0.1 * np.ones(3), rtol=1e-5)
+  c.optim.plateau.monitor = 'train_loss'  # observe_plateau leaves that rule to the steps
+  assert optim.observe_plateau(c.optim, state, 0.0) is state

@@ -28,6 +28,10 @@ def config(tmp_path_factory):
   c.data.cache_dir = str(tmp_path_factory.mktemp('data_cache'))
   c.num_devices = 2  # data-parallel, and cheaper to compile than 8 devices
   c.eval_batch_size = 32
+  # The plateau rule on the validation score (method 3's): its state lives in the optimiser
+  # state, so the resume tests below cover it too.
+  c.optim.plateau.enabled, c.optim.plateau.monitor = True, 'val_score'
+  c.optim.plateau.patience = 0
   return c
 
 
@@ -59,6 +63,14 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
     assert np.isfinite(evals[-1][key])
   assert all(np.isfinite(r['loss']) for r in trains)
   assert all(0.0 <= r['input_wait_fraction'] <= 1.0 for r in trains)
+  # The plateau rule saw each evaluation: patience 0, so every score not above the best so far
+  # (by rtol) scaled the learning rate by the factor.
+  best, expected = -np.inf, 1.0
+  for r in evals:
+    improved = r['score'] > best + config.optim.plateau.rtol
+    expected, best = (expected, r['score']) if improved else (expected * 0.1, best)
+  from affectjax import optim  # pylint: disable=import-outside-toplevel
+  assert float(optim.plateau_scale(summary['state'].opt_state)) == pytest.approx(expected)
   # Reading counts from the first frame: every frame of every training batch, and of the
   # validation pass, none unreadable.
   assert summary['train_frames_read'] == summary['steps'] * config.global_batch_size
@@ -203,6 +215,8 @@ def test_unitask_study_trains_with_weights_from_the_training_labels(variant, con
   c.data.synthetic.num_videos = 60  # enough expression segments for all 8 classes
   c.num_devices = 2
   c.halt_after_steps = 3
+  if variant == 'mtl,test':  # the naive model's plain losses, with the uni-task weights added
+    c.loss.expr_class_weights, c.loss.au_pos_weight = 'balanced', 'neg_pos_ratio'
   summary = trainer.train_and_evaluate(c, str(tmp_path))
   assert summary['steps'] == 3
   saved = json.load(open(tmp_path / 'config.json'))['loss']
@@ -264,6 +278,11 @@ def _predict_config(config, **predict):
   return c
 
 
+def _reversed_rows(csv: str) -> str:
+  lines = csv.splitlines()
+  return '\n'.join(lines[:1] + lines[:0:-1]) + '\n'
+
+
 def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupted, config,
                                                                     tmp_path):
   from affectjax import predictions
@@ -285,7 +304,8 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   written = open(result['files'][0]).read().splitlines()
   assert os.path.basename(result['files'][0]) == (
       f'predictions_MTL_test_set_step{result["step"]}.csv')
-  assert written == reference  # same rows (sorted by video and frame), same decisions
+  # The list's rows in the list's order, with the evaluation's decisions.
+  assert written == reference[:1] + reference[:0:-1]
   # Per-AU thresholds (e.g. tuned by mode=eval on validation) decide the AUs.
   thresholds = np.linspace(0.2, 0.8, 12)
   threshold_file = tmp_path / 'thresholds.json'
@@ -296,7 +316,8 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   tuned = inference.predict_checkpoint(_predict_config(
       config, images=str(image_list), au_thresholds=str(threshold_file),
       out=str(tmp_path / 'tuned.csv')), str(workdir))
-  assert open(tuned['files'][0]).read() == expected != '\n'.join(reference) + '\n'
+  assert open(tuned['files'][0]).read() == _reversed_rows(expected) != '\n'.join(
+      reference[:1] + reference[:0:-1]) + '\n'
   # VA smoothing: a centred moving average over each video's predicted frames (5 video frames).
   decided, predicted = predictions.gather_decisions(rows, len(index), run.tasks)
   have = np.flatnonzero(predicted)
@@ -307,7 +328,7 @@ def test_predict_mode_writes_the_eval_predictions_for_an_image_list(uninterrupte
   smoothed = inference.predict_checkpoint(_predict_config(
       config, images=str(image_list), va_window=5, out=str(tmp_path / 'smoothed.csv')),
       str(workdir))
-  assert open(smoothed['files'][0]).read() == expected
+  assert open(smoothed['files'][0]).read() == _reversed_rows(expected)
 
 
 def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_path):
@@ -435,3 +456,62 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
     assert final[key] == image_eval[key], key
   assert np.isfinite(final['expr_f1']) and np.isfinite(final['va_ccc'])
 
+
+def test_ensemble_averages_the_members_probabilities(uninterrupted, config, tmp_path):
+  """mode=ensemble of two checkpoints of one run against a NumPy average of their own
+  evaluations; an ensemble of one member is that member."""
+  from affectjax import ensemble, predictions
+  _, workdir = uninterrupted
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())[-2:]
+  c = config.copy_and_resolve_references()
+  index = kinds.load_index(c, 'validation', ('expr', 'au', 'va'))
+  probs, evaluated = [], []
+  for step in steps:
+    c.eval_checkpoint = str(step)
+    run, state = inference.restore(c, str(workdir), index)
+    metrics, rows = evaluation.evaluate(run, run.eval_step(), state, index,
+                                        keep_predictions=True, tune=True)
+    evaluated.append((metrics, rows))
+    p = {'expr': np.zeros((len(index), c.num_expr_classes)), 'au': np.zeros((len(index), 12)),
+         'va': np.zeros((len(index), 2))}
+    for outputs, batch in rows:
+      keep = np.asarray(batch['valid'])
+      at = np.asarray(batch['index'])[keep]
+      logits = np.asarray(outputs['expr'], np.float64)[keep]
+      p['expr'][at] = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+      p['au'][at] = 1 / (1 + np.exp(-np.asarray(outputs['au'], np.float64)[keep]))
+      p['va'][at] = np.asarray(outputs['va'])[keep]
+    probs.append(p)
+  mean = {k: (probs[0][k] + probs[1][k]) / 2 for k in probs[0]}
+  decided = {'expr': mean['expr'].argmax(-1), 'au': (mean['au'] >= 0.5).astype(np.int64),
+             'va': np.clip(mean['va'], -1, 1)}
+  expected = open(predictions.write_mtl(str(tmp_path / 'expected.csv'), index, decided,
+                                        range(len(index)))).read()
+  e = config.copy_and_resolve_references()
+  e.mode, e.ensemble.members = 'ensemble', ','.join(f'{workdir}@{s}' for s in steps)
+  summary = ensemble.run_ensemble(e, str(tmp_path / 'ens'))
+  assert open(tmp_path / 'ens' / 'predictions_validation_ensemble.csv').read() == expected
+  assert [m['checkpoint_step'] for m in summary['members']] == steps
+  assert summary['shared_frames'] == len(index)
+  # The ensemble's VA CCC: NumPy's formula on the averaged values of the VA-labelled frames.
+  target = np.full((len(index), 2), -5.0)
+  for _, batch in evaluated[0][1]:
+    keep = np.asarray(batch['valid'])
+    target[np.asarray(batch['index'])[keep]] = np.asarray(batch['va'])[keep]
+  labelled = (target > -2).all(-1)
+  x, y = mean['va'][labelled], target[labelled]
+  ccc = 2 * ((x - x.mean(0)) * (y - y.mean(0))).mean(0) / (
+      x.var(0) + y.var(0) + (x.mean(0) - y.mean(0)) ** 2)
+  assert summary['eval']['va_ccc'] == pytest.approx(ccc.mean(), abs=1e-5)
+  # One member: the ensemble's outputs give that member's metrics and decisions.
+  metrics, rows = evaluated[-1]
+  member = ensemble.MemberPass(index, ('expr', 'au', 'va'))
+  for pair in rows:
+    member.on_batch(*pair)
+  tasks, combined, extra = ensemble.combine([member])
+  assert extra == [0]
+  accumulator = metrics_lib.MetricsAccumulator(tasks, c.num_expr_classes, keep_predictions=True)
+  accumulator.update(*combined[0])
+  alone = evaluation.metrics_of(accumulator, tasks, index, tune=True)
+  for key in ('expr_f1', 'au_f1', 'va_ccc', 'au_f1_tuned', 'va_window'):
+    assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key

@@ -97,16 +97,26 @@ def segment_rows(index, length: int) -> np.ndarray:
 
 
 def block_rows(index, size: int) -> np.ndarray:
-  """int64 [N, size]: for each row i, rows max(start of its video, i - size + 1) .. i (the frame
-  and up to size - 1 previous frames of its video), left-aligned and padded with -1, so the
-  current frame is the last present entry."""
+  """int64 [N, size]: for each row i at frame f, its video's frames f - size + 1 .. f by frame
+  number (not by row: frames without a crop or a feature have no row). A frame without a row
+  repeats the nearest earlier frame that has one, as the frame model's output would hold still
+  over a missing face; frames before the video's first row are left out. Left-aligned and padded
+  with -1, so the current frame is the last present entry."""
   if size < 1:
     raise ValueError(f'block size must be positive, got {size}')
-  first, _ = index_lib.run_bounds(index.video_id)
-  rows = np.arange(len(first))
-  lo = np.maximum(first, rows - size + 1)
-  block = lo[:, None] + np.arange(size)[None, :]
-  return np.where(block <= rows[:, None], block, -1).astype(np.int64)
+  first, end = index_lib.run_bounds(index.video_id)
+  frame = np.asarray(index.frame, np.int64)
+  wanted = frame[:, None] - (size - 1) + np.arange(size)[None, :]  # frame numbers [N, size]
+  # Per row and slot: the last row of the same video whose frame is <= the wanted frame.
+  found = np.empty_like(wanted)
+  for start, stop in zip(*np.unique(np.stack([first, end]), axis=1)):
+    rows = slice(start, stop)
+    found[rows] = start + np.searchsorted(frame[rows], wanted[rows], side='right') - 1
+  present = found >= first[:, None]
+  lead = size - present.sum(axis=1)  # slots before the video's first row, all at the start
+  slot = np.arange(size)[None, :] + lead[:, None]
+  return np.where(slot < size, np.take_along_axis(found, np.minimum(slot, size - 1), axis=1),
+                  -1).astype(np.int64)
 
 
 class SequenceBatchMaker:
