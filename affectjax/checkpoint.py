@@ -30,8 +30,10 @@ _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a step still being wri
 
 
 def state_tree(state) -> dict:
-  """The saved part of a TrainState: everything but the static apply_fn and tx."""
-  return {k: getattr(state, k) for k in STATE_FIELDS}
+  """The saved part of a TrainState: everything but the static apply_fn and tx (and `carry`
+  only for models that carry their state, so other checkpoints keep their layout)."""
+  carry = ('carry',) if getattr(state, 'carry', None) is not None else ()
+  return {k: getattr(state, k) for k in STATE_FIELDS + carry}
 
 
 def _score(metrics: dict) -> float:

@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.kind = 'image'  # 'image' (a CNN on face crops) | 'temporal' (configs/temporal.py)
   # Temporal models over per-frame features extracted from an image run (mode=features).
   c.temporal = temporal.default_temporal_config()
-  c.temporal.features_dir = ''  # the image run's WORKDIR/features
+  # the image run's WORKDIR/features; several comma-separated: concatenated per frame
+  c.temporal.features_dir = ''
   # 'segment': `length` consecutive frames, a prediction per frame (method 4); 'block': a frame
   # and its `length - 1` previous frames, a prediction for that frame (method 2)
   c.temporal.window = 'segment'
@@ -350,7 +351,13 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     if not config.temporal.features_dir:
       raise ConfigError("config.temporal.features_dir is unset: kind=temporal reads the "
                         "per-frame features of an image run's mode=features (WORKDIR/features)")
-    _existing(config, 'temporal.features_dir', folder=True)
+    for folder in config.temporal.features_dir.split(','):  # several: concatenated per frame
+      if not os.path.isdir(folder.strip()):
+        raise ConfigError(f'config.temporal.features_dir={folder.strip()}: no such folder')
+  t = config.temporal
+  if t.carry_state and (t.encoder not in ('gru', 'lstm') or t.window != 'segment'):
+    raise ConfigError(f'config.temporal.carry_state: carries a GRU or LSTM state across '
+                      f'segments (window segment), not encoder={t.encoder} window={t.window}')
   if config.mode == 'ensemble':
     _check_ensemble(config)
   if config.mode == 'features' and config.kind != 'image':

@@ -192,7 +192,7 @@ class TemporalKind:
   """Windows of per-frame features through a temporal model (configs/temporal*.py)."""
   name = 'temporal'
   extracts_features = False
-  INPUT_KEYS = ('features', 'probs', 'mask')
+  INPUT_KEYS = ('features', 'probs', 'mask', 'reset')
 
   def load_split(self, config, split: str):
     """The extracted features of `split` (a `sequences.FeatureSet`; `.index` its frames)."""
@@ -211,7 +211,9 @@ class TemporalKind:
 
   def _iterator(self, config, data, **kwargs):
     return sequences.make_iterator(data, config.data, window=config.temporal.window,
-                                   length=config.temporal.length, **kwargs, **_process_share())
+                                   length=config.temporal.length,
+                                   carry_state=config.temporal.carry_state, **kwargs,
+                                   **_process_share())
 
   def train_iterator(self, config, data):
     return self._iterator(config, data, global_batch_size=config.global_batch_size,

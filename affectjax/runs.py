@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from affectjax import kinds, labels, losses, optim, parallel, train, weights
@@ -41,10 +42,32 @@ class Run:
                           model_inputs=self.kind.model_inputs), self.mesh, donate_state=True)
 
   def eval_step(self):
-    """The jitted data-parallel inference step `(state, batch) -> outputs` (split by batch)."""
-    return parallel.data_parallel(
+    """The jitted data-parallel inference step `(state, batch) -> outputs` (split by batch);
+    for a model that carries its state across segments, a `CarriedEval` of it."""
+    step = parallel.data_parallel(
         functools.partial(train.eval_step, config=self.config,
                           model_inputs=self.kind.model_inputs), self.mesh, batch_out=True)
+    return step if self.state.carry is None else CarriedEval(step, self.state.carry, self.mesh)
+
+
+class CarriedEval:
+  """An inference step that threads the recurrent states of its batch lanes from one call to
+  the next, on the devices (split by batch like the outputs; the training state's own carry is
+  left alone). The lanes start at zero; a segment flagged `reset` (a video's first) starts from
+  zero anyway, so one pass over an evaluation split needs nothing else."""
+
+  def __init__(self, step, template, mesh):
+    self.step, self.carry = step, None
+    self.zeros = jax.jit(lambda mask: jax.tree_util.tree_map(
+        lambda x: jnp.zeros(mask.shape[:1] + x.shape[1:], x.dtype), template),
+        out_shardings=parallel.batch_sharding(mesh))
+
+  def __call__(self, state, batch):
+    if self.carry is None:
+      self.carry = self.zeros(batch['mask'])
+    outputs = dict(self.step(state, dict(batch, carry=self.carry)))
+    self.carry = outputs.pop('carry')
+    return outputs
 
 
 def resolve_dtype(name: str) -> str:
@@ -129,5 +152,6 @@ def build_run(config: ml_collections.ConfigDict, data, steps_per_epoch: int = 1)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
   tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
   model = kind.create_model(config, tasks)
-  state = train.create_train_state(model, tx, config.seed, kind.dummy_inputs(config, data))
+  state = train.create_train_state(model, tx, config.seed, kind.dummy_inputs(config, data),
+                                   carry_lanes=config.global_batch_size)
   return Run(config, kind, tasks, mesh, model, state, steps_per_epoch, total_steps, schedule)

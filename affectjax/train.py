@@ -26,13 +26,16 @@ ModelInputs = Callable[[Mapping[str, jax.Array], ml_collections.ConfigDict, Any]
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus BatchNorm statistics and the PRNG key for dropout/augmentation."""
+  """Flax TrainState plus BatchNorm statistics, the PRNG key for dropout/augmentation and, for
+  temporal models that carry their state across segments, the 'carry' collection of every
+  batch lane of the global batch (replicated; None otherwise)."""
   batch_stats: Any = None
   rng: jax.Array = None
+  carry: Any = None
 
 
 def create_train_state(model, tx: optax.GradientTransformation, seed: int,
-                       inputs) -> TrainState:
+                       inputs, carry_lanes: int = 1) -> TrainState:
   """Initialises parameters on a dummy batch: zeros of image shape `inputs` (H, W, 3), or
   `inputs` itself when it is a dict of dummy arrays (the temporal models).
 
@@ -44,9 +47,31 @@ def create_train_state(model, tx: optax.GradientTransformation, seed: int,
   dummy = (inputs if isinstance(inputs, Mapping)
            else jnp.zeros((1,) + tuple(inputs), jnp.float32))
   variables = model.init({'params': init_key, 'dropout': init_key}, dummy, train=False)
+  carry = variables.get('carry')  # zero states of `carry_lanes` lanes (the global batch)
+  if carry is not None:
+    carry = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((carry_lanes,) + x.shape[1:], x.dtype), carry)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+                           rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), carry=carry)
+
+
+def _gather_lanes(local: Any, carry: Any) -> Any:
+  """Every device's lanes back into a replicated global-batch carry: each device's rows in
+  place in zeros, summed over the devices (a psum: its result is replicated)."""
+  def gather(x, into):
+    start = jax.lax.axis_index(DATA_AXIS) * x.shape[0]
+    placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(into), x.astype(into.dtype),
+                                                 start, axis=0)
+    return jax.lax.psum(placed, DATA_AXIS)
+  return jax.tree_util.tree_map(gather, local, carry)
+
+
+def _lanes_of_this_device(carry: Any, lanes: int) -> Any:
+  """This device's rows of a replicated global-batch carry (its share of the batch lanes)."""
+  start = jax.lax.axis_index(DATA_AXIS) * lanes
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, start, lanes, axis=0), carry)
 
 
 def _head_path_selector(tasks: tuple) -> Callable:
@@ -123,16 +148,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   phase = jax.lax.pmax(batch['phase'][0], DATA_AXIS)  # same on every row and device
   batch = without_untrained_labels(batch, phase)
 
+  variables = {'batch_stats': state.batch_stats}
+  if state.carry is not None:
+    variables['carry'] = _lanes_of_this_device(state.carry, batch['valid'].shape[0])
+
   def loss_fn(params):
     outputs, new_vars = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, inputs, train=True,
-        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+        dict(variables, params=params), inputs, train=True, rngs={'dropout': dropout_rng},
+        mutable=list(variables))
     flat_outputs, flat_batch = flatten_time(outputs, batch)
     total, aux = losses.multitask_loss(flat_outputs, flat_batch, config.loss,
                                        axis_name=DATA_AXIS)
-    return total, (aux, new_vars['batch_stats'])
+    return total, (aux, new_vars)
 
-  (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (total, (aux, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  batch_stats = new_vars['batch_stats']
   grads = jax.lax.pmean(grads, DATA_AXIS)
   if not config.model.sync_bn:
     # Per-device statistics (like DDP without SyncBatchNorm); averaged so the state stays
@@ -155,8 +185,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   # rather than a tree-wide where, so XLA updates the donated state in place.
   finite = jnp.isfinite(total)
   new_state = jax.lax.cond(finite, update, lambda old: old, state)
-  # The rng must advance even when the update is skipped.
+  # The rng, and the carried states (the lanes have moved on), advance even when the update
+  # is skipped.
   new_state = new_state.replace(rng=rng)
+  if state.carry is not None:
+    new_state = new_state.replace(carry=_gather_lanes(new_vars['carry'], state.carry))
   metrics = dict(aux, loss=total, grad_norm=optax.tree.norm(grads),
                  finite=finite.astype(jnp.float32),
                  learning_rate=lr_schedule(state.step) * optim.plateau_scale(state.opt_state))
@@ -166,7 +199,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
               config: ml_collections.ConfigDict,
               model_inputs: ModelInputs) -> dict:
-  """Per-device inference on this device's share; returns the model outputs (float32)."""
-  outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                           model_inputs(batch, config, None), train=False)
-  return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+  """Per-device inference on this device's share; returns the model outputs (float32). A
+  batch with 'carry' (the states of its lanes, see `runs.CarriedEval`) also gets the new ones
+  back under 'carry'."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  inputs = model_inputs(batch, config, None)
+  if 'carry' not in batch:
+    outputs = state.apply_fn(variables, inputs, train=False)
+    return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+  outputs, new_vars = state.apply_fn(dict(variables, carry=batch['carry']), inputs,
+                                     train=False, mutable=['carry'])
+  return dict({k: v.astype(jnp.float32) for k, v in outputs.items()}, carry=new_vars['carry'])

@@ -14,9 +14,10 @@ frameworks (`basic` by default); append `,demo` or `,test` for the small variant
 Segments of 250 consecutive annotated frames; per task a head of Dense 512 -> 256 -> output
 (separate linear valence and arousal heads);
 loss a MSE(valence) + b MSE(arousal) + c CE(EXPR, 8 classes) + d BCE(AU), all weights 1 here
-(the paper tunes them); Adam 5e-5, 50 epochs, batch 8 segments, dropout 0.3. The paper's
-state carried across segments is not implemented;
-its VA smoothing is mode=eval's tuned window plus --config.predict.va_window.
+(the paper tunes them); Adam 5e-5, 50 epochs, batch 8 segments, dropout 0.3. GRU and LSTM
+carry their last state from a video's segment to its next (`temporal.carry_state`: each batch
+row a lane holding a video's segments in order; no gradient between segments); its VA
+smoothing is mode=eval's tuned window plus --config.predict.va_window.
 """
 from affectjax import config as config_lib
 from affectjax.models import temporal
@@ -46,6 +47,7 @@ def get_config(arg=None):
   c.temporal.top_layers = 1  # the authors' code: one layer per task on top of the shared ones
   c.temporal.feedback = 'au>expr' if c.temporal.framework == 'feedback' else ''
   c.temporal.va_heads = 'linear'  # valence and arousal heads of their own, linear
+  c.temporal.carry_state = encoder in ('gru', 'lstm')  # state across a video's segments
   c.loss.expr = 'ce'
   c.loss.va = 'mse'
   c.loss.va_column_weights = (1.0, 1.0)  # a, b

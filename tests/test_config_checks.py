@@ -151,6 +151,13 @@ def test_init_from_must_name_weights_and_is_not_created(tmp_path):
     config_lib.check_config(_base(init_from=str(tmp_path)))
 
 
+def test_carried_state_needs_a_recurrent_encoder_over_segments():
+  config_lib.check_config(_base(**{'temporal.carry_state': True}))  # GRU over segments
+  for field, value in (('temporal.encoder', 'transformer'), ('temporal.window', 'block')):
+    with pytest.raises(config_lib.ConfigError, match='carry_state: carries a GRU or LSTM'):
+      config_lib.check_config(_base(**{'temporal.carry_state': True, field: value}))
+
+
 def test_ensemble_needs_run_folders_and_checkpoints(tmp_path):
   with pytest.raises(config_lib.ConfigError, match='ensemble.members is unset'):
     config_lib.check_config(_base(mode='ensemble'))

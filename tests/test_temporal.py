@@ -113,6 +113,64 @@ def test_temporal_model_matches_pytorch(encoder):
                                err_msg=task)
 
 
+@pytest.mark.parametrize('encoder', ['gru', 'lstm'])
+def test_carried_state_equals_one_pass_over_the_concatenated_segments(encoder):
+  """Segment 2 of lane 0 continues segment 1 (its last state carried); lane 1 starts a new
+  video at segment 2 (reset): both against PyTorch over the whole sequences."""
+  model = temporal.TemporalModel(encoder=encoder, hidden=H, num_layers=1, head_dims=(HEAD,),
+                                 dropout=0.0, num_expr_classes=8, carry_state=True)
+  rng = np.random.default_rng(3)
+  whole = rng.normal(size=(2, 10, D)).astype(np.float32)
+  first = {'features': whole[:, :6], 'mask': np.ones((2, 6), bool)}
+  variables = model.init(jax.random.key(0), first)
+  params, carry = variables['params'], variables['carry']
+  assert jax.tree_util.tree_leaves(carry)[0].shape == (2, H)
+  out1, new = model.apply({'params': params, 'carry': carry},
+                          dict(first, reset=np.array([True, True])), mutable=['carry'])
+  out2, _ = model.apply({'params': params, 'carry': new['carry']},
+                        {'features': whole[:, 6:], 'mask': np.ones((2, 4), bool),
+                         'reset': np.array([False, True])}, mutable=['carry'])
+  with torch.no_grad():
+    forward = _torch_reference(encoder, jax.device_get(params))
+    full = forward(whole, np.ones((2, 10), bool))
+    fresh = forward(whole[1:, 6:], np.ones((1, 4), bool))
+  for task in ('expr', 'au', 'va'):
+    np.testing.assert_allclose(np.asarray(out1[task]), full[task][:, :6], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out2[task])[0], full[task][0, 6:], rtol=2e-4,
+                               atol=2e-5, err_msg=f'{task}: the carried lane')
+    np.testing.assert_allclose(np.asarray(out2[task])[1], fresh[task][0], rtol=2e-4,
+                               atol=2e-5, err_msg=f'{task}: the reset lane')
+
+
+def test_lanes_keep_each_video_in_order_and_flag_its_first_segment(tmp_path):
+  video = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])  # segments' videos (5 videos, 11 segments)
+  plans = [sequences.lane_plan(video, 3, np.random.default_rng(e)) for e in range(6)]
+  for plan in plans:
+    assert plan.shape == (4, 3)  # longest first: lanes {4}, {0, 1}, {2, 3} -> 4, 4, 3 segments
+    assert sorted(plan[plan >= 0].tolist()) == list(range(11))  # every segment once
+    for lane in plan.T:
+      segments = lane[lane >= 0]
+      for v in set(video[segments]):  # a video's segments consecutive and in order on a lane
+        mine = segments[video[segments] == v]
+        assert np.all(np.diff(mine) == 1) and len(mine) == (video == v).sum()
+  assert len({p.tobytes() for p in plans}) > 1  # the videos' order within lanes is shuffled
+  feature_set, _ = _feature_set(tmp_path)
+  config = pipeline.default_data_config()
+  config.read_threads = 0
+  batches = list(sequences.make_iterator(feature_set, config, length=4, global_batch_size=2,
+                                         training=False, carry_state=True))
+  seen = [b['index'][lane] for b in batches for lane in range(2)]
+  rows = np.concatenate([r[r >= 0] for r in seen])
+  assert sorted(rows.tolist()) == list(range(len(feature_set.index)))  # every frame once
+  for b in batches:
+    for lane in range(2):
+      present = b['index'][lane][b['index'][lane] >= 0]
+      if present.size:  # reset exactly where a video starts on this lane
+        starts = present[0] == 0 or feature_set.index.video_id[present[0] - 1] != (
+            feature_set.index.video_id[present[0]])
+        assert b['reset'][lane] == starts
+
+
 @pytest.mark.parametrize('encoder', temporal.ENCODERS)
 def test_padding_does_not_change_the_valid_frames(encoder):
   model, inputs = _model(encoder), _inputs()
@@ -140,6 +198,31 @@ def _feature_set(tmp_path, num_videos=3):
   ok[3] = False
   sequences.write_feature_set(str(tmp_path), 'train', index, features, ok, {'step': 1})
   return sequences.FeatureSet(str(tmp_path), 'train'), index
+
+
+def test_feature_folders_concatenate_per_frame_when_they_list_the_same_frames(tmp_path):
+  first, index = _feature_set(tmp_path / 'a')
+  n = len(index)
+  other = np.random.default_rng(1).normal(size=(n, 3)).astype(np.float16)
+  ok = np.ones(n, bool)
+  ok[5] = False
+  sequences.write_feature_set(str(tmp_path / 'b'), 'train', index, other, ok, {'step': 2})
+  both = sequences.FeatureSet(f"{tmp_path / 'a'},{tmp_path / 'b'}", 'train')
+  assert both.dim == 7 and both.features.shape == (n, 7)
+  rows = np.array([4, 0, 9])
+  np.testing.assert_array_equal(both.features[rows], np.concatenate(
+      [np.asarray(first.features)[rows], other[rows]], axis=-1))
+  assert np.flatnonzero(~both.ok).tolist() == [3, 5]  # unreadable in either
+  config = pipeline.default_data_config()
+  config.read_threads = 0
+  batch = next(iter(sequences.make_iterator(both, config, length=4, global_batch_size=2,
+                                            training=False)))
+  assert batch['features'].shape == (2, 4, 7)
+  shuffled = index_lib.AffWild2Index(index.video_names, index.video_id, index.frame[::-1].copy(),
+                                     index.expr, index.au, index.va, str(tmp_path), 'train', {})
+  sequences.write_feature_set(str(tmp_path / 'c'), 'train', shuffled, other, ok, {'step': 3})
+  with pytest.raises(ValueError, match='list other frames or another order'):
+    sequences.FeatureSet(f"{tmp_path / 'a'},{tmp_path / 'c'}", 'train')
 
 
 def test_segments_cover_every_frame_once_and_carry_their_labels(tmp_path):

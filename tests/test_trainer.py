@@ -441,6 +441,19 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   assert predicted['frames'] == predicted['predicted'] == len(eval_csv.splitlines()) - 1
   assert open(predicted['files'][0]).read() == eval_csv
 
+  # The GRU carries its state across a video's segments (configs/temporal.py): the carried
+  # states are part of the checkpoint, so a run halted and resumed ends where one that ran
+  # through does (the lanes' data order being a function of the step).
+  assert temporal_config.temporal.carry_state and summary['state'].carry is not None
+  temporal_config.halt_after_steps = 1
+  trainer.train_and_evaluate(temporal_config, str(tmp_path / 'resumed'))
+  temporal_config.halt_after_steps = 0
+  resumed = trainer.train_and_evaluate(temporal_config, str(tmp_path / 'resumed'))
+  assert resumed['steps'] == summary['steps']
+  assert_same_params(resumed['state'].carry, summary['state'].carry)
+  assert_same_params(params_of(resumed), params_of(summary))
+  assert np.abs(jax.tree_util.tree_leaves(summary['state'].carry)[0]).max() > 0
+
   # The temporal statistical model on blocks of the same features (8 EXPR classes here).
   stat_config = load_config('temporal_stat', 'stat_lstm,test')
   stat_config.temporal.features_dir = result['out']

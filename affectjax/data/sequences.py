@@ -11,7 +11,13 @@ video's last segment is padded with -1. Training shuffles the segments per epoch
 remainder to whole batches); evaluation visits every segment once, padded with empty segments.
 Batches: `features` float32 [B, L, D], `mask` bool [B, L] (frame present), `valid` bool [B, L]
 (present and readable), `expr` [B, L], `au` [B, L, 12], `va` [B, L, 2] (labels of untrained
-tasks are sentinels), `index` int32 [B, L] (-1 on padding), `phase` int32 [B] (0). Batches are
+tasks are sentinels), `index` int32 [B, L] (-1 on padding), `phase` int32 [B] (0).
+
+With `carry_state` (models that carry their state from a segment to the next) the B rows of a
+batch are lanes (`lane_plan`): each video is assigned to one lane, where its segments come in
+order on consecutive batches, and `reset` bool [B] marks a lane's segment that starts a video
+(or is padding). Lanes are filled longest videos first, once; training shuffles the order of the
+videos within each lane per epoch, so every epoch has the same number of batches. Batches are
 pure functions of (seed, batch number), so the iterator state and resume are exactly those of
 `pipeline.AffectIterator`.
 """
@@ -29,37 +35,73 @@ from affectjax.data import sampling
 META = 'meta.json'
 
 
+class _Concatenated:
+  """Several [N, D_i] feature arrays read as one [N, sum D_i] (rows gathered from each)."""
+
+  def __init__(self, parts):
+    self.parts = parts
+    self.shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
+    self.dtype = parts[0].dtype
+
+  def __getitem__(self, rows):
+    return np.concatenate([np.asarray(p[rows]) for p in self.parts], axis=-1)
+
+  def __len__(self):
+    return self.shape[0]
+
+
 class FeatureSet:
-  """The extracted features of one split."""
+  """The extracted features of one split. `directory` may name several feature folders,
+  comma-separated (e.g. several extractors, as the ABAW4 winners concatenate): their features
+  are concatenated per frame, after checking that they list the same frames in the same order;
+  a frame is readable where it is in all of them, EXPR probabilities come from the first that
+  has them."""
 
   def __init__(self, directory: str, split: str):
-    self.path = os.path.join(directory, split)
-    meta_path = os.path.join(self.path, META)
+    self.directory, self.split = directory, split
+    folders = [d.strip() for d in directory.split(',') if d.strip()]
+    parts = [self._load(os.path.join(d, split)) for d in folders]
+    self.path, self.meta, self.features, self.ok, self.probs, self.index = parts[0]
+    for path, _, _, ok, probs, index in parts[1:]:
+      if (index.video_names != self.index.video_names or len(index) != len(self.index)
+          or not np.array_equal(index.video_id, self.index.video_id)
+          or not np.array_equal(index.frame, self.index.frame)):
+        raise ValueError(f'{path} and {self.path} list other frames or another order: '
+                         'concatenated features need the same frames (extract them from the '
+                         'same data and split)')
+      self.ok = self.ok & ok
+      self.probs = self.probs if self.probs is not None else probs
+    if len(parts) > 1:
+      self.features = _Concatenated([part[2] for part in parts])
+
+  @staticmethod
+  def _load(path: str) -> tuple:
+    meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(
           f'{meta_path} not found: extract the features of an image run first with\n  python -m '
           'affectjax.main --config=<its config> --workdir=<its workdir> --config.mode=features')
     with open(meta_path) as f:
-      self.meta = json.load(f)
-    self.features = np.load(os.path.join(self.path, 'features.npy'), mmap_mode='r')
-    self.ok = np.load(os.path.join(self.path, 'ok.npy'))
-    probs_path = os.path.join(self.path, 'probs.npy')  # EXPR probabilities, when extracted
-    self.probs = np.load(probs_path, mmap_mode='r') if os.path.exists(probs_path) else None
-    self.index = index_lib.AffWild2Index.load(os.path.join(self.path, 'index.npz'))
-    if self.features.shape[0] != len(self.index) or self.ok.shape != (len(self.index),):
-      raise ValueError(f'{self.path}: {self.features.shape[0]} feature rows, {self.ok.shape[0]} '
-                       f'flags and {len(self.index)} index rows do not match: extract again')
+      meta = json.load(f)
+    features = np.load(os.path.join(path, 'features.npy'), mmap_mode='r')
+    ok = np.load(os.path.join(path, 'ok.npy'))
+    probs_path = os.path.join(path, 'probs.npy')  # EXPR probabilities, when extracted
+    probs = np.load(probs_path, mmap_mode='r') if os.path.exists(probs_path) else None
+    index = index_lib.AffWild2Index.load(os.path.join(path, 'index.npz'))
+    if features.shape[0] != len(index) or ok.shape != (len(index),):
+      raise ValueError(f'{path}: {features.shape[0]} feature rows, {ok.shape[0]} '
+                       f'flags and {len(index)} index rows do not match: extract again')
+    return path, meta, features, ok, probs, index
 
   @property
   def dim(self) -> int:
     return int(self.features.shape[1])
 
-  def __getstate__(self):  # worker processes reopen the memory map
-    return {'path': self.path}
+  def __getstate__(self):  # worker processes reopen the memory maps
+    return {'directory': self.directory, 'split': self.split}
 
   def __setstate__(self, state):
-    directory, split = os.path.split(state['path'])
-    self.__init__(directory, split)
+    self.__init__(state['directory'], state['split'])
 
 
 def write_feature_set(directory: str, split: str, index, features: np.ndarray, ok: np.ndarray,
@@ -94,6 +136,26 @@ def segment_rows(index, length: int) -> np.ndarray:
       row[:min(length, end - lo)] = np.arange(lo, min(lo + length, end))
       segments.append(row)
   return np.array(segments, np.int64).reshape(-1, length)
+
+
+def lane_plan(video_of_segment: np.ndarray, lanes: int, rng=None) -> np.ndarray:
+  """int64 [steps, lanes]: the segment of each lane at each step (-1: nothing left). Each video's
+  segments (consecutive numbers, as `segment_rows` gives them) in order on one lane; videos go,
+  longest first, to the lane with the fewest segments so far. With `rng`, each lane's videos
+  are visited in a random order (the lanes and their lengths stay the same)."""
+  starts = np.flatnonzero(np.r_[True, video_of_segment[1:] != video_of_segment[:-1]])
+  videos = np.split(np.arange(len(video_of_segment)), starts[1:]) if len(starts) else []
+  load, members = np.zeros(lanes, np.int64), [[] for _ in range(lanes)]
+  for v in sorted(range(len(videos)), key=lambda v: (-len(videos[v]), v)):
+    lane = int(np.argmin(load))
+    members[lane].append(v)
+    load[lane] += len(videos[v])
+  plan = np.full((int(load.max(initial=0)), lanes), -1, np.int64)
+  for lane, vs in enumerate(members):
+    order = rng.permutation(vs) if rng is not None and vs else vs
+    sequence = np.concatenate([videos[v] for v in order]) if vs else np.zeros(0, np.int64)
+    plan[:len(sequence), lane] = sequence
+  return plan
 
 
 def block_rows(index, size: int) -> np.ndarray:
@@ -132,7 +194,7 @@ class SequenceBatchMaker:
 
   def __init__(self, feature_set: FeatureSet, data_config, *, window: str, length: int,
                global_batch_size: int, process_index: int, process_count: int, seed: int = 0,
-               training: bool = True, labelled_only: bool = True):
+               training: bool = True, labelled_only: bool = True, carry_state: bool = False):
     self.features = feature_set
     index = feature_set.index
     self.tasks = labels.parse_tasks(data_config.tasks)
@@ -142,11 +204,17 @@ class SequenceBatchMaker:
     self.offset = process_index * self.batch
     self.seed, self.training = int(seed), training
     self.groups = None
+    self.segment_video = None  # with carry_state: each segment's video, for lane_plan
     if window == 'segment':
       self.units = segment_rows(index, length)
       count = len(self.units)
       self.steps_per_epoch = (count // self.global_batch if training
                               else -(-count // self.global_batch))
+      if carry_state:  # a video's segments in order on one lane (lane_plan)
+        video = index.video_id[self.units[:, 0]] if count else np.zeros(0, np.int64)
+        self.starts_video = np.r_[True, video[1:] != video[:-1]][:count]
+        self.segment_video = video
+        self.steps_per_epoch = len(lane_plan(video, self.global_batch))
     elif window == 'block':
       self.units = block_rows(index, length)
       if training:
@@ -177,6 +245,11 @@ class SequenceBatchMaker:
         self._plan = (epoch, sampling.epoch_plan(self.groups, self.seed, epoch,
                                                  self.global_batch)[0])
       return self._plan[1]
+    if self.segment_video is not None:  # [steps, lanes], flattened in batch order
+      if self._plan is None or self._plan[0] != epoch:
+        rng = np.random.default_rng([self.seed, int(epoch)]) if self.training else None
+        self._plan = (epoch, lane_plan(self.segment_video, self.global_batch, rng).reshape(-1))
+      return self._plan[1]
     if not self.training:
       return np.arange(len(self.units))
     return np.random.default_rng([self.seed, int(epoch)]).permutation(len(self.units))
@@ -196,6 +269,8 @@ class SequenceBatchMaker:
              'phase': np.zeros(self.batch, np.int32)}
     if fs.probs is not None:
       batch['probs'] = gather(fs.probs)
+    if self.segment_video is not None:  # a lane's segment that starts a video, or padding
+      batch['reset'] = (picks < 0) | self.starts_video[np.maximum(picks, 0)]
     if self.window == 'block':  # labels of the current (last present) frame only
       target = rows[np.arange(self.batch), np.maximum(present.sum(axis=1) - 1, 0)][:, None]
       labelled = target >= 0
@@ -215,15 +290,15 @@ class SequenceBatchMaker:
 def make_iterator(feature_set: FeatureSet, data_config, *, length: int,
                   global_batch_size: int, window: str = 'segment', seed: int = 0,
                   training: bool = True, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None,
-                  labelled_only: bool = True) -> pipeline.AffectIterator:
+                  num_epochs: int | None = None, labelled_only: bool = True,
+                  carry_state: bool = False) -> pipeline.AffectIterator:
   """Training (endless, or `num_epochs`) or evaluation (one pass) batches of windows of
   `length` frames (see `SequenceBatchMaker`)."""
   pipeline.check_batch(global_batch_size, process_index, process_count)
   maker = SequenceBatchMaker(feature_set, data_config, window=window, length=length,
                              global_batch_size=global_batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, training=training,
-                             labelled_only=labelled_only)
+                             labelled_only=labelled_only, carry_state=carry_state)
   counts = {'frames': len(feature_set.index), f'{window}s': len(maker.units),
             'steps' if not training else 'steps_per_epoch': maker.steps_per_epoch}
   print(f'{"train" if training else "eval"} {window}s of {length} frames: ' +

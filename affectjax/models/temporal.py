@@ -16,8 +16,11 @@ Encoders (`encoder`):
 Each task has its own head: `head_dims` Dense+ReLU+dropout layers (512, 256 in the paper), then
 the task's output layer; parameters live under 'head/<task>' so heads can be masked by path.
 Encoders are modules in the table `ENCODERS`; the paper's frameworks ('basic', 'share_bottom',
-'feedback') are `TemporalModel.framework`. Not implemented yet: carrying an RNN's last state into
-the next segment.
+'feedback') are `TemporalModel.framework`. With `carry_state` (GRU / LSTM) each recurrent layer
+starts a segment from the last state of the previous segment of its batch lane (the flax
+collection 'carry', one row per lane), or from zeros where `inputs['reset']` is set (a video's
+first segment): the paper's state carried across a video's consecutive segments, without
+gradient between segments (`data/sequences.py` lays a video's segments out in order on a lane).
 """
 from typing import ClassVar, Sequence
 
@@ -45,6 +48,9 @@ def default_temporal_config() -> ml_collections.ConfigDict:
       'top_layers': 1,
       'feedback': '',
       'va_heads': 'tanh',  # 'tanh' (one tanh pair) | 'linear' (separate valence, arousal heads)
+      # GRU / LSTM: the last state of a video's segment starts its next segment (window
+      # 'segment'; the segments of a video in order on one batch lane)
+      'carry_state': False,
       # encoder 'stat' (the temporal statistical model, window 'block'): its modules
       'stat': True,  # mean / max / min over the block
       'lstm_layers': 1,  # bidirectional LSTM layers of `hidden` units over the probabilities
@@ -89,6 +95,7 @@ class SequenceEncoder(nn.Module):
   dropout: float
   num_heads: int = 4
   ff_dim: int = 1024
+  stateful: bool = False  # recurrent encoders: carry the state across calls ('carry')
 
 
 class _Weights(nn.Module):
@@ -115,9 +122,10 @@ class RecurrentLayer(nn.Module):
   """
   hidden: int
   cell: str  # 'gru' | 'lstm'
+  stateful: bool = False  # start from the 'carry' collection's state, except where `reset`
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, reset=None):
     gates = ('r', 'z', 'n') if self.cell == 'gru' else ('i', 'f', 'g', 'o')
     # GRU: biases on the input side and on 'hn' (inside the reset gate); LSTM: on the state side.
     inputs = jnp.concatenate([nn.Dense(self.hidden, use_bias=self.cell == 'gru',
@@ -129,6 +137,11 @@ class RecurrentLayer(nn.Module):
     # A zero initial state derived from the input: under shard_map it is then per-device
     # ('varying') like the scan's outputs, as jax.lax.scan requires.
     zero = jnp.zeros_like(inputs[:, 0, :h])
+    names = ('h',) if self.cell == 'gru' else ('c', 'h')
+    held = [self.variable('carry', n, jnp.zeros, zero.shape, zero.dtype) for n in names
+            ] if self.stateful else []
+    start = [zero if reset is None else jnp.where(jnp.asarray(reset, bool)[:, None], zero,
+                                                  jax.lax.stop_gradient(v.value)) for v in held]
     if self.cell == 'gru':
       bias_n = weights[2][1]
 
@@ -139,7 +152,7 @@ class RecurrentLayer(nn.Module):
         n = jnp.tanh(projected[:, 2 * h:] + r * (recurrent[:, 2 * h:] + bias_n))
         state = (1.0 - z) * n + z * state
         return state, state
-      init = zero
+      init = start[0] if held else zero
     else:
       bias = jnp.concatenate([b for _, b in weights])
 
@@ -150,8 +163,10 @@ class RecurrentLayer(nn.Module):
         c = f * c + i * jnp.tanh(pre[:, 2 * h:3 * h])
         hs = o * jnp.tanh(c)
         return (c, hs), hs
-      init = (zero, zero)
-    _, outputs = jax.lax.scan(step, init, jnp.swapaxes(inputs, 0, 1))
+      init = tuple(start) if held else (zero, zero)
+    last, outputs = jax.lax.scan(step, init, jnp.swapaxes(inputs, 0, 1))
+    for variable, value in zip(held, (last,) if self.cell == 'gru' else last):
+      variable.value = value  # a padded segment's is never used: a reset follows it
     return jnp.swapaxes(outputs, 0, 1)
 
 
@@ -161,10 +176,10 @@ class RecurrentEncoder(SequenceEncoder):
   cell: ClassVar[str] = 'gru'
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
+  def __call__(self, x, mask, train: bool, reset=None):
     del mask  # causal layers: the valid frames come first in a segment
     for i in range(self.num_layers):
-      x = RecurrentLayer(self.hidden, self.cell, name=f'{self.cell}{i}')(x)
+      x = RecurrentLayer(self.hidden, self.cell, self.stateful, name=f'{self.cell}{i}')(x, reset)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return x
 
@@ -182,7 +197,8 @@ class TransformerEncoder(SequenceEncoder):
   `EncoderLayer`s (`num_heads`, `ff_dim`) with a padding mask, then dropout."""
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
+  def __call__(self, x, mask, train: bool, reset=None):
+    del reset  # context stays within a segment
     x = nn.Dense(self.hidden, name='project')(x)
     x = x + sinusoidal_positions(x.shape[1], self.hidden)[None]
     attention_mask = nn.make_attention_mask(mask, mask)
@@ -260,6 +276,7 @@ class TemporalModel(nn.Module):
   top_layers: int = 1
   feedback: Sequence[tuple] = ()
   va_heads: str = 'tanh'
+  carry_state: bool = False
 
   @nn.compact
   def __call__(self, inputs, train: bool = False):
@@ -268,19 +285,22 @@ class TemporalModel(nn.Module):
       raise ValueError(f'temporal.encoder must be one of {(*ENCODERS, "stat")}, got '
                        f'{self.encoder!r}')
     encoder = ENCODERS[self.encoder](self.hidden, self.num_layers, self.dropout, self.num_heads,
-                                     self.ff_dim, name='encoder')
+                                     self.ff_dim, self.carry_state, name='encoder')
     # The encoder's layers live directly under this model (`gru0`, `layer0`, `project`...), as
     # they did before encoders were modules of their own: existing checkpoints restore.
     nn.share_scope(self, encoder)
     mask = jnp.asarray(inputs['mask'], bool)
-    x = encoder(jnp.asarray(inputs['features'], jnp.float32), mask, train)
+    # Without lanes (initialisation, a plain call) every segment starts a video.
+    reset = inputs.get('reset', jnp.ones(mask.shape[:1], bool)) if self.carry_state else None
+    x = encoder(jnp.asarray(inputs['features'], jnp.float32), mask, train, reset)
     if self.framework != 'basic':
       tops = {}
       for task in top_order(self.tasks, self.feedback):
         fed = [jax.lax.stop_gradient(tops[s]) for s, target in self.feedback if target == task]
         tops[task] = ENCODERS[self.encoder](
             self.hidden, self.top_layers, self.dropout, self.num_heads, self.ff_dim,
-            name=f'top_{task}')(jnp.concatenate([x] + fed, axis=-1), mask, train)
+            self.carry_state, name=f'top_{task}')(jnp.concatenate([x] + fed, axis=-1), mask,
+                                                  train, reset)
       x = tops
     return heads.TaskHeads(tuple(self.tasks), self.num_expr_classes, tuple(self.head_dims),
                      self.dropout, va_heads=self.va_heads, name='head')(x, train)
@@ -296,4 +316,5 @@ def create_model(temporal_config, tasks, num_expr_classes: int) -> nn.Module:
                        num_heads=c.num_heads, ff_dim=c.ff_dim, head_dims=tuple(c.head_dims),
                        dropout=c.dropout, tasks=tuple(tasks), num_expr_classes=num_expr_classes,
                        framework=c.framework, top_layers=c.top_layers,
-                       feedback=parse_feedback(c.feedback), va_heads=c.va_heads)
+                       feedback=parse_feedback(c.feedback), va_heads=c.va_heads,
+                       carry_state=c.carry_state)
