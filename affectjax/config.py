@@ -14,7 +14,7 @@ from affectjax import checkpoint, labels, losses, metrics, optim, predictions
 from affectjax.data import layout, pipeline, sampling, sources
 from affectjax.models import affect, preprocess, temporal
 
-MODES = ('train', 'eval', 'predict', 'features', 'ensemble')  # main.py's mode table
+MODES = ('train', 'eval', 'predict', 'features', 'ensemble', 'oof')  # main.py's mode table
 KINDS = ('image', 'temporal')  # kinds.KINDS
 
 
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   """Every knob of a run, with defaults; configs/*.py change a few of them."""
   c = ml_collections.ConfigDict()
-  c.mode = 'train'  # 'train' | 'eval' | 'predict' | 'features' | 'ensemble'
+  c.mode = 'train'  # 'train' | 'eval' | 'predict' | 'features' | 'ensemble' | 'oof'
   c.tasks = 'expr,au,va'  # comma-separated subset of expr, au, va
   c.num_expr_classes = 7  # 7 (ABAW1/2) or 8 (ABAW3+, with Other)
   c.edition = 'abaw2'  # metric definitions for the validation score: 'abaw2' | 'abaw3'
@@ -360,6 +360,9 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
                       f'segments (window segment), not encoder={t.encoder} window={t.window}')
   if config.mode == 'ensemble':
     _check_ensemble(config)
+  if config.mode == 'oof' and (config.kind != 'image' or config.data.folds < 2):
+    raise ConfigError(f'config.data.folds={config.data.folds}: mode=oof trains K >= 2 fold runs '
+                      f'of an image config (kind={config.kind})')
   if config.mode == 'features' and config.kind != 'image':
     raise ConfigError(f'config.kind={config.kind}: mode=features extracts features with an '
                       'image run')

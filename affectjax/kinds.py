@@ -48,9 +48,28 @@ def load_index(config: ml_collections.ConfigDict, split: str, tasks: tuple | Non
   if split == 'train':
     index = holdout_validation_videos(index, _split_index(config, root, 'validation', tasks),
                                       config.data.holdout_validation_videos)
+    if config.data.folds > 0 and 0 <= config.data.fold < config.data.folds:
+      rest = fold_of_rows(index, config.data.folds) != config.data.fold
+      if parallel.is_main_process():
+        print(f'fold {config.data.fold} of {config.data.folds}: {int((~rest).sum())} training '
+              'frames of its source videos left out (mode=oof predicts them)', flush=True)
+      index = index.subset(np.flatnonzero(rest))
   if parallel.is_main_process():
     print(index.describe(), flush=True)
   return index
+
+
+def fold_of_rows(index, folds: int) -> np.ndarray:
+  """int [N]: the fold of each row. Whole source videos (both crops of a two-subject video
+  together) go, most frames first, to the fold with the fewest frames so far: balanced folds,
+  a function of the index alone."""
+  sources = np.asarray(index.source_videos)[index.video_id] if len(index) else np.zeros(0, str)
+  names, per_row, counts = np.unique(sources, return_inverse=True, return_counts=True)
+  fold_of_source, load = np.zeros(len(names), np.int64), np.zeros(folds, np.int64)
+  for s in sorted(range(len(names)), key=lambda s: (-counts[s], names[s])):
+    fold_of_source[s] = int(np.argmin(load))
+    load[fold_of_source[s]] += counts[s]
+  return fold_of_source[per_row]
 
 
 def packed_only(config: ml_collections.ConfigDict) -> bool:

@@ -6,7 +6,8 @@ checkpoints), `eval` (restores a checkpoint of WORKDIR and evaluates `config.eva
 `config.predict.videos` or `config.predict.images`) and `features` (writes a checkpoint's
 per-frame features for the temporal models of configs/temporal.py) and `ensemble` (averages
 the predictions of finished runs, `config.ensemble.members`, and evaluates and predicts with the
-average).
+average) and `oof` (out-of-fold features: `config.data.folds` image runs, each predicting the
+training videos it left out, and a full run for the evaluation frames).
 Any config field can be overridden: `--config.optim.learning_rate=3e-4`.
 A config no run can use (also `init_from` naming nothing usable) ends the run before anything
 is loaded, with `error: ...` on stderr and exit status 2 (as does a config file that cannot be
@@ -70,10 +71,10 @@ def main(argv):
   try:
     config_lib.check_config(config)
     _maybe_initialize_distributed(config)
-    from affectjax import ensemble, inference, trainer
+    from affectjax import ensemble, inference, oof, trainer
     modes = {'train': trainer.train_and_evaluate, 'eval': inference.evaluate_checkpoint,
              'predict': inference.predict_checkpoint, 'features': inference.extract_features,
-             'ensemble': ensemble.run_ensemble}
+             'ensemble': ensemble.run_ensemble, 'oof': oof.run_oof}
     modes[config.mode](config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     _fail(e, 2)

@@ -19,7 +19,7 @@ LAYERS = (
     ('runs',),  # the resolved config and the run
     ('evaluation',),
     ('trainer', 'inference', 'convert'),  # the loop; modes from a checkpoint; the converter
-    ('ensemble',),  # averages of runs restored by inference
+    ('ensemble', 'oof'),  # averages of runs; out-of-fold features from fold runs
     ('main',),
 )
 

@@ -52,7 +52,7 @@ def _base(**fields):
 
 @pytest.mark.parametrize('field,value,message', [
     ('mode', 'trian', "config.mode='trian': must be one of train, eval, predict, features, "
-                      'ensemble'),
+                      'ensemble, oof'),
     ('kind', 'video', "config.kind='video': must be one of image, temporal"),
     ('tasks', 'expr,pose', "config.tasks='expr,pose': unknown task 'pose'; expected a non-empty "
                            'subset of expr,au,va'),

@@ -59,3 +59,34 @@ def test_validation_videos_are_held_out_of_training(overlapping_root, tmp_path, 
   # The validation split itself is untouched.
   val = kinds.load_index(_config(root, tmp_path, True), 'validation')
   assert shared in {val.video_names[i] for i in set(val.video_id.tolist())}
+
+
+def test_folds_hold_whole_source_videos_and_each_fold_run_leaves_its_own_out(
+    overlapping_root, tmp_path):
+  names = ('a', 'b_left', 'b_right', 'c', 'd', 'e')
+  frames = (5, 3, 3, 4, 2, 1)
+  index = index_lib.AffWild2Index(
+      names, np.repeat(np.arange(6), frames).astype(np.int32),
+      np.concatenate([np.arange(1, n + 1) for n in frames]).astype(np.int32),
+      np.zeros(18, np.int8), np.zeros((18, 12), np.int8), np.zeros((18, 2), np.float32),
+      '', 'train', {})
+  fold = kinds.fold_of_rows(index, 2)
+  by_video = {names[v]: set(fold[index.video_id == v].tolist()) for v in range(6)}
+  assert all(len(f) == 1 for f in by_video.values())  # a video's frames in one fold
+  assert by_video['b_left'] == by_video['b_right']  # both crops of a two-subject video
+  # Most frames first to the lighter fold: b (6) -> 0, a (5) -> 1, c (4) -> 1, d (2) -> 0,
+  # e (1) -> 0: 9 frames each.
+  assert np.bincount(fold).tolist() == [9, 9] and by_video['a'] == {1}
+  np.testing.assert_array_equal(kinds.fold_of_rows(index, 2), fold)  # deterministic
+  root, _ = overlapping_root
+  c = _config(root, tmp_path, True)
+  full = kinds.load_index(c, 'train')
+  c.data.folds = 3
+  folds = kinds.fold_of_rows(full, 3)
+  for j in range(3):
+    c.data.fold = j
+    left = kinds.load_index(c, 'train')
+    kept = {(full.video_names[v], f) for v, f in zip(left.video_id, left.frame)}
+    expected = {(full.video_names[v], f) for v, f, k in zip(full.video_id, full.frame, folds)
+                if k != j}
+    assert kept == expected and len(left) < len(full)

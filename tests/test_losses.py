@@ -152,7 +152,6 @@ CONFIGS = {
     'focal_mse': dict(expr='focal', focal_alpha=[0.25, 1, 1, 1, 0.5, 1, 1], va='mse',
                       va_column_weights=(0.7, 1.3), weights={'au': 2.0}),
     'ccc_plus_mse': dict(expr='ce', va='ccc+mse', weights={'va': 0.5, 'va5': 1.0}),
-    'naive_mse': dict(expr='ce', au='mse', va='mse'),  # method 3's naive multi-task model
 }
 
 
@@ -205,6 +204,21 @@ def _linear_problem(seed, b=64, d=5):
   batch = _random_batch(rng, b)
   batch['x'] = rng.standard_normal((b, d)).astype(np.float32)
   return params, batch
+
+
+def test_au_mse_of_the_probability_matches_numpy():
+  """loss.au='mse' (method 3's naive multi-task model): (sigmoid(logit) - label)^2 averaged
+  over the labelled (frame, AU) entries."""
+  cfg = _config(expr='ce', au='mse', va='mse')
+  params, batch = _linear_problem(8)
+  outputs = _linear_outputs(params, batch['x'])
+  total, aux = losses.multitask_loss(outputs, batch, cfg)
+  np.testing.assert_allclose(float(total), _numpy_total(
+      {k: np.asarray(v) for k, v in outputs.items()}, batch, cfg), rtol=2e-5)
+  x, t = np.asarray(outputs['au'], np.float64), batch['au']
+  m = (t >= 0) & batch['valid'][:, None]
+  np.testing.assert_allclose(float(aux['loss_au']), np.mean(((1 / (1 + np.exp(-x)) - t) ** 2)[m]),
+                             rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))

@@ -193,9 +193,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
     if np.issubdtype(np.asarray(leaf).dtype, np.floating):
       assert np.asarray(leaf).dtype == np.float32
   assert all(np.isfinite(m['loss']) and m['finite'] == 1.0 for m in history)
-  # bf16 and float32 compute agree roughly on the first loss (same initial parameters).
-  _, history32 = run_steps(tiny_config(**{'model.sync_bn': False}), 2, batches[:1])
-  np.testing.assert_allclose(history[0]['loss'], history32[0]['loss'], rtol=0.05)
+  # That bf16 and float32 compute agree on the first loss (same state and batch, the real
+  # multi-task step) is the accelerator check's `bf16_vs_float32_loss`, which
+  # tests/test_smoke_accelerator.py asserts.
 
 
 def test_plateau_scales_the_update_after_patience_epochs_without_improvement():

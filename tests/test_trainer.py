@@ -528,3 +528,48 @@ def test_ensemble_averages_the_members_probabilities(uninterrupted, config, tmp_
   alone = evaluation.metrics_of(accumulator, tasks, index, tune=True)
   for key in ('expr_f1', 'au_f1', 'va_ccc', 'au_f1_tuned', 'va_window'):
     assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
+    uninterrupted, config, tmp_path, monkeypatch):
+  """mode=oof with 2 folds: each training frame's features come from its fold's run, which was
+  asked to leave that fold out (kinds.load_index with data.fold, tested in test_holdout.py);
+  the evaluation frames' from the full run. The runs themselves are stood in for by checkpoints
+  of the finished run (another step per fold, so the models differ): the trainer is tested
+  above."""
+  from affectjax import oof
+  from affectjax.data import sequences
+  _, workdir = uninterrupted
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())[-2:]
+  trained = []
+
+  def stand_in(c, folder):  # a "run" of fold c.data.fold: one checkpoint of the finished run
+    trained.append((c.data.fold, c.data.folds, os.path.basename(folder)))
+    step = steps[c.data.fold] if c.data.fold >= 0 else steps[-1]
+    shutil.copytree(workdir / 'checkpoints' / str(step),
+                    os.path.join(folder, 'checkpoints', str(step)))
+    return {}
+
+  monkeypatch.setattr(trainer, 'train_and_evaluate', stand_in)
+  c = config.copy_and_resolve_references()
+  c.data.folds, c.eval_checkpoint = 2, 'latest'
+  result = oof.run_oof(c, str(tmp_path))
+  assert trained == [(0, 2, 'fold_0'), (1, 2, 'fold_1'), (-1, 2, 'full')]
+  train = sequences.FeatureSet(result['out'], 'train')
+  full_index = kinds.load_index(c, 'train')
+  np.testing.assert_array_equal(train.index.frame, full_index.frame)
+  assert train.ok.all() and train.meta['fold_steps'] == steps
+  for j, step in enumerate(steps):
+    rows = np.flatnonzero(result['fold'] == j)
+    assert 0 < len(rows) < len(full_index)
+    c.eval_checkpoint = str(step)
+    run, state = inference.restore(c, str(workdir), full_index)
+    _, pairs = evaluation.evaluate(run, run.eval_step(), state, full_index.subset(rows),
+                                   keep_predictions=True)
+    for outputs, batch in pairs:
+      keep = np.asarray(batch['valid'])
+      np.testing.assert_allclose(train.features[rows[np.asarray(batch['index'])[keep]]],
+                                 np.asarray(outputs['embedding'])[keep], rtol=2e-3, atol=2e-3)
+  validation = sequences.FeatureSet(result['out'], 'validation')
+  assert validation.meta['workdir'] == str(tmp_path / 'full')
+  assert validation.meta['step'] == steps[-1]

@@ -69,6 +69,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Leave out of training every video that is a validation video of a trained task (the
       # per-task sets can put one video in one task's training set and another's validation set).
       'holdout_validation_videos': True,
+      # Out-of-fold runs (mode=oof): the training split's source videos in `folds` groups
+      # (kinds.fold_of_rows); with 0 <= fold < folds, training leaves out group `fold`.
+      'folds': 0,
+      'fold': -1,
       # -1 = auto (`worker_count`: none on a CPU backend, else 4 per GPU within the cores);
       # 0 = read in this process; n > 0 = n grain worker processes
       'worker_count': -1,

@@ -1,0 +1,83 @@
+"""mode=oof: out-of-fold per-frame features for the temporal models.
+
+`mode=features` of an image run gives the training frames' features from a model that trained
+on those very frames: more confident than the validation frames' ones, which the temporal model
+then meets only at evaluation. mode=oof (`--config.data.folds=K`, K >= 2) instead:
+1. splits the training split's source videos into K folds (`kinds.fold_of_rows`: whole videos,
+   both crops of a two-subject video together, balanced by frames; every task's videos);
+2. trains K image runs, WORKDIR/fold_<j>, each on the training videos outside fold j
+   (`data.fold=j`), and with each extracts the features of fold j's frames: no frame's features
+   come from a model that trained on its video;
+3. trains the full run, WORKDIR/full, on every training video and extracts the validation
+   frames' features (and the test list's, given `config.predict`) with it: the model a
+   temporal run is evaluated with sees each of those frames unseen, as the folds' models do.
+Each run resumes like any run, so an interrupted mode=oof picks up where it stopped. The result
+is one features folder, WORKDIR/features (`train`: the K folds' features in the training
+index's order; `validation`, `test_<list>`), for `--config.temporal.features_dir`.
+
+The fold models and the full model are separately trained networks: their embeddings are not
+the same coordinates, so a temporal model trains on K feature spaces and is evaluated on
+another. The EXPR probabilities (`probs`, written when the run trains EXPR) mean the same thing
+whatever model gives them; the embeddings only resemble each other.
+"""
+import os
+
+import ml_collections
+import numpy as np
+
+from affectjax import evaluation, inference, kinds, parallel, trainer
+from affectjax.data import sequences
+
+
+def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """mode=oof (see the module docstring); returns {'out', 'folds', 'frames'}."""
+  workdir = os.path.abspath(workdir)
+  folds = int(config.data.folds)
+  kind = kinds.get_kind(config)
+  index = kinds.load_index(config, 'train')
+  fold = kinds.fold_of_rows(index, folds)
+  out = config.features_out or os.path.join(workdir, 'features')
+  features, probs, ok, steps = None, None, np.zeros(len(index), bool), []
+  for j in range(folds):
+    c = config.copy_and_resolve_references()
+    c.mode, c.data.fold = 'train', j
+    folder = os.path.join(workdir, f'fold_{j}')
+    rows = np.flatnonzero(fold == j)
+    _say(f'[oof] fold {j + 1}/{folds}: training on the other folds in {folder}, then the '
+         f'features of its {len(rows)} frames')
+    trainer.train_and_evaluate(c, folder)
+    held = index.subset(rows)
+    run, state = inference.restore(c, folder, held)
+    collected = inference.FrameFeatures(len(held))
+    evaluation.infer(run, run.eval_step(), state,
+                     kind.eval_iterator(run.config, held, labelled_only=False),
+                     collected.on_batch)
+    if features is None:
+      features = np.zeros((len(index), collected.features.shape[1]), np.float16)
+      if collected.probs is not None:
+        probs = np.zeros((len(index), collected.probs.shape[1]), np.float16)
+    features[rows], ok[rows] = collected.features, collected.ok
+    if probs is not None:
+      probs[rows] = collected.probs
+    steps.append(int(state.step))
+  c = config.copy_and_resolve_references()
+  c.mode, c.data.fold, c.features_out = 'train', -1, out
+  full = os.path.join(workdir, 'full')
+  _say(f'[oof] the full run on every training video in {full}, then the evaluation features')
+  trainer.train_and_evaluate(c, full)
+  extracted = inference.extract_features(c, full, train=False)
+  if parallel.is_main_process():
+    meta = {'workdir': workdir, 'oof_folds': folds, 'fold_steps': steps,
+            'fold_frames': np.bincount(fold, minlength=folds).tolist(),
+            'full_step': extracted['step'], 'tasks': config.tasks}
+    sequences.write_feature_set(out, 'train', index, features, ok, meta, probs=probs)
+    print(f'Out-of-fold features of {len(index)} training frames from {folds} fold runs '
+          f'({", ".join(map(str, meta["fold_frames"]))} frames), the evaluation features from '
+          f'the full run: {out}\n  train a temporal model on them with '
+          f'--config=configs/temporal.py --config.temporal.features_dir={out}', flush=True)
+  return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold}
+
+
+def _say(text: str) -> None:
+  if parallel.is_main_process():
+    print(text, flush=True)
