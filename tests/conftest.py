@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Must happen before JAX initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -21,3 +23,18 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 def pytest_sessionfinish(session, exitstatus):
   if _CACHE is not None:
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def config(tmp_path_factory):
+  """The trained run's config (run_helpers.run_config); modules may define their own."""
+  import run_helpers  # pylint: disable=import-outside-toplevel
+  return run_helpers.run_config(str(tmp_path_factory.mktemp('data_cache')))
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(config, tmp_path_factory):
+  """(summary, workdir) of the test run trained once for the session, uninterrupted."""
+  from affectjax import trainer  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  return trainer.train_and_evaluate(config, str(workdir)), workdir
