@@ -118,16 +118,14 @@ def combine(passes: list) -> tuple:
   extra = [int(p.got.sum()) - len(rows) for p in passes]
   outputs, batch = {}, {'valid': np.ones(len(rows), bool), 'index': rows.astype(np.int32)}
   batch.update({k: v[rows] for k, v in labels.missing_labels(len(ref.index), 'batch').items()})
+  # Each member's rows of the shared frames, in the first member's order (looked up once).
+  at = [np.asarray([where[key] for key in keys[0][rows]], np.int64) for where in (
+      dict(zip(k[p.got], np.flatnonzero(p.got))) for p, k in zip(passes, keys))]
   for task in tasks:
-    having = [(p, k) for p, k in zip(passes, keys) if task in p.tasks]
-    stacked = []
-    for p, k in having:
-      where = dict(zip(k[p.got], np.flatnonzero(p.got)))
-      stacked.append(p.probs[task][[where[key] for key in keys[0][rows]]])
-    mean = np.mean(stacked, axis=0)
-    first, k = having[0]
-    batch[task] = first.labels[task][[dict(zip(k, range(len(k))))[key]
-                                      for key in keys[0][rows]]]
+    having = [(p, r) for p, r in zip(passes, at) if task in p.tasks]
+    mean = np.mean([p.probs[task][r] for p, r in having], axis=0)
+    first, r = having[0]
+    batch[task] = first.labels[task][r]
     outputs[task] = FROM_PROBABILITY.get(task, lambda m: m)(mean)
   return tasks, [(outputs, batch)], extra
 
