@@ -12,10 +12,10 @@ import ml_collections
 
 from affectjax import checkpoint, labels, losses, metrics, optim, predictions
 from affectjax.data import layout, pipeline, sampling, sources
-from affectjax.models import affect, preprocess, temporal
+from affectjax.models import affect, preprocess, resnet, temporal
 
 MODES = ('train', 'eval', 'predict', 'features', 'ensemble', 'oof')  # main.py's mode table
-KINDS = ('image', 'temporal')  # kinds.KINDS
+KINDS = ('image', 'block', 'temporal')  # kinds.KINDS
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Input normalisation: 'auto' follows the init_from weights, else 'unit' (scratch).
   c.preprocessing = 'auto'  # 'auto' | 'unit' | 'imagenet' | 'vggface2'
 
-  c.kind = 'image'  # 'image' (a CNN on face crops) | 'temporal' (configs/temporal.py)
+  c.kind = 'image'  # 'image' (crops) | 'block' (blocks of crops, end to end) | 'temporal'
   # Temporal models over per-frame features extracted from an image run (mode=features).
   c.temporal = temporal.default_temporal_config()
   # the image run's WORKDIR/features; several comma-separated: concatenated per frame
@@ -280,10 +280,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('optim.schedule', optim.SCHEDULES), ('optim.plateau.monitor', optim.PLATEAU_MONITORS),
       ('loss.au', ('bce', 'mse')), ('data.layout', layout.LAYOUTS),
       ('data.sampling', sampling.SAMPLING_SCHEMES), ('data.source', sources.SOURCES),
-      ('temporal.encoder', (*temporal.ENCODERS, 'stat')),
+      ('temporal.encoder', (*temporal.ENCODERS, 'stat')), ('model.trainable', resnet.TRAINABLE),
       ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
-      ('temporal.va_heads', ('tanh', 'linear')),
-      ('distributed.initialize', ('auto', 'yes', 'no'))):
+      ('temporal.va_heads', ('tanh', 'linear')), ('distributed.initialize', ('auto', 'yes', 'no'))):
     _one_of(config, field, allowed)
   try:
     tasks = labels.parse_tasks(config.tasks)
@@ -295,6 +294,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                temporal.parse_feedback(config.temporal.feedback), tasks)
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
+  t = config.temporal
+  if config.kind == 'block' and (t.encoder, t.window) != ('stat', 'block'):
+    raise ConfigError(f'config.kind=block (method 2 end to end) needs temporal.encoder=stat and '
+                      f'temporal.window=block, got {t.encoder} and {t.window}')
   if config.data.sampling == 'alternating' and not {'expr', 'au'} <= set(tasks):
     raise ConfigError(f'config.data.sampling=alternating: needs tasks expr and au, got '
                       f'config.tasks={config.tasks}')

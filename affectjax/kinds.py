@@ -23,7 +23,7 @@ from affectjax import labels, parallel, train
 from affectjax.data import index as index_lib
 from affectjax.data import pipeline, sampling, sequences, sources, unlabelled
 from affectjax.data.synthetic import generate as synthetic
-from affectjax.models import affect, temporal
+from affectjax.models import affect, stat, temporal
 
 
 def data_root(config: ml_collections.ConfigDict) -> str:
@@ -177,15 +177,18 @@ class ImageKind:
         videos=unlabelled.read_video_list(p.videos) if p.videos else None,
         images=unlabelled.read_image_list(p.images) if p.images else None)
 
+  block_length = staticmethod(lambda config: 0)  # frames per example (0: single frames)
+
   def train_iterator(self, config, data):
     return pipeline.make_train_iterator(
         data, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-        **_process_share())
+        block_length=self.block_length(config), **_process_share())
 
   def eval_iterator(self, config, data, labelled_only: bool = True, source=None):
     return pipeline.make_eval_iterator(
         data, config.data, global_batch_size=config.eval_batch_size,
-        labelled_only=labelled_only, source=source, **_process_share())
+        labelled_only=labelled_only, source=source, block_length=self.block_length(config),
+        **_process_share())
 
   def test_iterator(self, config, data):
     """Every listed frame once, read from the crop folders (not from packed training data)."""
@@ -205,6 +208,31 @@ class ImageKind:
     return (config.data.image_size, config.data.image_size, 3)
 
   model_inputs = staticmethod(train.image_inputs)
+
+
+class BlockKind(ImageKind):
+  """Blocks of face crops (a frame and its `temporal.length - 1` previous frames) through the
+  frame model and the temporal statistical model, trained end to end (method 2,
+  configs/temporal_stat.py:end_to_end)."""
+  name = 'block'
+  extracts_features = False
+  block_length = staticmethod(lambda config: int(config.temporal.length))
+
+  def create_model(self, config, tasks: tuple):
+    m = config.model
+    return stat.BlockModel(backbone=affect.create_backbone(m),
+                           temporal=temporal.create_model(config.temporal, tasks,
+                                                          config.num_expr_classes),
+                           num_expr_classes=config.num_expr_classes, hidden=m.head_hidden,
+                           dropout=m.dropout)
+
+  def dummy_inputs(self, config, data) -> dict:
+    del data
+    size, length = config.data.image_size, config.temporal.length
+    return {'image': jnp.zeros((1, length, size, size, 3), jnp.float32),
+            'mask': jnp.ones((1, length), bool)}
+
+  model_inputs = staticmethod(train.block_inputs)
 
 
 class TemporalKind:
@@ -266,7 +294,8 @@ class TemporalKind:
     return {k: batch[k] for k in TemporalKind.INPUT_KEYS if k in batch}
 
 
-KINDS: dict[str, Kind] = {'image': ImageKind(), 'temporal': TemporalKind()}
+KINDS: dict[str, Kind] = {'image': ImageKind(), 'block': BlockKind(),
+                          'temporal': TemporalKind()}
 
 
 def get_kind(config: ml_collections.ConfigDict) -> Kind:

@@ -1,5 +1,5 @@
 """Optax optimisers and learning-rate schedules built from the config."""
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +63,19 @@ def decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                     steps_per_epoch: int = 1) -> optax.GradientTransformationExtraArgs:
+                     steps_per_epoch: int = 1, frozen: Callable[[Any], Any] | None = None
+                     ) -> optax.GradientTransformationExtraArgs:
   """The configured optimiser with optional clipping, masked weight decay and plateau
-  scaling. Its `update` takes the step's loss as `value=` (used by the plateau rule)."""
-  return optax.chain(*_optimizer_parts(config, schedule), *_plateau(config, steps_per_epoch))
+  scaling. Its `update` takes the step's loss as `value=` (used by the plateau rule).
+  `frozen(params)`, a tree of bools, marks parameters that never change (zero updates, no weight
+  decay, no optimiser state)."""
+  tx = optax.chain(*_optimizer_parts(config, schedule), *_plateau(config, steps_per_epoch))
+  if frozen is None:
+    return tx
+  return optax.multi_transform(
+      {'train': tx, 'frozen': optax.set_to_zero()},
+      lambda params: jax.tree_util.tree_map(lambda f: 'frozen' if f else 'train',
+                                            frozen(params)))
 
 
 PLATEAU_MONITORS = ('train_loss', 'val_score')

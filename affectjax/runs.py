@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from affectjax import kinds, labels, losses, optim, parallel, train, weights
-from affectjax.models import preprocess
+from affectjax.models import preprocess, resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,10 @@ def build_run(config: ml_collections.ConfigDict, data, steps_per_epoch: int = 1)
                      f'{config.eval_batch_size} must be multiples of the {mesh.size} devices')
   total_steps = max(int(round(config.num_epochs * steps_per_epoch)), 1)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
-  tx = optim.create_optimizer(config.optim, schedule, steps_per_epoch)
+  parts = resnet.frozen_parts(config.model.get('trainable', 'all'))
+  tx = optim.create_optimizer(
+      config.optim, schedule, steps_per_epoch,
+      frozen=functools.partial(resnet.frozen_parameters, frozen=parts) if parts else None)
   model = kind.create_model(config, tasks)
   state = train.create_train_state(model, tx, config.seed, kind.dummy_inputs(config, data),
                                    carry_lanes=config.global_batch_size)

@@ -93,6 +93,11 @@ def prepare_images(images_uint8: jax.Array, config: ml_collections.ConfigDict,
                    rng: jax.Array | None) -> jax.Array:
   """Device-side input: normalise to the weights' preprocessing, augment."""
   images = preprocess.normalize(images_uint8, config.input_preprocessing, jnp.float32)
+  return _augment(images, config, rng)
+
+
+def _augment(images: jax.Array, config: ml_collections.ConfigDict,
+             rng: jax.Array | None) -> jax.Array:
   aug = config.device_augment
   if rng is not None and (aug.flip or aug.rotate_deg or aug.scale or aug.translate):
     images = preprocess.augment(images, rng, flip=aug.flip, max_rotate_deg=aug.rotate_deg,
@@ -104,6 +109,17 @@ def image_inputs(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDi
                  rng: jax.Array | None) -> jax.Array:
   """The model input of an image batch: its prepared `image`."""
   return prepare_images(batch['image'], config, rng)
+
+
+def block_inputs(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict,
+                 rng: jax.Array | None) -> dict:
+  """The model input of a batch of frame blocks (image [B, S, H, W, 3]): the normalised frames,
+  augmented with one draw per block (its frames as the channels of one image), and their mask."""
+  images = preprocess.normalize(batch['image'], config.input_preprocessing, jnp.float32)
+  b, s, h, w, c = images.shape
+  stacked = jnp.moveaxis(images, 1, 3).reshape(b, h, w, s * c)
+  images = jnp.moveaxis(_augment(stacked, config, rng).reshape(b, h, w, s, c), 3, 1)
+  return {'image': images, 'mask': batch['mask']}
 
 
 def flatten_time(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> tuple:

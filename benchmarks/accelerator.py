@@ -51,6 +51,7 @@ import utilisation
 import torch_refs
 from affectjax import config as config_lib
 from affectjax import kinds, parallel, runs
+from affectjax.data import iterator as iterator_lib
 from affectjax.data import pipeline
 from affectjax.models import temporal
 
@@ -222,7 +223,7 @@ def loop_part(args) -> dict:
   bare = bench_loop.bare_step_images_per_second(config, batches, args.loop_steps)
   out = {'bare_images_per_s': bare, 'input_cpu_ms_per_image': cpu_per_image * 1e3,
          'input_cores_at_bare_rate': bare * cpu_per_image,
-         'workers': pipeline.worker_count(config.data)}
+         'workers': iterator_lib.worker_count(config.data)}
   for name in args.loop_inputs:  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'

@@ -18,6 +18,9 @@ def get_config(arg=None):
   # The paper's initialisation (a run without init_from warns).
   c.paper_init = 'VGGFace2, fine-tuned on AffectNet and RAF-DB'
   c.model.va5 = True
+  # The paper's online augmentation, its kind unstated: flips and small rotations here.
+  c.device_augment.flip = True
+  c.device_augment.rotate_deg = 10.0
   config_lib.temporal_statistical_loss(c)
   c = config_lib.apply_variant(c, arg)
   if arg:

@@ -15,7 +15,8 @@ from affectjax.models import temporal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The variants each config file accepts before `,demo` / `,test` ('' = its default).
 CHOICES = {'temporal.py': ('', *temporal.ENCODERS, 'gru,share_bottom', 'transformer,feedback'),
-           'temporal_stat.py': ('', 'stat_lstm', 'stat'),
+           'temporal_stat.py': ('', 'stat_lstm', 'stat', *(f'model{i}' for i in range(1, 7)),
+                                'model3,end_to_end', 'model6,end_to_end'),
            'unitask.py': ('', 'va', 'expr', 'au', 'mtl')}
 
 
@@ -53,7 +54,7 @@ def _base(**fields):
 @pytest.mark.parametrize('field,value,message', [
     ('mode', 'trian', "config.mode='trian': must be one of train, eval, predict, features, "
                       'ensemble, oof'),
-    ('kind', 'video', "config.kind='video': must be one of image, temporal"),
+    ('kind', 'video', "config.kind='video': must be one of image, block, temporal"),
     ('tasks', 'expr,pose', "config.tasks='expr,pose': unknown task 'pose'; expected a non-empty "
                            'subset of expr,au,va'),
     ('tasks', '', "config.tasks='': no task"),

@@ -116,6 +116,10 @@ COMMANDS = {
     '--config.temporal.features_dir=runs/demo/features': Run(
         expect=('runs/temporal/checkpoints/*', 'runs/temporal/metrics.jsonl'),
         stdout=('Run finished',)),
+    'python -m affectjax.main --config=configs/temporal_stat.py:model6,end_to_end,demo '
+    '--workdir=runs/e2e --config.init_from=runs/frames': Run(
+        before='link_frame_run', expect=('runs/e2e/checkpoints/*',),
+        stdout=('init_from runs/frames:', 'Run finished')),
     'python -m affectjax.convert --source /weights/resnet50_ft_weight.pkl '
     '--out /weights/vggface2_r50': Run(
         before='make_vggface2_pickle', expect=('weights/vggface2_r50/affectjax_weights.json',),
@@ -214,6 +218,12 @@ def write_test_list(tmp):
     videos = sorted({line.split('/')[0] for line in list(f)[1:]})
   with open(os.path.join(tmp, 'test_videos.txt'), 'w') as f:
     f.write('\n'.join(videos[:2]) + '\n')
+
+
+def link_frame_run(tmp):
+  """runs/frames: the demo run trained above stands in for a configs/mtl_va.py frame run (the
+  same network at test scale; its 8-class EXPR layer does not load into the 7-class head)."""
+  os.symlink(os.path.join(tmp, 'runs', 'demo'), os.path.join(tmp, 'runs', 'frames'))
 
 
 def make_vggface2_pickle(tmp):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from affectjax import labels
 from affectjax.data import index as index_lib
+from affectjax.data import iterator as iterator_lib
 from affectjax.data import pipeline
 from affectjax.data import sampling
 from affectjax.data import sources
@@ -422,9 +423,9 @@ def test_decoded_cache_rebuilds_a_broken_one_and_checks_disk_space(train_index, 
 def test_auto_worker_count_leaves_a_cpu_backend_its_cores():
   config = pipeline.default_data_config()
   assert config.worker_count == -1  # auto
-  assert pipeline.worker_count(config, 'cpu', 16) == 0
+  assert iterator_lib.worker_count(config, 'cpu', 16) == 0
   # WORKERS_PER_DEVICE (4) per local accelerator, within the cores less two, at most 32.
-  assert [pipeline.worker_count(config, 'gpu', n, 1) for n in (2, 16, 128)] == [1, 4, 4]
-  assert [pipeline.worker_count(config, 'gpu', n, 8) for n in (2, 16, 128)] == [1, 14, 32]
+  assert [iterator_lib.worker_count(config, 'gpu', n, 1) for n in (2, 16, 128)] == [1, 4, 4]
+  assert [iterator_lib.worker_count(config, 'gpu', n, 8) for n in (2, 16, 128)] == [1, 14, 32]
   config.worker_count = 3
-  assert pipeline.worker_count(config, 'gpu', 16) == pipeline.worker_count(config, 'cpu', 2) == 3
+  assert iterator_lib.worker_count(config, 'gpu', 16) == iterator_lib.worker_count(config, 'cpu', 2) == 3

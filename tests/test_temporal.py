@@ -8,7 +8,7 @@ import torch
 
 from affectjax import labels
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline, sequences
+from affectjax.data import pipeline, sampling, sequences
 from affectjax.models import stat, temporal
 
 D, H, HEAD = 5, 8, 6
@@ -313,7 +313,7 @@ def test_stat_model_matches_numpy_statistics_and_a_pytorch_bilstm():
 
 def test_blocks_hold_the_frame_and_its_past_and_label_the_frame(tmp_path):
   feature_set, index = _feature_set(tmp_path)
-  blocks = sequences.block_rows(index, 3)
+  blocks = sampling.block_rows(index, 3)
   for i, block in enumerate(blocks):
     present = block[block >= 0]
     assert present[-1] == i and np.all(np.diff(present) == 1)
@@ -342,7 +342,7 @@ def test_blocks_count_video_frames_and_repeat_the_last_frame_over_gaps():
   # Video 0 has crops at frames 3, 4, 7, 8 (5 and 6: no face); video 1 at 1, 2.
   index = types.SimpleNamespace(video_id=np.array([0, 0, 0, 0, 1, 1]),
                                 frame=np.array([3, 4, 7, 8, 1, 2]))
-  np.testing.assert_array_equal(sequences.block_rows(index, 3), [
+  np.testing.assert_array_equal(sampling.block_rows(index, 3), [
       [0, -1, -1],  # frame 3: frames 1 and 2 come before the video's first crop
       [0, 1, -1],
       [1, 1, 2],  # frame 7: frames 5, 6 (frame 4's row repeated), 7

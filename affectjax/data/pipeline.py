@@ -11,41 +11,20 @@ uint8 array. Everything is a pure function of (seed, k, process_index), so:
 - augmentation draws come from `default_rng([seed, k, stream])`: row i of global batch k
   gets draw i, deterministic per (seed, epoch, position) whatever the process layout.
 
-Bad frames (unreadable or undecodable JPEG). Training substitutes the next frame of the same
-phase segment in the epoch plan (same augmentation draw), so batch shapes, phases and
-determinism are unaffected. Evaluation turns the row into a `valid=False` row (zero image,
-sentinel labels, index -1) and the iterator's `num_skipped` counts them. Each batch carries
-how many frames were read to build it and which were bad (`READ_KEY`, `BAD_KEY`); the iterator
-removes these before returning the batch and keeps the counts, from the first frame, in the
-process that iterates (worker processes or not), in its resumable state. It logs each bad path
-once (the first ten) and raises `sources.DataError` as soon as the bad frames exceed
-`sources.allowed_bad_frames(read so far)`: `max_bad_frame_fraction` of the frames read so far,
-but at least `sources.BAD_FRAME_FLOOR` frames (so one unlucky bad frame in the first batch does
-not stop a run; 0 tolerates none). Evaluation counts each pass on its own.
-
-Worker processes and absl: grain defines absl flags; in an absl `main`, start iterators with
-`worker_count > 0` only after flags are parsed (i.e. inside `main`), as workers re-read them.
+Bad frames and the iterator: see `affectjax.data.iterator`.
 """
-import functools
-import os
-
-import grain
 import ml_collections
 import numpy as np
-from absl import flags
 from absl import logging
 
 from affectjax import labels
 from affectjax.data import host_augment
+from affectjax.data import iterator as iterator_lib
 from affectjax.data import sampling
 from affectjax.data import sources
 
 _AUGMENT_STREAM = 0xA5A5
 _MAX_SUBSTITUTES = 64
-# Auto worker processes per accelerator. On an H200 (ResNet50, 112 px, batch 256, ~17,900 img/s)
-# 4 JPEG workers kept 0.945 of the bare step; 14 kept 0.72-0.83, their bursts delaying the
-# process that dispatches the steps (docs/benchmarks.md, "Accelerator check").
-WORKERS_PER_DEVICE = 4
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -86,34 +65,46 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-READ_KEY, BAD_KEY = 'frames_read', 'bad_rows'  # host-only batch entries, removed by the iterator
 
 
-def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True) -> dict:
-  """A batch of padding rows: zero images, sentinel labels, valid False, index -1.
+def _empty_batch(batch_size: int, image_size: int, zero_images: bool = True,
+                 block_length: int = 0) -> dict:
+  """A batch of padding rows: zero images, sentinel labels, valid False, index -1; with
+  `block_length`, images [B, block_length, H, W, 3] and their `mask`.
 
   Without `zero_images` the images are uninitialised (for batches whose rows all get written).
   """
   allocate = np.zeros if zero_images else np.empty
-  return {
-      'image': allocate((batch_size, image_size, image_size, 3), np.uint8),
+  frames = (block_length,) if block_length else ()
+  batch = {
+      'image': allocate((batch_size,) + frames + (image_size, image_size, 3), np.uint8),
       **labels.missing_labels(batch_size, 'batch'),
       'valid': np.zeros(batch_size, bool),
       'phase': np.zeros(batch_size, np.int32),
       'index': np.full(batch_size, -1, np.int32),
   }
+  if block_length:
+    batch['mask'] = np.zeros((batch_size, block_length), bool)
+  return batch
 
 
 class BatchMaker:
   """Builds this process's share of global batch k (a grain `map_with_index` function).
 
   Training: `groups` (the sampling scheme's phases; epoch plans from `sampling.epoch_plan`);
-  evaluation: `eval_rows` (every labelled row once, padded with -1).
+  evaluation: `eval_rows` (every labelled row once, padded with -1). With `block_length` S, each
+  row brings its frame and the S - 1 previous frames of its video (`sampling.block_rows`:
+  by frame number, a gap repeating the frame before it), images [B, S, H, W, 3] left-aligned
+  with their `mask` [B, S], the labels those of the row's own frame; one augmentation draw per
+  block. An earlier frame of a block that does not decode repeats the nearest frame before it
+  that did (after it, at the block's start); the row's own frame is handled as a bad frame.
   """
 
   def __init__(self, source, index, data_config, *, global_batch_size, process_index,
-               process_count, seed=0, groups=None, eval_rows=None):
+               process_count, seed=0, groups=None, eval_rows=None, block_length=0):
     self.source, self.index = source, index
+    self.block_length = int(block_length)
+    self.block = sampling.block_rows(index, self.block_length) if self.block_length else None
     self.tasks = labels.parse_tasks(data_config.tasks)
     self.image_size = int(data_config.image_size)
     self.global_batch = int(global_batch_size)
@@ -157,7 +148,8 @@ class BatchMaker:
 
   def _fill(self, plan_rows, positions, bounds, k) -> dict:
     # Training writes every row (bad frames are substituted), evaluation may leave rows padding.
-    batch = _empty_batch(self.batch, self.image_size, zero_images=bounds is None)
+    batch = _empty_batch(self.batch, self.image_size, zero_images=bounds is None,
+                         block_length=self.block_length)
     rows = plan_rows[positions]
     params = None
     if self.augment is not None:  # drawn for the global batch: independent of process_count
@@ -166,33 +158,65 @@ class BatchMaker:
           self.offset, self.offset + self.batch)
     writer = host_augment.RowWriter(self.image_size, self.augment)
     wanted = np.flatnonzero(rows >= 0)
-    records = self.source.__getitems__(rows[wanted].tolist())
-    bad_rows, num_read, filled = [], len(records), []
+    # Single frames are read in one go; blocks row by row (each reads its frames in one go).
+    records = (self.source.__getitems__(rows[wanted].tolist()) if self.block is None
+               else [None] * len(wanted))
+    bad_rows, num_read, filled = [], 0, []
     for i, record in zip(wanted.tolist(), records):
-      ok = writer.write_record(batch['image'][i], record, params, i)
-      if not ok:
-        bad_rows.append(int(record['index']))
-        if bounds is not None:  # training: substitute; evaluation: leave the row invalid
-          record, attempts = self._substitute(plan_rows, positions[i], bounds, writer,
-                                              batch['image'][i], params, i, bad_rows)
-          num_read, ok = num_read + attempts, True
+      ok, read = self._write(batch, i, int(rows[i]), record, writer, params, bad_rows)
+      num_read += read
+      if not ok and bounds is not None:  # training: substitute; evaluation: leave it invalid
+        row, read = self._substitute(plan_rows, positions[i], bounds, batch, i, writer, params,
+                                     bad_rows)
+        num_read, ok = num_read + read, True
+      else:
+        row = int(rows[i])
       if ok:
-        filled.append((i, int(record['index'])))
+        filled.append((i, row))
     self._set_labels(batch, filled)
-    batch[READ_KEY] = np.int64(num_read)
-    batch[BAD_KEY] = np.asarray(bad_rows, np.int32)
+    batch[iterator_lib.READ_KEY] = np.int64(num_read)
+    batch[iterator_lib.BAD_KEY] = np.asarray(bad_rows, np.int32)
     return batch
 
-  def _substitute(self, plan_rows, position, bounds, writer, out, params, i, bad_rows):
-    """(record, frames read): the next decodable frame after `position` in its phase segment
-    of the plan (wrapping), written to `out` with sample i's augmentation."""
+  def _write(self, batch, i, row, record, writer, params, bad_rows) -> tuple[bool, int]:
+    """Writes index row `row` (its `record` when already read) to batch row i: (whether its
+    own frame decoded, frames read); frames that did not decode go to `bad_rows`."""
+    if self.block is None:
+      record = self.source[row] if record is None else record
+      ok = writer.write_record(batch['image'][i], record, params, i)
+      if not ok:
+        bad_rows.append(row)
+      return ok, 1
+    members = self.block[row]
+    present = np.flatnonzero(members >= 0)
+    records = self.source.__getitems__(members[present].tolist())
+    out, decoded = batch['image'][i], []
+    for j, record in zip(present.tolist(), records):
+      if writer.write_record(out[j], record, params, i):
+        decoded.append(j)
+      else:
+        bad_rows.append(int(members[j]))
+    if not decoded or decoded[-1] != present[-1]:  # the row's own frame is bad
+      return False, len(records)
+    for j in sorted(set(present.tolist()) - set(decoded)):
+      earlier = [d for d in decoded if d < j]
+      out[j] = out[earlier[-1] if earlier else decoded[0]]
+    batch['mask'][i] = members >= 0
+    out[len(present):] = out[present[0]]  # padding slots: real pixels for BatchNorm's statistics
+    return True, len(records)
+
+  def _substitute(self, plan_rows, position, bounds, batch, i, writer, params, bad_rows):
+    """(index row, frames read): the next decodable row after `position` in its phase segment
+    of the plan (wrapping), written to batch row i with sample i's augmentation."""
     segment = np.searchsorted(bounds, position, side='right') - 1
     lo, hi = int(bounds[segment]), int(bounds[segment + 1])
+    reads = 0
     for attempt in range(1, min(_MAX_SUBSTITUTES, hi - lo)):
-      record = self.source[int(plan_rows[lo + (int(position) - lo + attempt) % (hi - lo)])]
-      if writer.write_record(out, record, params, i):
-        return record, attempt
-      bad_rows.append(int(record['index']))
+      row = int(plan_rows[lo + (int(position) - lo + attempt) % (hi - lo)])
+      ok, read = self._write(batch, i, row, None, writer, params, bad_rows)
+      reads += read
+      if ok:
+        return row, reads
     raise sources.DataError(f'no decodable frame among the substitutes for a bad frame; bad '
                             f'frames here: {[self.index.image_path(r) for r in bad_rows]}')
 
@@ -212,125 +236,6 @@ def _augments(augment) -> bool:
   return bool(augment.flip or host_augment.needs_warp(augment) or augment.color_jitter)
 
 
-class AffectIterator(grain.DatasetIterator):
-  """Wraps grain's iterator: counts steps (`epoch` of the latest batch), and for evaluation the
-  frames skipped as undecodable.
-
-  The state is the number of batches delivered (`{'step', ...}`, JSON-compatible, so grain's
-  Orbax handler `grain.checkpoint.CheckpointSave/CheckpointRestore` saves it too): every batch
-  is a function of its number, so `set_state` restarts grain at that batch. The state thus
-  does not depend on `worker_count`, `read_threads` or `process_count`.
-  """
-
-  def __init__(self, maker: BatchMaker, data_config, num_epochs: int | None,
-               frame_counts: dict):
-    self._start = functools.partial(_build, maker, data_config, num_epochs)
-    super().__init__(self._start(0))
-    self.steps_per_epoch = maker.steps_per_epoch
-    self.num_steps = None if num_epochs is None else num_epochs * maker.steps_per_epoch
-    self.frame_counts = frame_counts
-    self.maker = maker
-    self.step = 0  # batches delivered, including before a restore
-    self.counter = sources.BadFrameCounter(data_config.max_bad_frame_fraction)
-
-  @property
-  def epoch(self) -> int:
-    """Epoch of the latest batch returned (0-based)."""
-    return max(self.step - 1, 0) // self.steps_per_epoch
-
-  @property
-  def num_skipped(self) -> int:
-    """Evaluation: frames left out as unreadable (their rows come as valid=False); training
-    substitutes them instead (0)."""
-    return 0 if self.maker.training else self.counter.bad
-
-  @property
-  def bad_frames(self) -> dict:
-    """This process's reading counts since the first batch (resumes included)."""
-    c = self.counter
-    return {'read': c.read, 'bad': c.bad, 'last_path': c.last_path}
-
-  def __next__(self) -> dict:
-    batch = next(self._parent)
-    if READ_KEY in batch:
-      bad_rows = batch.pop(BAD_KEY)
-      self.counter.add(batch.pop(READ_KEY),
-                       [self.maker.index.image_path(int(r)) for r in bad_rows])
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    return {'step': self.step,
-            'frames_read': self.counter.read, 'bad_frames': self.counter.bad,
-            'steps_per_epoch': self.steps_per_epoch, 'global_batch_size': self.maker.global_batch}
-
-  def set_state(self, state: dict) -> None:
-    for key in ('steps_per_epoch', 'global_batch_size'):
-      now = self.get_state()[key]
-      if key in state and int(state[key]) != now:
-        raise ValueError(f'cannot resume the input pipeline exactly: the saved state has '
-                         f'{key}={state[key]}, this pipeline {now} (data, batch size or sampling '
-                         'changed)')
-    previous = self._parent
-    self._parents = (self._start(int(state['step'])),)
-    self._ctx = self._parent._ctx
-    previous.close()
-    self.step = int(state['step'])
-    counts = [state.get(key, 0) for key in ('frames_read', 'bad_frames')]
-    process = getattr(self.maker, 'process_index', 0)  # several processes: one entry each
-    counts = [c[process] if isinstance(c, list) else c for c in counts]
-    self.counter = sources.BadFrameCounter(self.counter.max_fraction, *counts)
-
-
-def worker_count(data_config, platform: str | None = None, cores: int | None = None,
-                 devices: int | None = None) -> int:
-  """Grain worker processes of `data_config.worker_count`, resolving -1 (auto): none when the
-  step runs on the CPU (workers would take its cores), else WORKERS_PER_DEVICE per local
-  accelerator, within the host's cores less two (the main process and the device feed), at most
-  32. Per process: with several processes on one host (one per GPU), each gets its own."""
-  if data_config.worker_count >= 0:
-    return int(data_config.worker_count)
-  if platform is None or devices is None:
-    import jax  # deferred: the pipeline itself never needs jax
-    platform, devices = platform or jax.default_backend(), devices or jax.local_device_count()
-  cores = cores or os.cpu_count() or 1
-  return 0 if platform == 'cpu' else max(1, min(32, cores - 2, WORKERS_PER_DEVICE * devices))
-
-
-def _lower_priority(nice: int, worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  if nice > 0:
-    os.nice(nice)
-
-
-def _build(maker: BatchMaker, data_config, num_epochs: int | None, start: int):
-  """grain: range(steps) -> repeat -> BatchMaker -> from batch `start` -> threads -> optional
-  worker processes."""
-  ds = grain.MapDataset.range(maker.steps_per_epoch).repeat(num_epochs)
-  ds = ds.map_with_index(maker)[start:]
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(data_config.read_threads),
-      prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
-  workers = worker_count(data_config)
-  if workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain reads its absl flags when starting workers; outside an absl app use defaults.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers,
-        per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))),
-        worker_init_fn=functools.partial(_lower_priority, int(data_config.worker_nice)))
-  return iter(ds)
-
-
-def check_batch(global_batch_size: int, process_index: int, process_count: int) -> None:
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
-
-
 def steps_per_epoch(index, data_config, global_batch_size: int) -> int:
   """Training steps (global batches) per epoch for this index and sampling scheme."""
   groups = sampling.make_groups(index, labels.parse_tasks(data_config.tasks),
@@ -345,11 +250,13 @@ def _log_counts(what: str, counts: dict) -> None:
 
 def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        num_epochs: int | None = None, source=None) -> AffectIterator:
+                        num_epochs: int | None = None, source=None,
+                        block_length: int = 0) -> iterator_lib.AffectIterator:
   """Endless (or `num_epochs`) training batches of this process: dicts of NumPy arrays
   `image uint8 [B,H,W,3], expr int32 [B], au int32 [B,12], va float32 [B,2], valid bool [B],
-  phase int32 [B], index int32 [B]` with B = global_batch_size // process_count."""
-  check_batch(global_batch_size, process_index, process_count)
+  phase int32 [B], index int32 [B]` with B = global_batch_size // process_count (blocks of
+  frames with `block_length`: see BatchMaker)."""
+  iterator_lib.check_batch(global_batch_size, process_index, process_count)
   tasks = labels.parse_tasks(data_config.tasks)
   groups = sampling.make_groups(index, tasks, data_config.sampling, data_config.phase_sets)
   if sampling.steps_per_epoch(groups, global_batch_size) == 0:
@@ -357,27 +264,28 @@ def make_train_iterator(index, data_config, *, global_batch_size: int, seed: int
                      f'phase {groups.counts()}')
   maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
-                     process_count=process_count, seed=seed, groups=groups)
+                     process_count=process_count, seed=seed, groups=groups,
+                     block_length=block_length)
   counts = sampling.frame_counts(index, tasks, groups)
   counts['steps_per_epoch'] = maker.steps_per_epoch
   _log_counts(f'train ({data_config.sampling})', counts)
-  return AffectIterator(maker, data_config, num_epochs, counts)
+  return iterator_lib.AffectIterator(maker, data_config, num_epochs, counts)
 
 
 def make_eval_iterator(index, data_config, *, global_batch_size: int, process_index: int = 0,
                        process_count: int = 1, source=None,
-                       labelled_only: bool = True) -> AffectIterator:
+                       labelled_only: bool = True, block_length: int = 0) -> iterator_lib.AffectIterator:
   """One pass over every labelled frame (every frame, without `labelled_only`: prediction)
   exactly once, in index order, padded with `valid=False` rows to whole batches;
   `iterator.num_skipped` counts undecodable frames."""
-  check_batch(global_batch_size, process_index, process_count)
+  iterator_lib.check_batch(global_batch_size, process_index, process_count)
   tasks = labels.parse_tasks(data_config.tasks)
   rows = sampling.eval_plan(index, tasks, global_batch_size, labelled_only)
   maker = BatchMaker(source or sources.make_source(index, data_config), index, data_config,
                      global_batch_size=global_batch_size, process_index=process_index,
-                     process_count=process_count, eval_rows=rows)
+                     process_count=process_count, eval_rows=rows, block_length=block_length)
   counts = (sampling.frame_counts(index, tasks) if labelled_only
             else {'frames': len(index), 'videos': len(index.video_names)})
   counts['steps'] = maker.steps_per_epoch
   _log_counts('eval' if labelled_only else 'all', counts)
-  return AffectIterator(maker, data_config, 1, counts)
+  return iterator_lib.AffectIterator(maker, data_config, 1, counts)

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from affectjax.data import index as index_lib
+
 SAMPLING_SCHEMES = ('joint', 'alternating', 'balanced')
 # Batch phases (`batch['phase']`, the same on every row of a batch): `joint` and `balanced`
 # batches are all PHASE_JOINT; `alternating` runs, each epoch, phase E, then A, then B (the
@@ -124,3 +126,26 @@ def frame_counts(index, tasks: tuple, groups: Groups | None = None) -> dict:
   if groups is not None:
     counts['phases'] = groups.counts()
   return counts
+
+
+def block_rows(index, size: int) -> np.ndarray:
+  """int64 [N, size]: for each row i at frame f, its video's frames f - size + 1 .. f by frame
+  number (not by row: frames without a crop or a feature have no row). A frame without a row
+  repeats the nearest earlier frame that has one, as the frame model's output would hold still
+  over a missing face; frames before the video's first row are left out. Left-aligned and padded
+  with -1, so the current frame is the last present entry."""
+  if size < 1:
+    raise ValueError(f'block size must be positive, got {size}')
+  first, end = index_lib.run_bounds(index.video_id)
+  frame = np.asarray(index.frame, np.int64)
+  wanted = frame[:, None] - (size - 1) + np.arange(size)[None, :]  # frame numbers [N, size]
+  # Per row and slot: the last row of the same video whose frame is <= the wanted frame.
+  found = np.empty_like(wanted)
+  for start, stop in zip(*np.unique(np.stack([first, end]), axis=1)):
+    rows = slice(start, stop)
+    found[rows] = start + np.searchsorted(frame[rows], wanted[rows], side='right') - 1
+  present = found >= first[:, None]
+  lead = size - present.sum(axis=1)  # slots before the video's first row, all at the start
+  slot = np.arange(size)[None, :] + lead[:, None]
+  return np.where(slot < size, np.take_along_axis(found, np.minimum(slot, size - 1), axis=1),
+                  -1).astype(np.int64)

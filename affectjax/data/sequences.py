@@ -19,7 +19,7 @@ order on consecutive batches, and `reset` bool [B] marks a lane's segment that s
 (or is padding). Lanes are filled longest videos first, once; training shuffles the order of the
 videos within each lane per epoch, so every epoch has the same number of batches. Batches are
 pure functions of (seed, batch number), so the iterator state and resume are exactly those of
-`pipeline.AffectIterator`.
+`iterator_lib.AffectIterator`.
 """
 import json
 import os
@@ -29,7 +29,7 @@ import numpy as np
 from affectjax import files
 from affectjax import labels
 from affectjax.data import index as index_lib
-from affectjax.data import pipeline
+from affectjax.data import iterator as iterator_lib
 from affectjax.data import sampling
 
 META = 'meta.json'
@@ -158,29 +158,6 @@ def lane_plan(video_of_segment: np.ndarray, lanes: int, rng=None) -> np.ndarray:
   return plan
 
 
-def block_rows(index, size: int) -> np.ndarray:
-  """int64 [N, size]: for each row i at frame f, its video's frames f - size + 1 .. f by frame
-  number (not by row: frames without a crop or a feature have no row). A frame without a row
-  repeats the nearest earlier frame that has one, as the frame model's output would hold still
-  over a missing face; frames before the video's first row are left out. Left-aligned and padded
-  with -1, so the current frame is the last present entry."""
-  if size < 1:
-    raise ValueError(f'block size must be positive, got {size}')
-  first, end = index_lib.run_bounds(index.video_id)
-  frame = np.asarray(index.frame, np.int64)
-  wanted = frame[:, None] - (size - 1) + np.arange(size)[None, :]  # frame numbers [N, size]
-  # Per row and slot: the last row of the same video whose frame is <= the wanted frame.
-  found = np.empty_like(wanted)
-  for start, stop in zip(*np.unique(np.stack([first, end]), axis=1)):
-    rows = slice(start, stop)
-    found[rows] = start + np.searchsorted(frame[rows], wanted[rows], side='right') - 1
-  present = found >= first[:, None]
-  lead = size - present.sum(axis=1)  # slots before the video's first row, all at the start
-  slot = np.arange(size)[None, :] + lead[:, None]
-  return np.where(slot < size, np.take_along_axis(found, np.minimum(slot, size - 1), axis=1),
-                  -1).astype(np.int64)
-
-
 class SequenceBatchMaker:
   """Batch k of windows (a grain `map_with_index` function; see `pipeline.BatchMaker`).
 
@@ -216,7 +193,7 @@ class SequenceBatchMaker:
         self.segment_video = video
         self.steps_per_epoch = len(lane_plan(video, self.global_batch))
     elif window == 'block':
-      self.units = block_rows(index, length)
+      self.units = sampling.block_rows(index, length)
       if training:
         self.groups = sampling.make_groups(index, self.tasks, data_config.sampling,
                                              data_config.phase_sets)
@@ -291,10 +268,10 @@ def make_iterator(feature_set: FeatureSet, data_config, *, length: int,
                   global_batch_size: int, window: str = 'segment', seed: int = 0,
                   training: bool = True, process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None, labelled_only: bool = True,
-                  carry_state: bool = False) -> pipeline.AffectIterator:
+                  carry_state: bool = False) -> iterator_lib.AffectIterator:
   """Training (endless, or `num_epochs`) or evaluation (one pass) batches of windows of
   `length` frames (see `SequenceBatchMaker`)."""
-  pipeline.check_batch(global_batch_size, process_index, process_count)
+  iterator_lib.check_batch(global_batch_size, process_index, process_count)
   maker = SequenceBatchMaker(feature_set, data_config, window=window, length=length,
                              global_batch_size=global_batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, training=training,
@@ -303,4 +280,4 @@ def make_iterator(feature_set: FeatureSet, data_config, *, length: int,
             'steps' if not training else 'steps_per_epoch': maker.steps_per_epoch}
   print(f'{"train" if training else "eval"} {window}s of {length} frames: ' +
         ', '.join(f'{k} {v}' for k, v in counts.items()), flush=True)
-  return pipeline.AffectIterator(maker, data_config, num_epochs if training else 1, counts)
+  return iterator_lib.AffectIterator(maker, data_config, num_epochs if training else 1, counts)

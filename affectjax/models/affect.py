@@ -46,6 +46,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   config.bn_momentum = 0.9        # flax convention: 0.9 == torch momentum 0.1
   config.bn_epsilon = 1e-5
   config.zero_init_last_bn = False
+  # The first part that trains (resnet.PARTS, 'all' or 'head'): the parts before it are frozen
+  # (BatchNorm statistics fixed, no gradient, no update), as method 2 trains only layer4 + heads.
+  config.trainable = 'all'
   config.head_hidden = 512        # 0: task layers directly on the pooled features
   config.dropout = 0.0
   config.va5 = False              # extra 5-vector VA head (temporal-statistical paper)
@@ -70,7 +73,8 @@ def create_backbone(model_config) -> resnet.ResNet:
                        bn_axis_name=model_config.bn_axis_name,
                        bn_momentum=model_config.bn_momentum,
                        bn_epsilon=model_config.bn_epsilon,
-                       zero_init_last_bn=model_config.get('zero_init_last_bn', False))
+                       zero_init_last_bn=model_config.get('zero_init_last_bn', False),
+                       frozen_parts=resnet.frozen_parts(model_config.get('trainable', 'all')))
 
 
 def create_model(model_config, tasks: Sequence[str] = labels.TASKS,

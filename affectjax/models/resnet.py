@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 ModuleDef = Any
 
@@ -110,27 +111,67 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
   act: Callable = nn.relu
+  frozen_parts: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if not 0 <= self.frozen_parts <= len(self.stage_sizes) + 1:
+      raise ValueError(f'frozen_parts must be in [0, {len(self.stage_sizes) + 1}], got '
+                       f'{self.frozen_parts}')
     conv = functools.partial(nn.Conv, use_bias=False, padding='VALID', dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=CONV_INIT)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name)
+
+    def norm(part: int):  # a frozen part's BatchNorm keeps its running statistics
+      return functools.partial(nn.BatchNorm,
+                               use_running_average=not train or part < self.frozen_parts,
+                               momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                               dtype=self.dtype, param_dtype=jnp.float32,
+                               axis_name=self.bn_axis_name)
+
+    def end_of_part(x, part: int):  # no gradient into the frozen parts
+      return jax.lax.stop_gradient(x) if part + 1 == self.frozen_parts else x
+
     x = jnp.asarray(x, self.dtype)
     x = conv(self.width, (7, 7), (2, 2), padding=conv_padding(7), name='conv1')(x)
-    x = self.act(norm(name='bn1')(x))
-    x = max_pool_3x3_s2(x, self.stem_pool)
+    x = self.act(norm(0)(name='bn1')(x))
+    x = end_of_part(max_pool_3x3_s2(x, self.stem_pool), 0)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = self.block_cls(self.width * 2**i, conv=conv, norm=norm,
+        x = self.block_cls(self.width * 2**i, conv=conv, norm=norm(i + 1),
                            strides=2 if i > 0 and j == 0 else 1, stride_on=self.stride_on,
                            zero_init_last_bn=self.zero_init_last_bn,
                            name=f'layer{i + 1}_{j}')(x)
+      x = end_of_part(x, i + 1)
     # Pool in float32: a bf16 sum over 49+ positions loses precision the heads would see.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+# The parts of a ResNet in order, as `model.trainable` names the first one that trains ('all'
+# trains every part, 'head' none: the backbone is a fixed feature extractor).
+PARTS = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+TRAINABLE = ('all',) + PARTS[1:] + ('head',)
+
+
+def frozen_parts(trainable: str) -> int:
+  """How many leading PARTS `model.trainable` freezes: 'all' 0, 'layer4' 4 (the stem and
+  layer1-3), 'head' 5 (the whole backbone)."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f'model.trainable={trainable!r}: expected one of {", ".join(TRAINABLE)} '
+                     '(the first part that trains)')
+  return TRAINABLE.index(trainable)
+
+
+def frozen_parameters(params, frozen: int):
+  """A tree like `params` (a model's, the backbone under 'backbone'), True for the parameters
+  of the first `frozen` PARTS."""
+  def is_frozen(path) -> bool:
+    if len(path) < 2 or path[0] != 'backbone':
+      return False
+    name = path[1]
+    part = 0 if name in ('conv1', 'bn1') else int(name.removeprefix('layer').split('_')[0])
+    return part < frozen
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: is_frozen(k) for k in flat})
 
 
 STAGE_SIZES = {

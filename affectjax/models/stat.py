@@ -1,8 +1,10 @@
 """The multi-task temporal statistical model (ABAW 2020, method 2): statistics and a BiLSTM over
-blocks of per-frame predictions; its heads are `heads.TaskHeads`."""
+blocks of per-frame predictions; its heads are `heads.TaskHeads`. `BlockModel` trains it end to
+end with the frame model under it, on blocks of face crops."""
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from affectjax.models import heads
@@ -64,3 +66,33 @@ class StatModel(nn.Module):
     out = heads.TaskHeads(tuple(self.tasks), self.num_expr_classes, (self.branch_hidden,),
                     self.dropout, va5=self.va5, name='head')(x, train)
     return {k: v[:, None] for k, v in out.items()}
+
+
+class BlockModel(nn.Module):
+  """Method 2 end to end: the frame model (a backbone and its `heads.MultiTaskHead` for EXPR,
+  under 'backbone' and 'head' as in `affect.AffectModel`, so `init_from` a frame run such as
+  configs/mtl_va.py loads them) on every frame of a block, then `temporal` (a StatModel) over the
+  frames' embeddings and EXPR probabilities.
+
+  inputs {'image' [B, S, H, W, 3] prepared, 'mask' [B, S]} -> `temporal`'s outputs for the
+  row's own frame, [B, ...]. Which backbone parts train is the backbone's (`frozen_parts`).
+  """
+  backbone: nn.Module
+  temporal: nn.Module
+  num_expr_classes: int = 7
+  hidden: int = 512
+  dropout: float = 0.0
+
+  def setup(self):
+    self.head = heads.MultiTaskHead(tasks=('expr',), num_expr_classes=self.num_expr_classes,
+                                    hidden=self.hidden, dropout=self.dropout)
+
+  def __call__(self, inputs, train: bool = False):
+    images = inputs['image']
+    b, s = images.shape[:2]
+    frames = self.head(self.backbone(images.reshape((b * s,) + images.shape[2:]), train=train),
+                       train=train)
+    block = {'features': frames['embedding'].reshape(b, s, -1),
+             'probs': jax.nn.softmax(frames['expr'].astype(jnp.float32)).reshape(b, s, -1),
+             'mask': inputs['mask']}
+    return {k: v[:, 0] for k, v in self.temporal(block, train=train).items()}
