@@ -43,7 +43,9 @@ SUBSTITUTIONS = (
     (r'/data/affwild2_packed\b', '{tmp}/affwild2_packed'),
     (r'/data/affwild2\b', '{tmp}/affwild2'),  # the synthetic set at test size, both layouts
     (r'/data/tfds\b', '{tmp}/tfds'),
-    (r'/weights/', '{tmp}/weights/'),  # a VGGFace2-format pickle of the test-scale network
+    (r'/weights/', '{tmp}/weights/'),
+    (r'/data/stills', '{tmp}/stills'),  # the stand-ins of AffectNet and RAF-DB, and their tree
+    (r'(affectjax\.data\.synthetic\.stills --out \S+)', r'\1 --images 40'),  # a VGGFace2-format pickle of the test-scale network
     (r'--config\.data\.worker_count=8\b', '--config.data.worker_count=2'),  # 2 cores here
 )
 TRAINING = 'python -m affectjax.main '
@@ -120,6 +122,15 @@ COMMANDS = {
     '--workdir=runs/e2e --config.init_from=runs/frames': Run(
         before='link_frame_run', expect=('runs/e2e/checkpoints/*',),
         stdout=('init_from runs/frames:', 'Run finished')),
+    'python -m affectjax.data.synthetic.stills --out /data/stills_src': Run(
+        expect=('stills_src/AffectNet/Manually_Annotated_file_lists/training.csv',
+                'stills_src/RAF-DB/basic/EmoLabel/list_patition_label.txt'),
+        stdout=('synthetic AffectNet', 'synthetic RAF-DB')),
+    'python -m affectjax.data.stills --affectnet /data/stills_src/AffectNet '
+    '--rafdb /data/stills_src/RAF-DB --out /data/stills': Run(
+        expect=('stills/sources.csv', 'stills/cropped_aligned/rafdb_train_0001/00001.jpg',
+                'stills/Annotations/VA_Set/Train_Set/affectnet_train_0001.txt'),
+        stdout=('wrote', '0 did not decode')),
     'python -m affectjax.convert --source /weights/resnet50_ft_weight.pkl '
     '--out /weights/vggface2_r50': Run(
         before='make_vggface2_pickle', expect=('weights/vggface2_r50/affectjax_weights.json',),
