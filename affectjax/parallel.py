@@ -31,11 +31,13 @@ def main_process_says(value: bool) -> bool:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over all devices (or the first `num_devices` of a single process)."""
+  """A 1-D mesh over all devices (or the first `num_devices` of a single process; naming every
+  device is allowed with several processes)."""
   devices = jax.devices()
-  if num_devices:
+  if num_devices and num_devices != len(devices):
     if jax.process_count() > 1:
-      raise ValueError('num_devices can only restrict a single-process run')
+      raise ValueError(f'num_devices={num_devices} of {len(devices)}: only a single-process run '
+                       'can be restricted to some devices')
     if num_devices > len(devices):
       raise ValueError(f'num_devices={num_devices} but only {len(devices)} devices exist')
     devices = devices[:num_devices]

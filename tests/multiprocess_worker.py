@@ -16,11 +16,10 @@ def main():
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if n > 1:
     jax.distributed.initialize(f'localhost:{port}', num_processes=n, process_id=pid)
-  from affectjax import config as config_lib
   from affectjax import trainer
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  c = config_lib.load_config_file(os.path.join(repo, 'configs', 'mtl3.py:test'))
-  c.data.cache_dir = cache_dir
+  import run_helpers
+  # The session's trained run (conftest.py: run_helpers.run_config, 2 devices) in 2 processes.
+  c = run_helpers.run_config(cache_dir)
   summary = trainer.train_and_evaluate(c, workdir)
   params = jax.tree_util.tree_leaves_with_path(summary['state'].params)
   if pid == 0:
