@@ -12,6 +12,7 @@ import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, predictions, runs
+from affectjax import report
 from affectjax import files
 from affectjax.data import sequences, unlabelled
 
@@ -91,6 +92,13 @@ def report_evaluation(config, workdir: str, eval_metrics: dict, rows, index, tas
           os.path.join(out_dir, f'predictions_{config.eval_split}_{name}.csv'), rows,
           index, tasks)
       print(f'  wrote {path}', flush=True)
+    if writable:  # the figures (report.py), also as TensorBoard images
+      numbers = report.figure_numbers(eval_metrics, rows, index, tasks, config.num_expr_classes,
+                                      report.read_training_records(workdir))
+      folder = os.path.join(out_dir, f'report_{config.eval_split}_{name}')
+      written = report.write_report(folder, numbers, os.path.join(out_dir, 'tensorboard', 'eval'),
+                                    int(name[4:]) if name[4:].isdigit() else 0)
+      print(f'  wrote {folder}: {", ".join(os.path.basename(p) for p in written)}', flush=True)
 
 
 def predict_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

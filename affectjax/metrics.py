@@ -85,7 +85,7 @@ def _au_from_counts(tp, fp, fn, tn):
   """AU metrics from per-AU counts [12]; accuracy pools all labelled (frame, AU) elements."""
   f1 = f1_from_counts(tp, fp, fn)
   total = int(tp.sum() + fp.sum() + fn.sum() + tn.sum())
-  out = {'au_f1': float(f1.mean()), 'au_f1_per_au': f1.tolist(),
+  out = {'au_f1': float(f1.mean()), 'au_f1_per_au': f1.tolist(), 'au_support': (tp + fn).tolist(),
          'au_acc': _ratio(tp.sum() + tn.sum(), total)}
   out['au_abaw2'] = ABAW2_AU_WEIGHTS[0] * out['au_f1'] + ABAW2_AU_WEIGHTS[1] * out['au_acc']
   out['count_au'] = total

@@ -17,7 +17,7 @@ LAYERS = (
     ('train', 'config'),  # the pure steps; the config schema
     ('kinds',),  # image / temporal runs
     ('runs',),  # the resolved config and the run
-    ('evaluation',),
+    ('evaluation', 'report'),  # a pass over a split; the figures of an evaluation
     ('trainer', 'inference', 'convert'),  # the loop; modes from a checkpoint; the converter
     ('ensemble', 'oof'),  # averages of runs; out-of-fold features from fold runs
     ('main',),

@@ -141,6 +141,7 @@ COMMANDS = {
     "pip install -e '.[cuda]'": NotHere('needs an NVIDIA GPU'),
     "pip install -e . 'jax[tpu]'": NotHere('needs a TPU VM'),
     "pip install -e '.[torch]'": Installed('torch is part of the test extra'),
+    "pip install -e '.[report]'": Installed('matplotlib is part of the test extra'),
     'python -c "import jax; print(jax.devices())"': Run(stdout=('CpuDevice(id=0)',)),
 }
 
