@@ -94,7 +94,7 @@ def report_evaluation(config, workdir: str, eval_metrics: dict, rows, index, tas
       print(f'  wrote {path}', flush=True)
     if writable:  # the figures (report.py), also as TensorBoard images
       numbers = report.figure_numbers(eval_metrics, rows, index, tasks, config.num_expr_classes,
-                                      report.read_training_records(workdir))
+                                      logs.read_records(os.path.join(workdir, 'metrics.jsonl')))
       folder = os.path.join(out_dir, f'report_{config.eval_split}_{name}')
       written = report.write_report(folder, numbers, os.path.join(out_dir, 'tensorboard', 'eval'),
                                     int(name[4:]) if name[4:].isdigit() else 0)

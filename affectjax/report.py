@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from affectjax import labels, logs
+from affectjax import labels
 
 VA_BINS = 40
 TRACE_VIDEOS = 4
@@ -172,7 +172,3 @@ def _log_images(tensorboard_dir: str, pngs: list, step: int) -> None:
       image = np.asarray(Image.open(png).convert('RGB'))
       writer.add_image(os.path.splitext(os.path.basename(png))[0], image, step,
                        dataformats='HWC')
-
-
-def read_training_records(workdir: str) -> list:
-  return logs.read_records(os.path.join(workdir, 'metrics.jsonl'))
