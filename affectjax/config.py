@@ -184,14 +184,14 @@ def parse_variant(arg, choices: tuple, default: str, where: str) -> tuple:
   return choice, next((w for w in words if w in ('demo', 'test')), '')
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:variant]` the way `--config` does (for error reporting and tools)."""
+def load_config_file(spec: str, function: str = 'get_config'):
+  """Loads `path.py[:variant]` as `--config` does (or its `function`, e.g. a table's)."""
   import importlib.util
   path, _, arg = spec.partition(':')
   module_spec = importlib.util.spec_from_file_location('affectjax_config_file', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return getattr(module, function)(arg) if arg else getattr(module, function)()
 
 
 def _config_spec(argv: list) -> str | None:

@@ -19,7 +19,7 @@ LAYERS = (
     ('runs',),  # the resolved config and the run
     ('evaluation', 'report'),  # a pass over a split; the figures of an evaluation
     ('trainer', 'inference', 'convert'),  # the loop; modes from a checkpoint; the converter
-    ('ensemble', 'oof'),  # averages of runs; out-of-fold features from fold runs
+    ('ensemble', 'oof', 'ablate'),  # averages of runs; out-of-fold features; ablation tables
     ('main',),
 )
 

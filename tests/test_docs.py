@@ -44,7 +44,9 @@ SUBSTITUTIONS = (
     (r'/data/affwild2\b', '{tmp}/affwild2'),  # the synthetic set at test size, both layouts
     (r'/data/tfds\b', '{tmp}/tfds'),
     (r'/weights/', '{tmp}/weights/'),
-    (r'/data/stills', '{tmp}/stills'),  # the stand-ins of AffectNet and RAF-DB, and their tree
+    (r'/data/stills', '{tmp}/stills'),
+    (r'(--table=configs/ablations/\w+\.py:)demo\b', r'\1test'),
+    (r'(affectjax\.ablate .*)$', r'\1 --rows=va --seeds=0'),  # one row of the table  # the stand-ins of AffectNet and RAF-DB, and their tree
     (r'(affectjax\.data\.synthetic\.stills --out \S+)', r'\1 --images 40'),  # a VGGFace2-format pickle of the test-scale network
     (r'--config\.data\.worker_count=8\b', '--config.data.worker_count=2'),  # 2 cores here
 )
@@ -131,6 +133,12 @@ COMMANDS = {
         expect=('stills/sources.csv', 'stills/cropped_aligned/rafdb_train_0001/00001.jpg',
                 'stills/Annotations/VA_Set/Train_Set/affectnet_train_0001.txt'),
         stdout=('wrote', '0 did not decode')),
+    'python -m affectjax.ablate --table=configs/ablations/method3.py:demo '
+    '--workdir=runs/method3': Run(
+        expect=('runs/method3/table.md', 'runs/method3/results.json',
+                'runs/method3/va/seed0/result.json',
+                'runs/method3/va/seed0/report_validation_step*/va_density.png'),
+        stdout=('1 runs finished', '| va | ')),
     'python -m affectjax.convert --source /weights/resnet50_ft_weight.pkl '
     '--out /weights/vggface2_r50': Run(
         before='make_vggface2_pickle', expect=('weights/vggface2_r50/affectjax_weights.json',),
@@ -257,6 +265,8 @@ def scaled(command: str, tmp: str) -> str:
     command = re.sub(pattern, replacement.replace('{tmp}', tmp), command)
   if command.startswith(TRAINING):
     command += CACHE_FLAG.replace('{tmp}', tmp)
+  if command.startswith('python -m affectjax.ablate '):  # every row's config
+    command += f' --set=data.cache_dir={tmp}/cache'
   return command
 
 

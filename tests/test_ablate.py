@@ -1,0 +1,103 @@
+"""The ablation runner (affectjax.ablate): a half-finished table resumes without running its
+finished rows again; the table's means and spreads are NumPy's over the seeds' results; rows
+that train on another row's features or start from its run get that run's folder. (A real
+row runs through the command line in test_docs.py: the README's ablation command.)"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from affectjax import ablate, config as config_lib, inference, trainer
+from run_helpers import REPO
+
+TABLE = '''
+def get_table(variant=None):
+  return {{'title': 'A test table', 'metrics': ('expr_f1', 'au_f1'), 'seeds': (0, 1, 2),
+          'rows': {rows}}}
+'''
+
+
+def _table_file(tmp_path, rows) -> str:
+  folder = tmp_path / 'configs' / 'ablations'
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / 'table.py'
+  path.write_text(TABLE.format(rows=repr(rows)))
+  return str(path)
+
+
+def _fake_metrics(name: str, seed: int) -> dict:
+  base = {'frames': 0.5, 'gru': 0.6, 'lstm': 0.7}[name]
+  return {'expr_f1': base + 0.01 * seed, 'au_f1': base / 2 + 0.02 * seed * seed}
+
+
+def test_a_half_finished_table_resumes_without_rerunning_finished_rows(tmp_path, monkeypatch):
+  rows = [{'name': 'frames', 'config': 'configs/mtl3.py', 'paper': {'expr_f1': 0.4}},
+          {'name': 'gru', 'config': 'configs/temporal.py:gru', 'features_of': 'frames'},
+          {'name': 'lstm', 'config': 'configs/temporal.py:lstm', 'features_of': 'frames'}]
+  table = ablate.load_table(_table_file(tmp_path, rows) + ':test')
+  table['base'] = REPO
+  calls, stop_after = [], [4]
+
+  def train(config, workdir):
+    if len(calls) == stop_after[0]:
+      raise KeyboardInterrupt  # the table is interrupted here
+    name, seed = os.path.basename(os.path.dirname(workdir)), config.seed
+    calls.append((name, seed, config.temporal.features_dir))
+    return {'stop_reason': 'finished', 'final_metrics': _fake_metrics(name, seed),
+            'best_score': 1.0 + seed}
+
+  def features(config, workdir):
+    os.makedirs(os.path.join(workdir, 'features'))
+    calls.append(('features', config.seed, workdir))
+
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train)
+  monkeypatch.setattr(inference, 'extract_features', features)
+  monkeypatch.setattr(inference, 'evaluate_checkpoint', lambda config, workdir: {})
+  out = str(tmp_path / 'runs')
+  with pytest.raises(KeyboardInterrupt):
+    ablate.run_table(table, out)
+  first = list(calls)
+  assert [c[:2] for c in first] == [('frames', 0), ('frames', 1), ('frames', 2),
+                                    ('features', 0)]
+  stop_after[0] = -1
+  summary = ablate.run_table(table, out)
+  again = calls[len(first):]
+  # Nothing finished ran again: the GRU of seed 0 (whose features exist) first.
+  assert [c[:2] for c in again] == [('gru', 0), ('features', 1), ('gru', 1), ('features', 2),
+                                    ('gru', 2), ('lstm', 0), ('lstm', 1), ('lstm', 2)]
+  assert all(c[2] == os.path.join(out, 'frames', f'seed{c[1]}', 'features')
+             for c in again if c[0] in ('gru', 'lstm'))
+  for name in ('frames', 'gru', 'lstm'):
+    values = [_fake_metrics(name, s)['au_f1'] for s in (0, 1, 2)]
+    cell = summary[name]['au_f1']
+    assert cell['n'] == 3 and cell['mean'] == pytest.approx(np.mean(values))
+    assert cell['std'] == pytest.approx(np.std(values, ddof=1))
+  text = open(os.path.join(out, 'table.md')).read()
+  assert '| frames | 0.510 ± 0.010 (3) | 0.400 |' in text
+  assert json.load(open(os.path.join(out, 'results.json')))['rows']['lstm']['best_score'][
+      'mean'] == pytest.approx(2.0)
+  assert ablate.run_table(table, out) == summary and len(calls) == len(first) + len(again)
+
+
+def test_a_row_that_names_a_later_row_is_refused(tmp_path):
+  rows = [{'name': 'gru', 'config': 'configs/temporal.py:gru', 'features_of': 'frames'},
+          {'name': 'frames', 'config': 'configs/mtl3.py'}]
+  with pytest.raises(config_lib.ConfigError, match="features_of='frames' names no earlier row"):
+    ablate.load_table(_table_file(tmp_path, rows))
+
+
+def test_published_tables_give_runnable_configs(tmp_path):
+  for method in (1, 2, 3, 4):
+    table = ablate.load_table(os.path.join(REPO, 'configs', 'ablations', f'method{method}.py'
+                                           ) + ':demo')
+    for row in table['rows']:
+      config = ablate.row_config(table, row, 1, str(tmp_path))
+      assert config.seed == 1 and config.data.synthetic.num_videos == 480, row['name']
+      if row.get('features_of'):
+        assert config.temporal.features_dir.endswith(
+            os.path.join(row['features_of'], 'seed1', 'features'))
+      elif row.get('init_from'):
+        assert config.init_from == os.path.join(str(tmp_path), row['init_from'], 'seed1')
+      else:
+        config_lib.check_config(config)
