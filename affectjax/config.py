@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   # One setting each: the data pipeline follows the top-level fields.
   c.data.tasks = c.get_ref('tasks')
   c.data.num_expr_classes = c.get_ref('num_expr_classes')
-  c.data.synthetic = ml_collections.ConfigDict({
-      'num_videos': 40, 'frames_per_video': 150, 'seed': 0})
+  c.data.synthetic = ml_collections.ConfigDict({  # preset 'hard': data/synthetic/hard.py
+      'num_videos': 40, 'frames_per_video': 150, 'seed': 0, 'preset': 'default'})
   c.model = affect.default_model_config()
   c.model.sync_bn = False  # synchronise BatchNorm statistics across devices
   c.loss = losses.default_loss_config()

@@ -24,6 +24,7 @@ from affectjax import labels
 from affectjax.data import annotations
 from affectjax.data import layout
 from affectjax.data.synthetic import faces
+from affectjax.data.synthetic import hard
 from affectjax.data.synthetic import tracks
 
 GENERATOR_VERSION = 4
@@ -142,20 +143,27 @@ def _mtl_rows(plan: VideoPlan, track: dict) -> list:
 def _write_video(root: pathlib.Path, plan: VideoPlan, params: dict, bar) -> tuple:
   """Renders and writes one video's frames and per-task files; returns (stats, MTL rows)."""
   rng = _video_rng(params['seed'], plan.index)
-  track = tracks.simulate_track(rng, plan.num_frames, plan.forced_expr)
+  is_hard = params.get('preset') == 'hard'
+  track = (hard.track if is_hard else tracks.simulate_track)(rng, plan.num_frames,
+                                                              plan.forced_expr)
   identity = faces.Identity.sample(rng)
-  scenes, quality = tracks.sample_scenes(rng, plan.num_frames, params['image_size'])
+  size = params['image_size']
+  scenes, quality = (hard.scenes(rng, plan.num_frames, size, plan.split) if is_hard
+                     else tracks.sample_scenes(rng, plan.num_frames, size))
+  occluders = hard.occluders(rng, plan.num_frames, size) if is_hard else [None] * plan.num_frames
   frame_dir = root / layout.IMAGE_DIR / plan.name
   frame_dir.mkdir(parents=True, exist_ok=True)
   for k in range(plan.num_frames):
     if track['has_image'][k]:
-      rgb = faces.render_face(track['au_intensity'][k], identity, scenes[k], params['image_size'],
-                              rng, track['other_aus'][k])
+      rgb = hard.occlude(faces.render_face(track['au_intensity'][k], identity, scenes[k], size,
+                                           rng, track['other_aus'][k]), occluders[k])
       ok, jpeg = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                               [cv2.IMWRITE_JPEG_QUALITY, quality])
       assert ok, plan.name
       (frame_dir / f'{k + 1:05d}.jpg').write_bytes(jpeg.tobytes())
     bar.update(1)
+  if is_hard:  # the annotators' labels of what the faces show
+    track = hard.annotate(rng, track)
   for task in plan.tasks:
     _write_text(task_file(root, task, plan.split, plan.name),
                 _task_lines(task, track, params['num_expr_classes']))
@@ -187,12 +195,17 @@ def _split_counts(videos: list, num_expr_classes: int, mtl_rows: dict) -> dict:
 
 def _params(num_videos: int = 64, frames_per_video: int = 140, seed: int = 0,
             image_size: int = 112, val_fraction: float = 0.3, num_expr_classes: int = 7,
-            length_jitter: float = 0.25) -> dict:
+            length_jitter: float = 0.25, preset: str = 'default') -> dict:
   labels.expr_classes(num_expr_classes)  # Validates.
-  return {'generator_version': GENERATOR_VERSION, 'num_videos': int(num_videos),
-          'frames_per_video': int(frames_per_video), 'seed': int(seed),
-          'image_size': int(image_size), 'val_fraction': float(val_fraction),
-          'num_expr_classes': int(num_expr_classes), 'length_jitter': float(length_jitter)}
+  if preset not in hard.PRESETS:
+    raise ValueError(f'synthetic preset must be one of {", ".join(hard.PRESETS)}, got {preset!r}')
+  params = {'generator_version': GENERATOR_VERSION, 'num_videos': int(num_videos),
+            'frames_per_video': int(frames_per_video), 'seed': int(seed),
+            'image_size': int(image_size), 'val_fraction': float(val_fraction),
+            'num_expr_classes': int(num_expr_classes), 'length_jitter': float(length_jitter)}
+  if preset == 'hard':  # (the default's parameters, and so its folder name, stay as they were)
+    params.update(preset=preset, length_jitter=hard.LENGTH_JITTER)
+  return params
 
 
 def _write_dataset(root: pathlib.Path, params: dict, progress: bool) -> dict:
@@ -224,14 +237,14 @@ def _read_manifest(root: pathlib.Path):
 
 def generate(out_dir, *, num_videos: int = 64, frames_per_video: int = 140, seed: int = 0,
              image_size: int = 112, val_fraction: float = 0.3, num_expr_classes: int = 7,
-             length_jitter: float = 0.25, progress: bool = True) -> dict:
+             length_jitter: float = 0.25, preset: str = 'default', progress: bool = True) -> dict:
   """Writes a synthetic Aff-Wild2 at out_dir (atomically) and returns its summary.
 
   Video lengths vary by +-length_jitter around frames_per_video; per-task EXPR files use
   num_expr_classes (7: Other frames are -1), the s-Aff-Wild2 files always use 8 classes.
   """
   params = _params(num_videos, frames_per_video, seed, image_size, val_fraction,
-                   num_expr_classes, length_jitter)
+                   num_expr_classes, length_jitter, preset)
   out = pathlib.Path(out_dir).absolute()
   if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
     raise FileExistsError(f'{out} exists and is not a synthetic dataset; refusing to replace it')
@@ -284,10 +297,13 @@ def main(argv=None):
   parser.add_argument('--num-expr-classes', type=int, default=7, choices=(7, 8),
                       help='classes in the per-task EXPR files (s-Aff-Wild2 files always use 8)')
   parser.add_argument('--length-jitter', type=float, default=0.25)
+  parser.add_argument('--preset', default='default', choices=hard.PRESETS,
+                      help='hard: Aff-Wild2-like labels and difficulty (synthetic/hard.py)')
   args = parser.parse_args(argv)
   generate(args.out, num_videos=args.num_videos, frames_per_video=args.frames_per_video,
            seed=args.seed, image_size=args.image_size, val_fraction=args.val_fraction,
-           num_expr_classes=args.num_expr_classes, length_jitter=args.length_jitter)
+           num_expr_classes=args.num_expr_classes, length_jitter=args.length_jitter,
+           preset=args.preset)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ its expression's prototype AUs plus noise; intensities ramp smoothly between seg
 and arousal are a fixed linear function of the intensities plus a ramped per-expression offset and
 small smooth noise, so all three tasks are visible in the rendered face.
 """
+import dataclasses
+
 import numpy as np
 
 from affectjax import labels
@@ -63,7 +65,17 @@ def random_runs(rng: np.random.Generator, n: int, rate: float, max_len: int) -> 
   return mask
 
 
-def segment_targets(rng: np.random.Generator, expr: int) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """How expressive and how fast the faces of a preset are (the defaults: the demo's set)."""
+  prior: tuple = tuple(EXPR_PRIOR)  # segment class prior (labels.EXPR_CLASSES_8)
+  strength: tuple = (0.75, 1.0)  # range of a segment's prototype AU intensity
+  ramp: tuple = (3, 7)  # frames from one segment's face to the next's
+  va_scale: float = 1.0  # scales the VA offsets and weights (smaller: VA nearer neutral)
+
+
+def segment_targets(rng: np.random.Generator, expr: int,
+                    strength_range: tuple = (0.75, 1.0)) -> np.ndarray:
   """Targets float [12 + 2] of a segment of `expr`: AU_NAMES then faces.OTHER_AU_NAMES."""
   target = np.concatenate([rng.uniform(0.0, 0.15, labels.NUM_AUS), np.zeros(2)])
   if expr == OTHER:
@@ -73,25 +85,27 @@ def segment_targets(rng: np.random.Generator, expr: int) -> np.ndarray:
     active = list(PROTOTYPES[expr])
   if rng.uniform() < 0.1:
     active.append(SPURIOUS[rng.integers(len(SPURIOUS))])
-  strength = rng.uniform(0.75, 1.0)
+  low, high = strength_range
+  strength = rng.uniform(low, high)
   for name in active:
-    target[_TARGET[name]] = np.clip(strength + rng.normal(0, 0.07), 0.7, 1.0)
+    target[_TARGET[name]] = np.clip(strength + rng.normal(0, 0.07), low - 0.05, 1.0)
   return target
 
 
-def _segments(rng: np.random.Generator, n: int, forced_expr: int) -> list:
+def _segments(rng: np.random.Generator, n: int, forced_expr: int, prior=EXPR_PRIOR) -> list:
   """(start, class) of consecutive segments of 12..36 frames; one of class forced_expr if >= 0."""
   starts, start = [], 0
   while start < n:
     starts.append(start)
     start += int(rng.integers(12, 37))
-  classes = rng.choice(len(EXPR_PRIOR), len(starts), p=EXPR_PRIOR)
+  classes = rng.choice(len(prior), len(starts), p=np.asarray(prior))
   if forced_expr >= 0:
     classes[rng.integers(len(starts))] = forced_expr
   return list(zip(starts, classes.tolist()))
 
 
-def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1) -> dict:
+def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1,
+                   style: Style = Style()) -> dict:
   """Per-frame latent labels of one video of n frames.
 
   Returns expr int32 [n] (8-class), au_intensity float32 [n,12] (AU present above 0.5),
@@ -99,22 +113,24 @@ def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1) -> d
   [-1,1], has_image bool [n], missing {task: bool [n]} (short sentinel runs inside annotated
   videos).
   """
-  segs = _segments(rng, n, forced_expr)
+  segs = _segments(rng, n, forced_expr, style.prior)
   expr = np.zeros(n, np.int32)
   num = len(_TARGET)
   target = np.zeros((n, num + 2))  # AU targets (labelled, then drawn only), then VA offsets.
   prev = None
   for i, (start, cls) in enumerate(segs):
     stop = segs[i + 1][0] if i + 1 < len(segs) else n
-    cur = np.concatenate([segment_targets(rng, cls), VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
+    cur = np.concatenate([segment_targets(rng, cls, style.strength),
+                          style.va_scale * VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
     expr[start:stop] = cls
     t = np.arange(stop - start)[:, None]
-    ramp = int(rng.integers(3, 7))
+    ramp = int(rng.integers(*style.ramp))
     w = np.clip((t + 1) / ramp, 0, 1) ** 2 * (3 - 2 * np.clip((t + 1) / ramp, 0, 1))
     target[start:stop] = cur if prev is None else prev * (1 - w) + cur * w
     prev = cur
   au = np.clip(target[:, :num] + 0.04 * smooth_noise(rng, n, num, 4), 0, 1)
-  va = au[:, :labels.NUM_AUS] @ np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1) + target[:, num:]
+  weights = style.va_scale * np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1)
+  va = au[:, :labels.NUM_AUS] @ weights + target[:, num:]
   va = np.clip(va + 0.04 * smooth_noise(rng, n, 2, 6), -1, 1)
   missing = {task: random_runs(rng, n, 1 / 80, 8) for task in labels.TASKS}
   has_image = ~random_runs(rng, n, 1 / 100, 5)

@@ -1,0 +1,94 @@
+"""The `hard` preset of the synthetic Aff-Wild2: what makes the real set hard, on the same faces.
+
+`--config.data.synthetic.preset=hard` (or `python -m affectjax.data.synthetic --preset hard`):
+- Labels shaped like Aff-Wild2's: an EXPR class prior with Neutral and Other largest and Fear
+  and Disgust rare (20:1 in the prior, over 10:1 in the frames between the largest and the
+  smallest class; the shape of the
+  ABAW EXPR training sets' class counts, rounded by us, not copied figures), AUs that come
+  with subtle expressions (most prototype intensities near the 0.5 presence threshold, so rare
+  AUs stay rare), valence and arousal at half the default's range, near neutral.
+- Subtle, slow expressions: intensities 0.35-0.8 (default 0.75-1.0) and onsets of 8-20 frames,
+  while the EXPR label changes at the segment's first frame: a segment's first frames show the
+  previous expression under the new label (label lag), recoverable only from time.
+- Nuisance: larger head pose, motion blur in most videos, lower JPEG quality, hand-like
+  occluders over part of the face in runs of frames, and an appearance shift between training
+  and validation (validation videos darker and blurrier).
+- Annotation noise: 5% of EXPR segments labelled with another class (drawn by the prior), 3% of AU labels flipped,
+  a per-video VA annotator bias and frame noise (the faces show the clean values).
+- Video lengths from 0.1x to 1.9x the mean (`length_jitter` 0.9).
+"""
+import dataclasses
+
+import cv2
+import numpy as np
+
+from affectjax import labels
+from affectjax.data.synthetic import faces, tracks
+
+PRESETS = ('default', 'hard')
+LENGTH_JITTER = 0.9
+# Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise, Other.
+EXPR_PRIOR = (0.31, 0.04, 0.015, 0.015, 0.17, 0.12, 0.05, 0.28)
+STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.35, 0.8), ramp=(8, 21), va_scale=0.5)
+EXPR_FLIP, AU_FLIP, VA_BIAS, VA_NOISE = 0.05, 0.03, 0.1, 0.05
+
+
+def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
+  return tracks.simulate_track(rng, n, forced_expr, STYLE)
+
+
+def scenes(rng: np.random.Generator, n: int, image_size: int, split: str) -> tuple:
+  """The default scenes with more pose, blur, lower quality; validation darker and blurrier."""
+  base, quality = tracks.sample_scenes(rng, n, image_size)
+  roll0, yaw0 = rng.uniform(-15, 15), rng.uniform(-0.3, 0.3)
+  shift = split == 'validation'
+  blur = rng.uniform(0.6, 1.6) * image_size / 112 if rng.uniform() < (0.9 if shift else 0.6) \
+      else 0.0
+  dim = rng.uniform(0.6, 0.85) if shift else 1.0
+  out = [dataclasses.replace(s, roll=s.roll + roll0, yaw=s.yaw + yaw0,
+                             blur_sigma=max(s.blur_sigma, blur), brightness=s.brightness * dim)
+         for s in base]
+  return out, int(rng.integers(40, 86))
+
+
+def occluders(rng: np.random.Generator, n: int, image_size: int) -> list:
+  """Per frame None or (centre, axes, colour) of a hand-like ellipse, in runs of frames."""
+  on = tracks.random_runs(rng, n, 1 / 40, 25)
+  out, shape = [], None
+  for k in range(n):
+    if on[k] and shape is None:
+      size = image_size * rng.uniform(0.18, 0.32)
+      centre = (int(image_size * rng.uniform(0.25, 0.75)), int(image_size * rng.uniform(0.4, 0.85)))
+      colour = tuple(int(c) for c in np.asarray(faces.SKIN_TONES[rng.integers(
+          len(faces.SKIN_TONES))]) * rng.uniform(0.8, 1.0))
+      shape = (centre, (int(size), int(size * rng.uniform(0.5, 0.8))), colour)
+    out.append(shape if on[k] else None)
+    shape = shape if on[k] else None
+  return out
+
+
+def occlude(rgb: np.ndarray, occluder) -> np.ndarray:
+  if occluder is not None:
+    centre, axes, colour = occluder
+    cv2.ellipse(rgb, centre, axes, 20, 0, 360, colour, -1, cv2.LINE_AA)
+  return rgb
+
+
+def annotate(rng: np.random.Generator, clean: dict) -> dict:
+  """The labels an annotator writes for the `clean` track: EXPR segments sometimes confused,
+  AU decisions sometimes flipped, VA with a per-video bias and frame noise."""
+  noisy = dict(clean)
+  expr = clean['expr'].copy()
+  starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
+  for start, stop in zip(starts, np.r_[starts[1:], len(expr)]):
+    if rng.uniform() < EXPR_FLIP:  # confused with another class, the common ones most often
+      p = np.asarray(EXPR_PRIOR) * (np.arange(len(EXPR_PRIOR)) != expr[start])
+      expr[start:stop] = rng.choice(len(EXPR_PRIOR), p=p / p.sum())
+  noisy['expr'] = expr
+  flip = rng.uniform(size=clean['au_intensity'].shape) < AU_FLIP
+  noisy['au_intensity'] = np.where(flip, 1 - clean['au_intensity'], clean['au_intensity'])
+  bias = rng.normal(0, VA_BIAS, 2)
+  va = clean['va'] + bias + rng.normal(0, VA_NOISE, clean['va'].shape)
+  noisy['va'] = np.clip(va, -1, 1).astype(np.float32)
+  assert noisy['au_intensity'].shape[1] == labels.NUM_AUS
+  return noisy
