@@ -158,9 +158,9 @@ def summarise(table: dict, workdir: str, seeds) -> dict:
 
 
 def format_table(table: dict, summary: dict) -> str:
-  """Markdown: a row per table row, per metric ours (mean ± std, n) and the paper's."""
+  """Markdown: a row per table row, per metric ours (mean ± std, n) and the paper's figure."""
   metrics = list(table['metrics']) + ['best_score']
-  head = ['row'] + [f'{m} (ours)' if m == 'best_score' else f'{m} (ours | paper)' for m in metrics]
+  head = ['row'] + [h for m in metrics for h in ((m,) if m == 'best_score' else (m, 'paper'))]
   lines = [f'# {table["title"]}', '', '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for name, cells in summary.items():
