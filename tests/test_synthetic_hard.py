@@ -59,3 +59,20 @@ def test_annotation_noise_leaves_the_faces_clean():
   assert (noisy['expr'] != clean['expr']).any() and (noisy['expr'] == clean['expr']).mean() > 0.8
   assert noisy['au_intensity'].shape == (4000, labels.NUM_AUS)
   assert clean['expr'] is not noisy['expr']  # the clean track (the rendered faces) unchanged
+
+
+def test_au_base_rates_have_aff_wild2_shape():
+  """AU25 (talking parts the lips) the most common, AU7 and AU10 common, AU23/24/26 rare, and
+  the activity runs show on the faces but leave valence and arousal as they were."""
+  rng = np.random.default_rng(2)
+  present = np.concatenate([hard.track(rng, 300, -1)['au_intensity'] > 0.5 for _ in range(200)])
+  rates = dict(zip(labels.AU_NAMES, present.mean(0)))
+  assert max(rates, key=rates.get) == 'AU25' and rates['AU25'] > 0.3
+  assert min(rates['AU7'], rates['AU10']) > 0.15
+  assert max(rates['AU23'], rates['AU24'], rates['AU26']) < 0.08
+  with_activity = hard.track(np.random.default_rng(3), 500, -1)
+  without = tracks.simulate_track(np.random.default_rng(3), 500, -1, hard.STYLE)
+  np.testing.assert_array_equal(with_activity['va'], without['va'])
+  np.testing.assert_array_equal(with_activity['expr'], without['expr'])
+  assert (with_activity['au_intensity'] >= without['au_intensity']).all()
+  assert (with_activity['au_intensity'] > without['au_intensity'] + 0.3).any()

@@ -32,12 +32,37 @@ PRESETS = ('default', 'hard')
 LENGTH_JITTER = 0.9
 # Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise, Other.
 EXPR_PRIOR = (0.31, 0.04, 0.015, 0.015, 0.17, 0.12, 0.05, 0.28)
-STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.5, 0.95), ramp=(6, 15), va_scale=0.7)
+# Other's ABAW AUs: lips parted with the upper lip raised, cheeks raised with the lids tightened
+# (no basic expression's prototype), so AU24 and AU26 stay rare as on Aff-Wild2.
+OTHER_MIXES = ((('AU19',), ('AU25', 'AU10')), (('AU34',), ('AU6', 'AU7')))
+STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.5, 0.95), ramp=(6, 15), va_scale=0.7,
+                     other_mixes=OTHER_MIXES)
+# Activity that comes with no expression (talking parts the lips, squinting, a raised upper lip),
+# in runs of frames: (AU, fraction of frames, shortest and longest run). With the prototypes it
+# gives the AU base rates the shape of Aff-Wild2's (AU25 most common, then AU7 and AU10; AU15,
+# AU23, AU24 and AU26 a few percent; test_synthetic_hard.py).
+ACTIVITY = (('AU25', 0.4, (15, 90)), ('AU7', 0.2, (10, 50)), ('AU10', 0.15, (10, 40)))
 EXPR_FLIP, AU_FLIP, VA_BIAS, VA_NOISE = 0.05, 0.02, 0.08, 0.04
 
 
+def activity(rng: np.random.Generator, n: int) -> np.ndarray:
+  """Intensities float [n, 12] of ACTIVITY, each run at its own level with 4-frame ramps."""
+  out = np.zeros((n, labels.NUM_AUS))
+  ramp = np.ones(4) / 4
+  for name, fraction, (low, high) in ACTIVITY:
+    level = np.zeros(n + 2 * high)
+    for _ in range(rng.poisson(fraction * n / ((low + high) / 2) + 1e-9)):
+      start, length = rng.integers(-high, n), rng.integers(low, high + 1)
+      level[high + start:high + start + length] = rng.uniform(0.6, 0.95)
+    out[:, labels.AU_NAMES.index(name)] = np.convolve(level, ramp, 'same')[high:high + n]
+  return out
+
+
 def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
-  return tracks.simulate_track(rng, n, forced_expr, STYLE)
+  """A track of STYLE with ACTIVITY over it (the faces show it; valence and arousal do not)."""
+  out = tracks.simulate_track(rng, n, forced_expr, STYLE)
+  au = np.maximum(out['au_intensity'], activity(rng, n))
+  return dict(out, au_intensity=au.astype(np.float32))
 
 
 def scenes(rng: np.random.Generator, n: int, image_size: int, split: str) -> tuple:

@@ -72,14 +72,15 @@ class Style:
   strength: tuple = (0.75, 1.0)  # range of a segment's prototype AU intensity
   ramp: tuple = (3, 7)  # frames from one segment's face to the next's
   va_scale: float = 1.0  # scales the VA offsets and weights (smaller: VA nearer neutral)
+  other_mixes: tuple = OTHER_MIXES  # the Other class's gesture and its ABAW AUs
 
 
-def segment_targets(rng: np.random.Generator, expr: int,
-                    strength_range: tuple = (0.75, 1.0)) -> np.ndarray:
+def segment_targets(rng: np.random.Generator, expr: int, strength_range: tuple = (0.75, 1.0),
+                    other_mixes: tuple = OTHER_MIXES) -> np.ndarray:
   """Targets float [12 + 2] of a segment of `expr`: AU_NAMES then faces.OTHER_AU_NAMES."""
   target = np.concatenate([rng.uniform(0.0, 0.15, labels.NUM_AUS), np.zeros(2)])
   if expr == OTHER:
-    gesture, active = OTHER_MIXES[rng.integers(len(OTHER_MIXES))]
+    gesture, active = other_mixes[rng.integers(len(other_mixes))]
     active = list(gesture + active)
   else:
     active = list(PROTOTYPES[expr])
@@ -120,7 +121,7 @@ def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1,
   prev = None
   for i, (start, cls) in enumerate(segs):
     stop = segs[i + 1][0] if i + 1 < len(segs) else n
-    cur = np.concatenate([segment_targets(rng, cls, style.strength),
+    cur = np.concatenate([segment_targets(rng, cls, style.strength, style.other_mixes),
                           style.va_scale * VA_OFFSETS[cls] + rng.normal(0, 0.06, 2)])
     expr[start:stop] = cls
     t = np.arange(stop - start)[:, None]
