@@ -14,7 +14,8 @@ def test_the_default_parameters_and_folder_are_unchanged():
   default = generate._params(num_videos=6, frames_per_video=24)
   assert 'preset' not in default and default['length_jitter'] == 0.25
   hard_params = generate._params(num_videos=6, frames_per_video=24, preset='hard')
-  assert hard_params['preset'] == 'hard' and hard_params['length_jitter'] == hard.LENGTH_JITTER
+  assert hard_params['preset'] == 'hard' and hard_params['preset_version'] == hard.VERSION
+  assert hard_params['length_jitter'] == hard.LENGTH_JITTER
 
 
 def test_hard_set_is_deterministic_and_reads_as_aff_wild2(tmp_path):

@@ -204,7 +204,7 @@ def _params(num_videos: int = 64, frames_per_video: int = 140, seed: int = 0,
             'image_size': int(image_size), 'val_fraction': float(val_fraction),
             'num_expr_classes': int(num_expr_classes), 'length_jitter': float(length_jitter)}
   if preset == 'hard':  # (the default's parameters, and so its folder name, stay as they were)
-    params.update(preset=preset, length_jitter=hard.LENGTH_JITTER)
+    params.update(preset=preset, preset_version=hard.VERSION, length_jitter=hard.LENGTH_JITTER)
   return params
 
 

@@ -29,6 +29,8 @@ from affectjax import labels
 from affectjax.data.synthetic import faces, tracks
 
 PRESETS = ('default', 'hard')
+# In the data folder's name: a hard set cached by an earlier version is not reused (2: ACTIVITY).
+VERSION = 2
 LENGTH_JITTER = 0.9
 # Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise, Other.
 EXPR_PRIOR = (0.31, 0.04, 0.015, 0.015, 0.17, 0.12, 0.05, 0.28)
