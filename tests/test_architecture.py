@@ -11,15 +11,15 @@ MAX_LINES = 400
 # Lowest first. A module may import modules of its own layer or of lower layers, never higher.
 LAYERS = (
     ('files', 'labels', 'logs', 'optim', 'parallel', 'workdir'),  # of the package, only this layer
-    ('data',),  # readers, sources, pipelines, the synthetic generator
+    ('data', 'face'),  # readers, sources, pipelines, the synthetic generator; face detection
     ('models', 'weights'),
     ('losses', 'metrics', 'checkpoint', 'predictions'),
     ('train', 'config'),  # the pure steps; the config schema
     ('kinds',),  # image / temporal runs
     ('runs',),  # the resolved config and the run
-    ('evaluation', 'report'),  # a pass over a split; the figures of an evaluation
+    ('evaluation', 'report', 'timeline'),  # a pass over a split; its figures; a video's table
     ('trainer', 'inference', 'convert'),  # the loop; modes from a checkpoint; the converter
-    ('ensemble', 'oof', 'ablate'),  # averages of runs; out-of-fold features; ablation tables
+    ('ensemble', 'oof', 'ablate', 'analyze'),  # run averages; OOF features; ablations; videos
     ('main',),
 )
 

@@ -347,3 +347,20 @@ def render_face(au_intensity, identity: Identity, scene: Scene = Scene(), size: 
   if scene.noise_std > 0 and rng is not None:
     out += rng.normal(0, scene.noise_std, out.shape).astype(np.float32)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def landmarks(au_intensity, identity: Identity, scene: Scene = Scene(), size: int = 112
+              ) -> np.ndarray:
+  """float32 [5, 2]: where render_face draws the eye centres, the nose tip and the mouth corners
+  (x, y in pixels, MTCNN's order: left eye, right eye, nose, mouth left, mouth right as seen in
+  the image), so detectors and alignment can be scored on the synthetic faces."""
+  a = np.clip(np.asarray(au_intensity, float), 0, 1)
+  g = {n: a[_AU[n]] for n in ('AU12', 'AU15', 'AU23', 'AU26')}
+  half = 14.5 * identity.mouth_width * (1 + 0.25 * g['AU12'] - 0.42 * g['AU23'] -
+                                        0.12 * g['AU26'])
+  corner = 27 - 8 * g['AU12'] + 8 * g['AU15']
+  cv = _Canvas(np.zeros((size, size, 3), np.uint8), scene)
+  eye = 16 * identity.eye_spacing
+  points = [cv.px([[-eye, -6.0]], 6), cv.px([[eye, -6.0]], 6), cv.px([[0.0, 8.0]], 16),
+            cv.px([[-half, corner]], 8), cv.px([[half, corner]], 8)]
+  return (np.concatenate(points) / (1 << _SHIFT)).astype(np.float32)
