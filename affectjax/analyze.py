@@ -92,6 +92,7 @@ def predict_faces(config, run: str, root: str, names: list, batch: int) -> tuple
   config.mode = 'predict'
   member, step, _ = ensemble.run_member(config, run, test=True)
   shutil.rmtree(config.data.cache_dir, ignore_errors=True)
+  os.remove(list_path)
   return member, step
 
 

@@ -115,7 +115,7 @@ def write_plots(folder: str, time: np.ndarray, predicted: np.ndarray, values: di
     for ax, (at, crop, caption) in zip(axes.ravel(), crops):
       ax.imshow(crop)
       ax.set_title(f'{at:.1f} s\n{caption}', fontsize=7)
-    fig.suptitle(f'{title}: sample aligned crops', fontsize=9)
+    fig.suptitle(f'{title}: sample aligned crops', fontsize=9, y=1.02)
     save(fig, 'contact_sheet')
   return written
 

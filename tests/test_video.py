@@ -9,7 +9,7 @@ import pytest
 
 from affectjax.data import video
 
-av = pytest.importorskip('av')
+import av  # pylint: disable=wrong-import-order
 
 
 def _frames(n, h=48, w=64, seed=0):
