@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +152,20 @@ COMMANDS = {
     "pip install -e '.[torch]'": Installed('torch is part of the test extra'),
     "pip install -e '.[report]'": Installed('matplotlib is part of the test extra'),
     'python -c "import jax; print(jax.devices())"': Run(stdout=('CpuDevice(id=0)',)),
+    "pip install -e '.[video,report]'": Installed('PyAV, mtcnn, lz4 and matplotlib are part of '
+                                                  'the test extra'),
+    'python -m affectjax.analyze --video clip.mp4 --run runs/demo --out out/clip': Run(
+        before='make_videos', stdout=('Analysed 1 of 1 videos',),
+        expect=('out/clip/clip.csv', 'out/clip/clip_valence_arousal.png',
+                'out/clip/clip_contact_sheet.png', 'out/clip/cropped_aligned/clip/00001.jpg',
+                'out/clip/summary.json')),
+    'python -m affectjax.analyze --video-dir videos/ --run runs/demo --out out/videos': Run(
+        stdout=('Analysed 2 of 2 videos',),
+        expect=('out/videos/a/a.csv', 'out/videos/b/b_action_units.png')),
+    'python -m affectjax.data.crop --videos videos/ --out my_dataset/': Run(
+        stdout=('Cropped 2 of 2 videos',),
+        expect=('my_dataset/crop_summary.json', 'my_dataset/cropped_aligned/a/00001.jpg',
+                'my_dataset/cropped_aligned/b/00006.jpg')),
 }
 
 
@@ -244,6 +259,20 @@ def link_frame_run(tmp):
   """runs/frames: the demo run trained above stands in for a configs/mtl_va.py frame run (the
   same network at test scale; its 8-class EXPR layer does not load into the 7-class head)."""
   os.symlink(os.path.join(tmp, 'runs', 'demo'), os.path.join(tmp, 'runs', 'frames'))
+
+
+def make_videos(tmp):
+  """clip.mp4 and videos/{a,b}.mp4: scikit-image's astronaut photograph (a real face) drifting
+  over six frames (b: the same, another speed)."""
+  import cv2
+  from skimage import data
+  from affectjax.data import video
+  photo = data.astronaut()[20:320, 100:360]
+  os.makedirs(os.path.join(tmp, 'videos'))
+  for path, step in (('clip.mp4', 2), ('videos/a.mp4', 2), ('videos/b.mp4', 4)):
+    frames = [cv2.warpAffine(photo, np.array([[0.5, 0, 30 + step * k], [0, 0.5, 5.0]]),
+                             (192, 160), borderValue=(96, 96, 96)) for k in range(6)]
+    video.write(os.path.join(tmp, path), frames)
 
 
 def make_vggface2_pickle(tmp):
