@@ -65,10 +65,12 @@ def load_run(run: str, checkpoint: str) -> ml_collections.ConfigDict:
   return config
 
 
-def tuned_settings(run: str, use: bool) -> tuple:
-  """(AU thresholds: 0.5 or float [12], VA window, the eval JSON they came from or None)."""
+def tuned_settings(run: str, use: bool, step: int | None = None) -> tuple:
+  """(AU thresholds: 0.5 or float [12], VA window, the eval JSON they came from or None): those
+  mode=eval tuned for checkpoint `step` (eval_<split>_step<step>.json), else the newest tuned."""
   if use:
     found = sorted(glob.glob(os.path.join(run, 'eval_*.json')), key=os.path.getmtime)
+    found.sort(key=lambda p: p.endswith(f'_step{step}.json'))  # that step's last
     for path in reversed(found):
       with open(path) as f:
         values = json.load(f)
@@ -152,7 +154,6 @@ def sample_crops(crop_dir: str, frames: np.ndarray, times: np.ndarray, predicted
 
 def analyze_video(path: str, out: str, config, run: str, detector, args) -> dict:
   """Writes OUT for one video (see the module's docstring); returns its summary."""
-  thresholds, window, tuned_from = tuned_settings(run, not args.no_tuned)
   with files.atomic_dir(out) as tmp:
     crop_root = os.path.join(tmp, layout_lib.IMAGE_DIR)
     os.makedirs(crop_root)
@@ -164,6 +165,7 @@ def analyze_video(path: str, out: str, config, run: str, detector, args) -> dict
     start = time.perf_counter()
     member, step = predict_faces(config, run, tmp, [f.name for f in found], args.batch)
     model_s = time.perf_counter() - start
+    thresholds, window, tuned_from = tuned_settings(run, not args.no_tuned, step)
     tasks, classes = member.tasks, labels.expr_classes(config.num_expr_classes)
     for face in found:
       predicted, values = face_values(member, face.name, dets.index, tasks, thresholds, window)

@@ -117,6 +117,38 @@ def detector_rates(path: str, frames: int, reference_python: str, chunk: int) ->
   return out
 
 
+def synthetic_landmarks(count: int, chunk: int) -> dict:
+  """Our detector on `count` synthetic faces (affectjax.data.synthetic, random identities, pose
+  and expressions, rendered at 160 px in a 240x200 frame), where the true landmarks are known:
+  the found fraction and the landmark error over the inter-ocular distance."""
+  from affectjax.data.synthetic import faces, tracks  # pylint: disable=import-outside-toplevel
+  from affectjax.face import detect  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  images, truth = [], []
+  for _ in range(count):
+    identity = faces.Identity.sample(rng)
+    au = tracks.segment_targets(rng, int(rng.integers(7)))[:12]
+    scene = faces.Scene(roll=rng.uniform(-12, 12), yaw=rng.uniform(-0.2, 0.2),
+                        scale=rng.uniform(0.9, 1.1))
+    frame = np.full((200, 240, 3), 110, np.uint8)
+    frame[20:180, 40:200] = faces.render_face(au, identity, scene, 160)
+    images.append(frame)
+    truth.append(faces.landmarks(au, identity, scene, 160) + np.array([40, 20]))
+  detector = detect.Detector()
+  found, errors = 0, []
+  for i in range(0, count, chunk):
+    out = {k: np.asarray(v) for k, v in detector(np.stack(images[i:i + chunk])).items()}
+    for j in range(len(out['valid'])):
+      if out['valid'][j, 0]:
+        found += 1
+        t = truth[i + j]
+        errors.append(np.linalg.norm(out['landmarks'][j, 0] - t, axis=-1).mean() /
+                      np.linalg.norm(t[0] - t[1]))
+  return {'faces': count, 'found': found,
+          'nme_interocular_mean': float(np.mean(errors)) if errors else None,
+          'nme_interocular_median': float(np.median(errors)) if errors else None}
+
+
 def child(args) -> None:
   """One analysis of --video in this process; prints its summary with the peak RSS."""
   from affectjax import analyze  # pylint: disable=import-outside-toplevel
@@ -155,6 +187,7 @@ def main() -> None:
   parser.add_argument('--reference-python', default='', help="a python with the 'mtcnn' package")
   parser.add_argument('--reference-frames', type=int, default=64)
   parser.add_argument('--chunk', type=int, default=32)
+  parser.add_argument('--synthetic-faces', type=int, default=64)
   parser.add_argument('--videos', default='/tmp/bench_analyze_videos')
   parser.add_argument('--out', default='')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
@@ -171,6 +204,8 @@ def main() -> None:
   results = {'size': args.size, 'decode': decode_rates(first),
              'detector': detector_rates(first, args.reference_frames, args.reference_python,
                                         args.chunk), 'lengths': {}}
+  results['synthetic'] = synthetic_landmarks(args.synthetic_faces, args.chunk)
+  print(f"synthetic faces: {results['synthetic']}", flush=True)
   for seconds, path in paths.items():
     done = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', '--video', path,
                            '--run', args.run, '--chunk', str(args.chunk)],

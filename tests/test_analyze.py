@@ -19,7 +19,7 @@ from affectjax import analyze, inference, labels, timeline  # pylint: disable=wr
 from affectjax.data import crop, video  # pylint: disable=wrong-import-position
 from affectjax.face import align  # pylint: disable=wrong-import-position
 
-FRAMES, NO_FACE, CHUNK = 10, (4, 5), 8
+FRAMES, NO_FACE, CHUNK = 10, (4, 5), 32  # the default chunk: the docs commands reuse the compile
 
 
 def _frames(faces=True):
@@ -81,7 +81,8 @@ def test_predictions_equal_mode_predict_on_the_same_crops(analysed, uninterrupte
   workdir = str(uninterrupted[1])
   config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, 'config.json'))))
   (tmp_path / 'list.txt').write_text('astronaut\n')
-  thresholds, window, source = analyze.tuned_settings(workdir, True)
+  step = json.load(open(os.path.join(out, 'summary.json')))['checkpoint_step']
+  thresholds, window, source = analyze.tuned_settings(workdir, True, step)
   config.data.root, config.mode = out, 'predict'
   config.data.cache_dir = str(tmp_path / 'cache')
   config.predict.videos, config.predict.format = str(tmp_path / 'list.txt'), 'per_video'

@@ -63,7 +63,8 @@ def test_annotation_noise_leaves_the_faces_clean():
 
 
 def test_au_base_rates_have_aff_wild2_shape():
-  """AU25 (talking parts the lips) the most common, AU7 and AU10 common, AU23/24/26 rare, and
+  """In 300-frame videos AU25 (talking parts the lips) is the most common, AU7 and AU10 common,
+  AU23/24/26 rare (the demo set's shorter videos get less activity: docs/benchmarks.md), and
   the activity runs show on the faces but leave valence and arousal as they were."""
   rng = np.random.default_rng(2)
   present = np.concatenate([hard.track(rng, 300, -1)['au_intensity'] > 0.5 for _ in range(200)])

@@ -74,7 +74,9 @@ def test_rotation_metadata_applied_as_opencv_does(tmp_path):
   ok, reference = capture.read()
   capture.release()
   assert ok and ours.shape == reference.shape == (64, 48, 3)
-  np.testing.assert_array_equal(ours, reference[..., ::-1])
+  difference = np.abs(ours.astype(int) - reference[..., ::-1])  # chroma upsampled differently
+  assert difference.mean() < 2 and difference.max() <= 8
+  assert np.abs(ours.astype(int) - np.rot90(reference, 2)[..., ::-1]).mean() > 10  # not upside down
 
 
 def test_a_corrupt_packet_is_counted_and_skipped_keeping_the_numbers(tmp_path):
