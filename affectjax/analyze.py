@@ -21,23 +21,26 @@ The folder is written under a temporary name and renamed when complete; an exist
 refused unless --overwrite. A summary line per video gives its frames, the frames with a face
 and each stage's frames/s.
 
-An image run is needed (its trained heads): converted backbone weights alone (affectjax.convert)
-cannot predict affect, and a run folder without a checkpoint is refused with that message.
+The run is an image run, or a temporal run: then the crops' features are extracted first with
+the image run (and checkpoint) that made its training features, as named in their meta.json.
+Converted backbone weights alone (affectjax.convert) cannot predict affect (no trained heads),
+and a run folder without a checkpoint is refused with that message.
 """
 import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 import time
 
 import ml_collections
 import numpy as np
 
-from affectjax import ensemble, files, labels, metrics as metrics_lib, predictions, timeline
+from affectjax import ensemble, files, inference, labels, metrics as metrics_lib, predictions
+from affectjax import timeline
 from affectjax.data import crop as crop_lib
 from affectjax.data import layout as layout_lib
+from affectjax.data import sequences
 from affectjax.data import video as video_lib
 
 
@@ -45,7 +48,7 @@ class AnalyzeError(ValueError):
   """A run or a video that cannot be analysed; names it and says why."""
 
 
-def load_run(run: str, checkpoint: str) -> ml_collections.ConfigDict:
+def load_run(run: str, checkpoint: str = '') -> ml_collections.ConfigDict:
   """The run's training config (RUN/config.json), set to restore `checkpoint`."""
   path = os.path.join(run, 'config.json')
   if not os.path.isfile(path):
@@ -58,11 +61,31 @@ def load_run(run: str, checkpoint: str) -> ml_collections.ConfigDict:
                        '(was its training stopped before the first save?)')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if config.kind != 'image':
-    raise AnalyzeError(f'--run {run}: a {config.kind} run; analyze restores image runs (for a '
-                       'temporal run, pass its image run)')
+  if config.kind not in ('image', 'temporal'):
+    raise AnalyzeError(f'--run {run}: a {config.kind} run; analyze restores image runs and '
+                       'temporal runs on image runs\' features')
   config.eval_checkpoint = checkpoint or config.eval_checkpoint
   return config
+
+
+def image_runs(config) -> list:
+  """(workdir, checkpoint step) of the image run behind each features folder of a temporal
+  run (their meta.json), whose model makes the features of new frames."""
+  found = []
+  for folder in (f.strip() for f in config.temporal.features_dir.split(',') if f.strip()):
+    metas = sorted(glob.glob(os.path.join(folder, '*', sequences.META)))
+    if not metas:
+      raise AnalyzeError(f'the temporal run\'s features {folder} are gone: analyze extracts new '
+                         'frames\' features with the image run they name')
+    with open(metas[0]) as f:
+      meta = json.load(f)
+    workdir = meta.get('workdir', '')
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):
+      raise AnalyzeError(f'{metas[0]}: its image run {workdir or "(none named)"} is not a run '
+                         'folder (features of mode=oof fold runs: pass a run trained on all '
+                         'the data)')
+    found.append((workdir, int(meta['step'])))
+  return found
 
 
 def tuned_settings(run: str, use: bool, step: int | None = None) -> tuple:
@@ -81,20 +104,34 @@ def tuned_settings(run: str, use: bool, step: int | None = None) -> tuple:
   return 0.5, 1, None
 
 
-def predict_faces(config, run: str, root: str, names: list, batch: int) -> tuple:
-  """(member pass over the crops of `names` under root/cropped_aligned, checkpoint step)."""
+def _for_crops(config, root: str, list_path: str, batch: int) -> ml_collections.ConfigDict:
+  """A copy of `config` that predicts the faces listed in list_path under root/cropped_aligned."""
   config = ml_collections.ConfigDict(config.to_dict())
+  config.data.root, config.data.cache_dir = root, os.path.join(root, '.cache')
+  config.predict.videos, config.predict.images = list_path, ''
+  config.eval_batch_size = batch or config.eval_batch_size
+  config.mode = 'predict'
+  return config
+
+
+def predict_faces(config, run: str, root: str, names: list, batch: int) -> tuple:
+  """(member pass over the crops of `names` under root/cropped_aligned, checkpoint step). A
+  temporal run gets the crops' features from its image runs first (their mode=features)."""
   list_path = os.path.join(root, 'faces.txt')
   with open(list_path, 'w') as f:
     f.write(''.join(f'{n}\n' for n in names))
-  config.data.root = root
-  config.predict.videos, config.predict.images = list_path, ''
-  config.eval_batch_size = batch or config.eval_batch_size
-  config.data.cache_dir = os.path.join(root, '.cache')
-  config.mode = 'predict'
+  config = _for_crops(config, root, list_path, batch)
+  if config.kind == 'temporal':
+    folders = []
+    for k, (workdir, step) in enumerate(image_runs(config)):
+      image = _for_crops(load_run(workdir, str(step)), root, list_path, batch)
+      image.features_out = os.path.join(root, '.features', str(k))
+      inference.extract_features(image, workdir, test_only=True)
+      folders.append(image.features_out)
+    config.temporal.features_dir = ','.join(folders)
   member, step, _ = ensemble.run_member(config, run, test=True)
-  shutil.rmtree(config.data.cache_dir, ignore_errors=True)
-  os.remove(list_path)
+  for leftover in (config.data.cache_dir, os.path.join(root, '.features'), list_path):
+    files.remove(leftover)
   return member, step
 
 
@@ -201,7 +238,7 @@ def parse_args(argv):
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument('--video', help='one video file; OUT is its output folder')
   which.add_argument('--video-dir', help='a folder of videos; OUT gets a folder per video')
-  parser.add_argument('--run', required=True, help='a trained image run (its WORKDIR)')
+  parser.add_argument('--run', required=True, help='a trained image or temporal run (WORKDIR)')
   parser.add_argument('--out', required=True)
   parser.add_argument('--checkpoint', default='', help='best, latest or a step (default: the '
                       "run's eval_checkpoint)")

@@ -184,13 +184,14 @@ class FrameFeatures:
 
 
 def extract_features(config: ml_collections.ConfigDict, workdir: str,
-                     train: bool = True) -> dict:
+                     train: bool = True, test_only: bool = False) -> dict:
   """mode=features: the per-frame features of a checkpoint of this image run (its heads'
   shared layer, `embedding`: the pooled backbone features when model.head_hidden=0) for every
   frame of the training and evaluation splits (and of the test list of `config.predict`, as
   `test_<list name>`), written for the temporal models (affectjax.data.sequences) to
   `config.features_out` (default WORKDIR/features). Without `train`, the other splits only
-  (mode=oof writes the training frames' features from its fold runs)."""
+  (mode=oof writes the training frames' features from its fold runs); `test_only`: the test
+  list's frames only (affectjax.analyze)."""
   kind = kinds.get_kind(config)
   if not kind.extracts_features:
     raise ValueError(f'mode=features extracts per-frame features with an image run, not a '
@@ -201,7 +202,7 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str,
   eval_fn = run.eval_step()
   out = config.features_out or os.path.join(workdir, 'features')
   written = {}
-  wanted = ['train'] * train + [config.eval_split]
+  wanted = [] if test_only else ['train'] * train + [config.eval_split]
   test_name = None
   if config.predict.videos or config.predict.images:  # and the test list's frames
     test_name = kinds.test_split(kinds.test_list(config))

@@ -149,3 +149,48 @@ def test_crop_command_over_a_folder(clips, tmp_path, capsys):
   (folder / 'notes.txt').write_text('x')
   assert crop.main(['--videos', str(folder), '--out', str(tmp_path / 'other')]) == 2
   assert 'not videos (notes.txt)' in capsys.readouterr().err
+
+
+def test_a_temporal_run_gets_the_crops_features_from_its_image_run(clips, config, uninterrupted,
+                                                                    tmp_path):
+  """A GRU on the session run's features: analyze extracts the crops' features with that image
+  run and checkpoint (from the features' meta.json), as mode=features does, then predicts."""
+  from affectjax import trainer  # pylint: disable=import-outside-toplevel
+  from affectjax.data import sequences  # pylint: disable=import-outside-toplevel
+  from run_helpers import load_config  # pylint: disable=import-outside-toplevel
+  workdir = str(uninterrupted[1])
+  image = config.copy_and_resolve_references()
+  image.eval_checkpoint, image.features_out = 'latest', str(tmp_path / 'features')
+  extracted = inference.extract_features(image, workdir)
+  temporal = load_config('temporal', 'gru,test')
+  temporal.temporal.features_dir = extracted['out']
+  temporal.num_devices = 1
+  temporal.global_batch_size = temporal.eval_batch_size = 2
+  trainer.train_and_evaluate(temporal, str(tmp_path / 'gru'))
+  assert analyze.image_runs(temporal) == [(workdir, extracted['step'])]
+  out = tmp_path / 'out'
+  assert analyze.main(['--video', clips[0], '--run', str(tmp_path / 'gru'), '--out', str(out),
+                       '--chunk', str(CHUNK), '--quiet', '--no-plots', '--no-tuned']) == 0
+  rows = list(csv.DictReader(open(out / 'astronaut.csv')))
+  have = [k for k in range(FRAMES) if k not in NO_FACE]
+  assert all(rows[k]['expression'] and rows[k]['valence'] for k in have)
+  assert not any(rows[k]['expression'] for k in NO_FACE)
+  # The same crops' features, extracted by mode=features with a test list, then mode=predict.
+  (tmp_path / 'list.txt').write_text('astronaut\n')
+  image.data.root, image.data.cache_dir = str(out), str(tmp_path / 'cache')
+  image.predict.videos, image.features_out = str(tmp_path / 'list.txt'), str(tmp_path / 'f2')
+  inference.extract_features(image, workdir, test_only=True)
+  features = sequences.FeatureSet(image.features_out, 'test_list')
+  assert len(features.index) == len(have) and features.ok.all()
+  temporal.temporal.features_dir, temporal.mode = image.features_out, 'predict'
+  temporal.predict.videos, temporal.predict.format = str(tmp_path / 'list.txt'), 'per_video'
+  temporal.predict.out = str(tmp_path / 'predicted')
+  temporal.predict.au_thresholds, temporal.predict.va_window = '', 1
+  inference.predict_checkpoint(temporal, str(tmp_path / 'gru'))
+  va = open(tmp_path / 'predicted' / 'VA' / 'astronaut.txt').read().split('\n')[1:]
+  expr = open(tmp_path / 'predicted' / 'EXPR' / 'astronaut.txt').read().split('\n')[1:]
+  classes = labels.expr_classes(temporal.num_expr_classes)
+  for k in have:
+    np.testing.assert_allclose([float(rows[k]['valence']), float(rows[k]['arousal'])],
+                               [float(v) for v in va[k].split(',')], atol=1e-4)
+    assert rows[k]['expression'] == classes[int(expr[k])]
