@@ -151,6 +151,29 @@ def test_crop_command_over_a_folder(clips, tmp_path, capsys):
   assert 'not videos (notes.txt)' in capsys.readouterr().err
 
 
+def test_every_face_with_all_faces(tmp_path):
+  """Two people side by side: two tracks, named as Aff-Wild2's two-person videos are."""
+  photo = skimage_data.astronaut()[20:320, 100:360]
+  frames = []
+  for k in range(6):
+    frame = np.full((160, 192, 3), 96, np.uint8)
+    for x in (4 + k, 100 - k):
+      m = np.array([[0.3, 0, x], [0, 0.3, 40.0]])
+      frame = np.where(cv2.warpAffine(photo, m, (192, 160), borderValue=(0, 0, 0)) > 0,
+                       cv2.warpAffine(photo, m, (192, 160)), frame)
+    frames.append(frame)
+  path = video.write(str(tmp_path / 'two.mp4'), frames, quality=12)
+  out = tmp_path / 'dataset'
+  assert crop.main(['--videos', path, '--out', str(out), '--chunk', str(CHUNK),
+                    '--all-faces', '--smooth', '3']) == 0
+  assert sorted(os.listdir(out / 'cropped_aligned')) == ['two_left', 'two_right']
+  for side in ('two_left', 'two_right'):
+    assert len(os.listdir(out / 'cropped_aligned' / side)) == 6
+  assert crop.main(['--videos', path, '--out', str(tmp_path / 'largest'), '--chunk',
+                    str(CHUNK)]) == 0
+  assert os.listdir(tmp_path / 'largest' / 'cropped_aligned') == ['two']
+
+
 def test_a_temporal_run_gets_the_crops_features_from_its_image_run(clips, config, uninterrupted,
                                                                     tmp_path):
   """A GRU on the session run's features: analyze extracts the crops' features with that image
