@@ -38,6 +38,7 @@ import numpy as np
 
 from affectjax import ensemble, files, inference, labels, metrics as metrics_lib, predictions
 from affectjax import timeline
+from affectjax import weights as weights_lib
 from affectjax.data import crop as crop_lib
 from affectjax.data import layout as layout_lib
 from affectjax.data import sequences
@@ -51,6 +52,10 @@ class AnalyzeError(ValueError):
 def load_run(run: str, checkpoint: str = '') -> ml_collections.ConfigDict:
   """The run's training config (RUN/config.json), set to restore `checkpoint`."""
   path = os.path.join(run, 'config.json')
+  if os.path.isfile(os.path.join(run, weights_lib.META_FILE)):
+    raise AnalyzeError(f'--run {run}: converted backbone weights (affectjax.convert), without '
+                       'trained affect heads: train a run from them first (--config.init_from='
+                       f'{run}) and pass that run')
   if not os.path.isfile(path):
     raise AnalyzeError(f'--run {run}: not a run folder (no config.json). Converted weights '
                        '(affectjax.convert) have no trained affect heads: train a run on them '

@@ -125,6 +125,10 @@ def test_bad_input_is_refused_and_leaves_nothing(clips, analysed, uninterrupted,
   assert analyze.main(['--video', clips[0], '--run', str(tmp_path), '--out',
                        str(tmp_path / 'x')]) == 2
   assert 'Converted weights' in capsys.readouterr().err
+  (tmp_path / 'affectjax_weights.json').write_text('{}')
+  assert analyze.main(['--video', clips[0], '--run', str(tmp_path), '--out',
+                       str(tmp_path / 'x')]) == 2
+  assert 'without trained affect heads' in capsys.readouterr().err
   grey = str(tmp_path / 'grey')
   assert analyze.main(['--video', clips[1], '--run', run, '--out', grey, '--chunk', str(CHUNK),
                        '--quiet']) == 1
