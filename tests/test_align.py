@@ -3,12 +3,10 @@ scikit-image's, the device warp against cv2.warpAffine, landmarks brought onto t
 synthetic face whose landmarks are known, and tracks linked, named and smoothed."""
 import cv2
 import numpy as np
-import pytest
+from skimage import transform
 
 from affectjax.data.synthetic import faces as synthetic_faces
 from affectjax.face import align, faces
-
-transform = pytest.importorskip('skimage.transform')
 
 
 def _points(seed, n=3):

@@ -11,13 +11,12 @@ import cv2
 import ml_collections
 import numpy as np
 import pytest
+from skimage import data as skimage_data
+from skimage import transform
 
-transform = pytest.importorskip('skimage.transform')
-from skimage import data as skimage_data  # pylint: disable=wrong-import-position
-
-from affectjax import analyze, inference, labels, timeline  # pylint: disable=wrong-import-position
-from affectjax.data import crop, video  # pylint: disable=wrong-import-position
-from affectjax.face import align  # pylint: disable=wrong-import-position
+from affectjax import analyze, inference, labels, timeline
+from affectjax.data import crop, video
+from affectjax.face import align
 
 FRAMES, NO_FACE, CHUNK = 10, (4, 5), 32  # the default chunk: the docs commands reuse the compile
 
