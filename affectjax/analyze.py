@@ -43,6 +43,7 @@ from affectjax.data import crop as crop_lib
 from affectjax.data import layout as layout_lib
 from affectjax.data import sequences
 from affectjax.data import video as video_lib
+from affectjax.face import faces as faces_lib
 
 
 class AnalyzeError(ValueError):
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     if args.video:
       jobs = [(crop_lib.video_paths(args.video)[0], args.out)]
     else:
-      jobs = [(p, os.path.join(args.out, os.path.splitext(os.path.basename(p))[0]))
+      jobs = [(p, os.path.join(args.out, faces_lib.video_name(p)))
               for p in video_lib.list_videos(args.video_dir)]
     for _, out in jobs:
       if os.path.exists(out) and not args.overwrite:

@@ -43,9 +43,10 @@ def write_csv(path: str, frame: np.ndarray, time: np.ndarray, face, predicted: n
   """frame int [T] (0-based), time [T], face (faces.Face), predicted bool [T] (the model read
   the frame's crop), values {'expr': probs [T, C], 'au': probs [T, 12], 'au_on': bool [T, 12],
   'va': [T, 2]}."""
+  columns = header(classes, tasks)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(header(classes, tasks))
+    writer.writerow(columns)
     for t in range(len(frame)):
       row = [int(frame[t]) + 1, _num(time[t], 3), int(face.present[t])]
       if face.present[t]:
@@ -61,7 +62,7 @@ def write_csv(path: str, frame: np.ndarray, time: np.ndarray, face, predicted: n
         if 'va' in tasks:
           row += [_num(v) for v in values['va'][t]]
       else:
-        row += [''] * (len(header(classes, tasks)) - len(row))
+        row += [''] * (len(columns) - len(row))
       writer.writerow(row)
   return path
 

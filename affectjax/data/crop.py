@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -52,7 +51,7 @@ def prepare_out(out: str, overwrite: bool) -> None:
     if not overwrite:
       raise FileExistsError(f'{out} exists: choose another --out, or pass --overwrite to '
                             'replace it')
-    shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    files.remove(out)
   os.makedirs(out)
 
 
