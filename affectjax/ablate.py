@@ -9,7 +9,9 @@ A table file (configs/ablations/*.py) has `get_table(variant)` returning a dict:
 `demo` or `test`, is appended), optional `overrides` ({'loss.expr': 'ce'}), `paper` ({metric:
 the paper's figure}), `features_of` (a row whose run's per-frame features this temporal row
 trains on, same seed: extracted once into that run's folder) and `init_from` (a row whose run
-this one starts from, same seed). Every row runs on the real Aff-Wild2 with
+this one starts from, same seed). A row whose overrides set `mode: 'oof'` trains out-of-fold
+feature runs (affectjax.oof) and reports its full run; a row naming it in `features_of` trains
+on those features. A row that another needs runs first even when --rows leaves it out. Every row runs on the real Aff-Wild2 with
 `--root=/data/affwild2` (data.root of every row).
 
 Each (row, seed) trains in WORKDIR/<row>/seed<seed> like any run (an interrupted one resumes);
@@ -28,7 +30,7 @@ from absl import app
 from absl import flags
 
 from affectjax import config as config_lib
-from affectjax import files, inference, trainer
+from affectjax import files, inference, oof, trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('table', None, 'Ablation table file (configs/ablations/<table>.py[:variant]).')
@@ -106,35 +108,55 @@ def run_table(table: dict, workdir: str, *, root: str = '', rows=None, seeds=Non
   """Runs every missing (row, seed) of `table` in order; returns the results (`summarise`)."""
   seeds = list(seeds or table['seeds'])
   chosen = [r for r in table['rows'] if not rows or r['name'] in rows]
-  by_name = {r['name']: r for r in table['rows']}
   todo = [(r, s) for r in chosen for s in seeds]
   for n, (row, seed) in enumerate(todo, 1):
-    where = f'[ablate] {n}/{len(todo)} {row["name"]} seed {seed}'
-    if os.path.exists(_result_path(workdir, row['name'], seed)):
-      print(f'{where}: finished before, not run again', flush=True)
-      continue
-    if row.get('features_of'):
-      _ensure_features(table, by_name[row['features_of']], seed, workdir, root, settings)
-    config = row_config(table, row, seed, workdir, root, settings)
-    config_lib.check_config(config)
-    print(f'{where}: training in {run_dir(workdir, row["name"], seed)}', flush=True)
-    summary = trainer.train_and_evaluate(config, run_dir(workdir, row['name'], seed))
-    if summary['stop_reason'] != 'finished':
-      raise RuntimeError(f'{where}: {summary["stop_reason"]}; run the table again to resume')
-    result = {k: v for k, v in summary['final_metrics'].items() if np.ndim(v) == 0}
-    result['best_score'] = summary['best_score']
-    config.mode, config.eval_checkpoint = 'eval', 'latest'  # its report: figures of the row
-    inference.evaluate_checkpoint(config, run_dir(workdir, row['name'], seed))
-    os.makedirs(run_dir(workdir, row['name'], seed), exist_ok=True)
-    with files.atomic_write(_result_path(workdir, row['name'], seed)) as f:
-      json.dump(result, f, indent=1)
+    _run_row(table, row, seed, workdir, root, settings,
+             f'[ablate] {n}/{len(todo)} {row["name"]} seed {seed}')
     write_outputs(table, workdir, seeds)
   return write_outputs(table, workdir, seeds)
 
 
-def _ensure_features(table, row, seed, workdir, root, settings) -> None:
+def _run_row(table, row, seed, workdir, root, settings, where) -> None:
+  """Trains (row, seed) unless its result.json exists, evaluates it once for its report and
+  writes the result. A row with mode=oof gives its folder's `features` from fold runs
+  (affectjax.oof); its metrics are those of its full run (FOLDER/full)."""
   folder = run_dir(workdir, row['name'], seed)
-  if not os.path.isdir(os.path.join(folder, 'features')):
+  if os.path.exists(_result_path(workdir, row['name'], seed)):
+    print(f'{where}: finished before, not run again', flush=True)
+    return
+  if row.get('features_of'):
+    _ensure_features(table, _row_named(table, row['features_of']), seed, workdir, root,
+                     settings, where)
+  config = row_config(table, row, seed, workdir, root, settings)
+  config_lib.check_config(config)
+  print(f'{where}: training in {folder}', flush=True)
+  if config.mode == 'oof':
+    summary, evaluated = oof.run_oof(config, folder)['full_summary'], os.path.join(folder, 'full')
+  else:
+    summary, evaluated = trainer.train_and_evaluate(config, folder), folder
+  if summary['stop_reason'] != 'finished':
+    raise RuntimeError(f'{where}: {summary["stop_reason"]}; run the table again to resume')
+  result = {k: v for k, v in summary['final_metrics'].items() if np.ndim(v) == 0}
+  result['best_score'] = summary['best_score']
+  config.mode, config.eval_checkpoint = 'eval', 'latest'  # its report: figures of the row
+  inference.evaluate_checkpoint(config, evaluated)
+  os.makedirs(folder, exist_ok=True)
+  with files.atomic_write(_result_path(workdir, row['name'], seed)) as f:
+    json.dump(result, f, indent=1)
+
+
+def _row_named(table: dict, name: str) -> dict:
+  return next(r for r in table['rows'] if r['name'] == name)
+
+
+def _ensure_features(table, row, seed, workdir, root, settings, where) -> None:
+  """The per-frame features of `row`'s run of `seed`: that run first if it has not run (a row
+  left out of --rows), then its features, extracted once into its folder."""
+  folder = run_dir(workdir, row['name'], seed)
+  if os.path.isdir(os.path.join(folder, 'features')):
+    return
+  _run_row(table, row, seed, workdir, root, settings, f'{where}: its features, {row["name"]}')
+  if not os.path.isdir(os.path.join(folder, 'features')):  # an oof row has written them
     config = row_config(table, row, seed, workdir, root, settings)
     config.mode = 'features'
     inference.extract_features(config, folder)

@@ -30,7 +30,8 @@ from affectjax.data import sequences
 
 
 def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=oof (see the module docstring); returns {'out', 'folds', 'frames'}."""
+  """mode=oof (see the module docstring); returns {'out', 'folds', 'frames', 'fold',
+  'full_summary' (the full run's trainer summary)}."""
   workdir = os.path.abspath(workdir)
   folds = int(config.data.folds)
   kind = kinds.get_kind(config)
@@ -64,7 +65,7 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c.mode, c.data.fold, c.features_out = 'train', -1, out
   full = os.path.join(workdir, 'full')
   _say(f'[oof] the full run on every training video in {full}, then the evaluation features')
-  trainer.train_and_evaluate(c, full)
+  full_summary = trainer.train_and_evaluate(c, full)
   extracted = inference.extract_features(c, full, train=False)
   if parallel.is_main_process():
     meta = {'workdir': workdir, 'oof_folds': folds, 'fold_steps': steps,
@@ -75,7 +76,8 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'({", ".join(map(str, meta["fold_frames"]))} frames), the evaluation features from '
           f'the full run: {out}\n  train a temporal model on them with '
           f'--config=configs/temporal.py --config.temporal.features_dir={out}', flush=True)
-  return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold}
+  return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold,
+          'full_summary': full_summary}
 
 
 def _say(text: str) -> None:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from affectjax import ablate, config as config_lib, inference, trainer
+from affectjax import ablate, config as config_lib, inference, oof, trainer
 from run_helpers import REPO
 
 TABLE = '''
@@ -78,6 +78,45 @@ def test_a_half_finished_table_resumes_without_rerunning_finished_rows(tmp_path,
   assert json.load(open(os.path.join(out, 'results.json')))['rows']['lstm']['best_score'][
       'mean'] == pytest.approx(2.0)
   assert ablate.run_table(table, out) == summary and len(calls) == len(first) + len(again)
+
+
+def test_an_oof_row_gives_its_features_and_runs_first_when_left_out(tmp_path, monkeypatch):
+  """A mode=oof row runs affectjax.oof in its folder and reports its full run; a temporal row
+  naming it trains on its folder's features, and --rows without it runs it first."""
+  rows = [{'name': 'frames_oof', 'config': 'configs/mtl3.py',
+           'overrides': {'mode': 'oof', 'data.folds': 2}},
+          {'name': 'gru', 'config': 'configs/temporal.py:gru', 'features_of': 'frames_oof'}]
+  table = ablate.load_table(_table_file(tmp_path, rows) + ':test')
+  table['base'] = REPO
+  calls = []
+
+  def run_oof(config, workdir):
+    assert config.mode == 'oof' and config.data.folds == 2
+    os.makedirs(os.path.join(workdir, 'features'))
+    calls.append(('oof', config.seed, workdir))
+    return {'full_summary': {'stop_reason': 'finished', 'best_score': 2.0 + config.seed,
+                             'final_metrics': _fake_metrics('frames', config.seed)}}
+
+  def train(config, workdir):
+    calls.append(('train', config.seed, config.temporal.features_dir))
+    return {'stop_reason': 'finished', 'final_metrics': _fake_metrics('gru', config.seed),
+            'best_score': 1.0}
+
+  monkeypatch.setattr(oof, 'run_oof', run_oof)
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train)
+  monkeypatch.setattr(inference, 'extract_features', lambda *a: pytest.fail('no extraction'))
+  monkeypatch.setattr(inference, 'evaluate_checkpoint',
+                      lambda config, workdir: calls.append(('eval', config.mode, workdir)))
+  out = str(tmp_path / 'runs')
+  summary = ablate.run_table(table, out, rows=['gru'], seeds=[1])
+  folder = os.path.join(out, 'frames_oof', 'seed1')
+  assert calls == [('oof', 1, folder), ('eval', 'eval', os.path.join(folder, 'full')),
+                   ('train', 1, os.path.join(folder, 'features')),
+                   ('eval', 'eval', os.path.join(out, 'gru', 'seed1'))]
+  assert json.load(open(os.path.join(folder, 'result.json')))['best_score'] == 3.0
+  assert summary['gru']['expr_f1']['mean'] == pytest.approx(_fake_metrics('gru', 1)['expr_f1'])
+  ablate.run_table(table, out, seeds=[1])  # both finished: nothing runs again
+  assert len(calls) == 4
 
 
 def test_a_row_that_names_a_later_row_is_refused(tmp_path):
