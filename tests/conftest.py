@@ -11,7 +11,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests (and the command-line runs they start, which inherit the environment) compile the
 # same test-scale programs; the persistent cache compiles each once per session. It starts
-# empty, so nothing from an earlier session or another checkout is reused.
+# empty, so nothing from an earlier session or another checkout is reused. Under pytest-xdist
+# (`-n auto`) the main process sets it before it starts the workers, which inherit it: they
+# share one cache, and only the main process removes it.
 _CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix='affectjax-tests-jax-cache-')

@@ -81,7 +81,7 @@ COMMANDS = {
                       'runs/demo/config.json', 'runs/demo/tensorboard/events.out.tfevents.*'),
               stdout=('validation: score', 'mtl_score', 'Run finished')),
     "pip install -e '.[test]'": Installed(CI),
-    'python -m pytest -q tests': Installed(CI + ' (this suite)'),
+    'python -m pytest -q -n auto tests': Installed(CI + ' (this suite)'),
     'tensorboard --logdir runs/demo': NotHere(
         'the TensorBoard viewer is not a dependency (event files are written with '
         'tensorboardX); the demo entry checks that runs/demo/tensorboard holds event files'),
