@@ -17,13 +17,15 @@ on those features. A row that another needs runs first even when --rows leaves i
 Each (row, seed) trains in WORKDIR/<row>/seed<seed> like any run (an interrupted one resumes);
 a finished one is evaluated once more for its report (`mode=eval`: figures and predictions in
 its folder), leaves `result.json` and is not run again. At the end (also after every run)
-WORKDIR/table.md has the mean and the standard deviation over the seeds of each metric (the
-final evaluation's, and the best score), the paper's figure beside it, and WORKDIR/results.json
-every number.
+WORKDIR/table.md has the mean and the standard deviation of each metric (the final
+evaluation's, and the best score) over every seed that has finished (also those of earlier
+calls with other --seeds), the paper's figure beside it, and each seed's value; and
+WORKDIR/results.json every number.
 """
 import ast
 import json
 import os
+import re
 
 import numpy as np
 from absl import app
@@ -112,8 +114,8 @@ def run_table(table: dict, workdir: str, *, root: str = '', rows=None, seeds=Non
   for n, (row, seed) in enumerate(todo, 1):
     _run_row(table, row, seed, workdir, root, settings,
              f'[ablate] {n}/{len(todo)} {row["name"]} seed {seed}')
-    write_outputs(table, workdir, seeds)
-  return write_outputs(table, workdir, seeds)
+    write_outputs(table, workdir)
+  return write_outputs(table, workdir)
 
 
 def _run_row(table, row, seed, workdir, root, settings, where) -> None:
@@ -162,16 +164,27 @@ def _ensure_features(table, row, seed, workdir, root, settings, where) -> None:
     inference.extract_features(config, folder)
 
 
-def summarise(table: dict, workdir: str, seeds) -> dict:
-  """{row: {metric: {'mean', 'std', 'n', 'values', 'paper'}}} of the finished runs."""
+def finished_seeds(workdir: str, name: str) -> list:
+  """The seeds of row `name` with a result in `workdir` (whichever --seeds ran them)."""
+  folder = os.path.join(workdir, name)
+  found = [re.fullmatch(r'seed(-?\d+)', entry) for entry in
+           (os.listdir(folder) if os.path.isdir(folder) else ())]
+  return sorted(int(m.group(1)) for m in found
+                if m and os.path.exists(_result_path(workdir, name, int(m.group(1)))))
+
+
+def summarise(table: dict, workdir: str) -> dict:
+  """{row: {metric: {'mean', 'std', 'n', 'values', 'seeds', 'paper'}}} over every finished
+  seed of each row."""
   out = {}
   for row in table['rows']:
-    results = [json.load(open(p)) for p in (_result_path(workdir, row['name'], s) for s in seeds)
-               if os.path.exists(p)]
+    seeds = finished_seeds(workdir, row['name'])
+    results = [json.load(open(_result_path(workdir, row['name'], s))) for s in seeds]
     cells = {}
     for metric in list(table['metrics']) + ['best_score']:
-      values = [r[metric] for r in results if metric in r]
-      cells[metric] = {'values': values, 'n': len(values),
+      pairs = [(s, r[metric]) for s, r in zip(seeds, results) if metric in r]
+      values = [v for _, v in pairs]
+      cells[metric] = {'values': values, 'seeds': [s for s, _ in pairs], 'n': len(values),
                        'mean': float(np.mean(values)) if values else None,
                        'std': float(np.std(values, ddof=1)) if len(values) > 1 else None,
                        'paper': row.get('paper', {}).get(metric)}
@@ -196,14 +209,24 @@ def format_table(table: dict, summary: dict) -> str:
                                                      else f'{c["paper"]:.3f}')
       parts.append(ours + paper)
     lines.append('| ' + ' | '.join(parts) + ' |')
+  seeds = sorted({s for cells in summary.values() for c in cells.values() for s in c['seeds']})
+  lines += ['', f'Per seed ({", ".join(map(str, seeds))}; - where that seed has not run):', '',
+            '| row | ' + ' | '.join(metrics) + ' |', '|' + '---|' * (len(metrics) + 1)]
+  for name, cells in summary.items():
+    per = []
+    for m in metrics:
+      by_seed = dict(zip(cells[m]['seeds'], cells[m]['values']))
+      per.append(', '.join(f'{by_seed[s]:.3f}' if s in by_seed else '-' for s in seeds))
+    lines.append(f'| {name} | ' + ' | '.join(per) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def write_outputs(table: dict, workdir: str, seeds) -> dict:
-  summary = summarise(table, workdir, seeds)
+def write_outputs(table: dict, workdir: str) -> dict:
+  """WORKDIR/results.json and table.md of every finished (row, seed); returns the summary."""
+  summary = summarise(table, workdir)
   os.makedirs(workdir, exist_ok=True)
   with files.atomic_write(os.path.join(workdir, 'results.json')) as f:
-    json.dump({'title': table['title'], 'seeds': list(seeds), 'rows': summary}, f, indent=1)
+    json.dump({'title': table['title'], 'rows': summary}, f, indent=1)
   with files.atomic_write(os.path.join(workdir, 'table.md')) as f:
     f.write(format_table(table, summary))
   return summary

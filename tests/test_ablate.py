@@ -75,6 +75,10 @@ def test_a_half_finished_table_resumes_without_rerunning_finished_rows(tmp_path,
     assert cell['std'] == pytest.approx(np.std(values, ddof=1))
   text = open(os.path.join(out, 'table.md')).read()
   assert '| frames | 0.510 ± 0.010 (3) | 0.400 |' in text
+  assert '| lstm | 0.700, 0.710, 0.720 | 0.350, 0.370, 0.430 | 1.000, 2.000, 3.000 |' in text
+  # A later call for one seed neither reruns nor narrows the summary to that seed.
+  assert ablate.run_table(table, out, seeds=[1]) == summary
+  assert '| frames | 0.510 ± 0.010 (3) | 0.400 |' in open(os.path.join(out, 'table.md')).read()
   assert json.load(open(os.path.join(out, 'results.json')))['rows']['lstm']['best_score'][
       'mean'] == pytest.approx(2.0)
   assert ablate.run_table(table, out) == summary and len(calls) == len(first) + len(again)
