@@ -158,10 +158,13 @@ def _ensure_features(table, row, seed, workdir, root, settings, where) -> None:
   if os.path.isdir(os.path.join(folder, 'features')):
     return
   _run_row(table, row, seed, workdir, root, settings, f'{where}: its features, {row["name"]}')
-  if not os.path.isdir(os.path.join(folder, 'features')):  # an oof row has written them
+  if not os.path.isdir(os.path.join(folder, 'features')):  # an oof row trained has them
     config = row_config(table, row, seed, workdir, root, settings)
-    config.mode = 'features'
-    inference.extract_features(config, folder)
+    if config.mode == 'oof':  # its runs have finished: extracts again
+      oof.run_oof(config, folder)
+    else:
+      config.mode = 'features'
+      inference.extract_features(config, folder)
 
 
 def finished_seeds(workdir: str, name: str) -> list:

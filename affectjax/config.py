@@ -46,8 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kind = 'image'  # 'image' (crops) | 'block' (blocks of crops, end to end) | 'temporal'
   # Temporal models over per-frame features extracted from an image run (mode=features).
   c.temporal = temporal.default_temporal_config()
-  # the image run's WORKDIR/features; several comma-separated: concatenated per frame
-  c.temporal.features_dir = ''
+  c.temporal.features_dir = ''  # the image run's WORKDIR/features; several (a,b): concatenated
   # 'segment': `length` consecutive frames, a prediction per frame (method 4); 'block': a frame
   # and its `length - 1` previous frames, a prediction for that frame (method 2)
   c.temporal.window = 'segment'
@@ -282,7 +281,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('data.sampling', sampling.SAMPLING_SCHEMES), ('data.source', sources.SOURCES),
       ('temporal.encoder', (*temporal.ENCODERS, 'stat')), ('model.trainable', resnet.TRAINABLE),
       ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
-      ('temporal.va_heads', ('tanh', 'linear')), ('distributed.initialize', ('auto', 'yes', 'no'))):
+      ('temporal.va_heads', ('tanh', 'linear')), ('temporal.inputs', temporal.INPUTS),
+      ('distributed.initialize', ('auto', 'yes', 'no'))):
     _one_of(config, field, allowed)
   try:
     tasks = labels.parse_tasks(config.tasks)

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
-from affectjax import evaluation, kinds, logs, metrics as metrics_lib, parallel, predictions, runs
+from affectjax import evaluation, kinds, labels, logs, metrics as metrics_lib, parallel
+from affectjax import predictions, runs
 from affectjax import report
 from affectjax import files
 from affectjax.data import sequences, unlabelled
@@ -160,24 +161,38 @@ def write_test_predictions(config, fmt: str, out: str, rows, index, tasks: tuple
   return written, predicted
 
 
+def frame_predictions(outputs: dict) -> np.ndarray:
+  """[..., P] float32: a frame model's predictions as one vector per frame, its tasks in
+  labels.TASKS order: EXPR class probabilities, AU probabilities, valence and arousal (clipped
+  to [-1, 1]): what `temporal.inputs='predictions'` reads."""
+  parts = {'expr': lambda x: jax.nn.softmax(x, axis=-1), 'au': metrics_lib.sigmoid,
+           'va': lambda x: np.clip(x, -1.0, 1.0)}
+  return np.concatenate([np.asarray(parts[t](np.asarray(outputs[t], np.float32)), np.float32)
+                         for t in labels.TASKS if t in outputs], axis=-1)
+
+
 class FrameFeatures:
-  """Collects the per-frame features (`embedding`) and EXPR probabilities of an inference
-  pass over the `num_frames` rows of a frame index (`on_batch` of `evaluation.infer`)."""
+  """Collects the per-frame features (`embedding`), EXPR probabilities and predictions
+  (`frame_predictions`) of an inference pass over the `num_frames` rows of a frame index
+  (`on_batch` of `evaluation.infer`)."""
 
   def __init__(self, num_frames: int):
     self.num_frames = num_frames
-    self.features = self.probs = None
+    self.features = self.probs = self.predictions = None
     self.ok = np.zeros(num_frames, bool)
 
   def on_batch(self, outputs, batch) -> None:
     embedding = np.asarray(outputs['embedding'])
+    predictions = frame_predictions(outputs)
     if self.features is None:
       self.features = np.zeros((self.num_frames, embedding.shape[-1]), np.float16)
+      self.predictions = np.zeros((self.num_frames, predictions.shape[-1]), np.float16)
       if 'expr' in outputs:
         self.probs = np.zeros((self.num_frames, outputs['expr'].shape[-1]), np.float16)
     keep = np.asarray(batch['valid'], bool)
     rows = np.asarray(batch['index'])[keep]
     self.features[rows] = embedding[keep]
+    self.predictions[rows] = predictions[keep]
     if self.probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2)
       self.probs[rows] = np.asarray(jax.nn.softmax(np.asarray(outputs['expr'])[keep], axis=-1))
     self.ok[rows] = True
@@ -221,7 +236,8 @@ def extract_features(config: ml_collections.ConfigDict, workdir: str,
       meta = {'workdir': workdir, 'step': int(state.step), 'tasks': list(run.tasks),
               'model': config.model.to_dict(), 'image_size': config.data.image_size}
       written[split] = sequences.write_feature_set(out, split, index, collected.features,
-                                                   collected.ok, meta, probs=collected.probs)
+                                                   collected.ok, meta, probs=collected.probs,
+                                                   predictions=collected.predictions)
       print(f'features of {split}: {len(index)} frames x {collected.features.shape[1]} '
             f'({int((~collected.ok).sum())} unreadable) in {time.time() - start:.1f} s -> '
             f'{written[split]}', flush=True)

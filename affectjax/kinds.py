@@ -243,9 +243,9 @@ class TemporalKind:
 
   def load_split(self, config, split: str):
     """The extracted features of `split` (a `sequences.FeatureSet`; `.index` its frames)."""
-    features = sequences.FeatureSet(config.temporal.features_dir, split)
+    features = sequences.FeatureSet(config.temporal.features_dir, split, config.temporal.inputs)
     if parallel.is_main_process():
-      print(f'{split}: {len(features.index)} frames of {features.dim}-d features from '
+      print(f'{split}: {len(features.index)} frames of {features.dim}-d {features.inputs} from '
             f'{features.path} (checkpoint step {features.meta.get("step")})', flush=True)
     return features
 
@@ -254,7 +254,8 @@ class TemporalKind:
 
   def load_test(self, config):
     """The test frames' features, extracted by the image run's mode=features with the list."""
-    return sequences.FeatureSet(config.temporal.features_dir, test_split(test_list(config)))
+    return sequences.FeatureSet(config.temporal.features_dir, test_split(test_list(config)),
+                                config.temporal.inputs)
 
   def _iterator(self, config, data, **kwargs):
     return sequences.make_iterator(data, config.data, window=config.temporal.window,

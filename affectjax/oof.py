@@ -17,8 +17,9 @@ index's order; `validation`, `test_<list>`), for `--config.temporal.features_dir
 
 The fold models and the full model are separately trained networks: their embeddings are not
 the same coordinates, so a temporal model trains on K feature spaces and is evaluated on
-another. The EXPR probabilities (`probs`, written when the run trains EXPR) mean the same thing
-whatever model gives them; the embeddings only resemble each other.
+another. The predictions (`predictions.npy`: EXPR and AU probabilities, VA; and `probs`, the
+EXPR probabilities) mean the same thing whatever model gives them: train the temporal model on
+them with `--config.temporal.inputs=predictions`.
 """
 import os
 
@@ -38,7 +39,7 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
   index = kinds.load_index(config, 'train')
   fold = kinds.fold_of_rows(index, folds)
   out = config.features_out or os.path.join(workdir, 'features')
-  features, probs, ok, steps = None, None, np.zeros(len(index), bool), []
+  features, probs, predictions, ok, steps = None, None, None, np.zeros(len(index), bool), []
   for j in range(folds):
     c = config.copy_and_resolve_references()
     c.mode, c.data.fold = 'train', j
@@ -55,9 +56,11 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      collected.on_batch)
     if features is None:
       features = np.zeros((len(index), collected.features.shape[1]), np.float16)
+      predictions = np.zeros((len(index), collected.predictions.shape[1]), np.float16)
       if collected.probs is not None:
         probs = np.zeros((len(index), collected.probs.shape[1]), np.float16)
     features[rows], ok[rows] = collected.features, collected.ok
+    predictions[rows] = collected.predictions
     if probs is not None:
       probs[rows] = collected.probs
     steps.append(int(state.step))
@@ -71,7 +74,8 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = {'workdir': workdir, 'oof_folds': folds, 'fold_steps': steps,
             'fold_frames': np.bincount(fold, minlength=folds).tolist(),
             'full_step': extracted['step'], 'tasks': config.tasks}
-    sequences.write_feature_set(out, 'train', index, features, ok, meta, probs=probs)
+    sequences.write_feature_set(out, 'train', index, features, ok, meta, probs=probs,
+                                predictions=predictions)
     print(f'Out-of-fold features of {len(index)} training frames from {folds} fold runs '
           f'({", ".join(map(str, meta["fold_frames"]))} frames), the evaluation features from '
           f'the full run: {out}\n  train a temporal model on them with '

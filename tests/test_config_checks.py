@@ -84,6 +84,8 @@ def _base(**fields):
     ('data.source', 'zip', "config.data.source='zip': must be one of jpeg, arrayrecord, tfds"),
     ('edition', 'abaw9', "config.edition='abaw9': must be one of abaw2, abaw3"),
     ('eval_checkpoint', 'last', "config.eval_checkpoint='last': must be best, latest or a step"),
+    ('temporal.inputs', 'probs',
+     "config.temporal.inputs='probs': must be one of embedding, predictions"),
 ])
 def test_a_bad_value_names_the_field_and_what_it_allows(field, value, message):
   with pytest.raises(config_lib.ConfigError) as e:

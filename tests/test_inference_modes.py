@@ -131,6 +131,13 @@ def test_predict_mode_per_video_and_per_task_files(uninterrupted, config, tmp_pa
     inference.predict_checkpoint(_predict_config(config, images=str(bad_list)), str(workdir))
 
 
+def _reference_predictions(outputs) -> np.ndarray:
+  """A frame's EXPR softmax, AU sigmoids and clipped VA, by NumPy formulas."""
+  expr = np.exp(outputs['expr'] - outputs['expr'].max(-1, keepdims=True))
+  return np.concatenate([expr / expr.sum(-1, keepdims=True), 1 / (1 + np.exp(-outputs['au'])),
+                         np.clip(outputs['va'], -1, 1)], axis=-1)
+
+
 def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   from affectjax.data import sequences
   _, workdir = uninterrupted
@@ -143,11 +150,14 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   run, state = inference.restore(c, str(workdir), index)
   _, rows = evaluation.evaluate(run, run.eval_step(), state, index, keep_predictions=True)
   extracted = sequences.FeatureSet(result['out'], 'validation')
+  predicted = sequences.FeatureSet(result['out'], 'validation', 'predictions')
   assert extracted.meta['step'] == result['step'] and extracted.ok.all()
   for outputs, batch in rows:
     keep = batch['valid']
     np.testing.assert_allclose(extracted.features[batch['index'][keep]],
                                outputs['embedding'][keep], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(predicted.features[batch['index'][keep]],
+                               _reference_predictions(outputs)[keep], atol=1e-3)
 
   temporal_config = load_config('temporal', 'gru,test')
   temporal_config.temporal.features_dir = result['out']
@@ -168,6 +178,14 @@ def test_features_then_a_temporal_model(uninterrupted, config, tmp_path):
   temporal_config.eval_checkpoint = 'latest'
   evaluated = inference.evaluate_checkpoint(temporal_config, str(run_dir))
   np.testing.assert_allclose(evaluated['mtl_score'], final['mtl_score'], rtol=1e-5)
+  # The same temporal model on the image run's predictions instead of its embedding.
+  on_predictions = temporal_config.copy_and_resolve_references()
+  on_predictions.temporal.inputs, on_predictions.halt_after_steps = 'predictions', 1
+  halted = trainer.train_and_evaluate(on_predictions, str(tmp_path / 'on_predictions'))
+  assert halted['steps'] == 1 and predicted.dim == c.num_expr_classes + 12 + 2
+  fan_in = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(params_of(halted))
+            if leaf.ndim == 2}  # the encoder's input kernels read the predictions
+  assert predicted.dim in fan_in
 
   # Test predictions of the temporal run: the image run extracts the listed frames' features,
   # the temporal run predicts them. Listing the validation frames gives the same segments, so
@@ -300,6 +318,7 @@ def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
   result = oof.run_oof(c, str(tmp_path))
   assert trained == [(0, 2, 'fold_0'), (1, 2, 'fold_1'), (-1, 2, 'full')]
   train = sequences.FeatureSet(result['out'], 'train')
+  train_predictions = sequences.FeatureSet(result['out'], 'train', 'predictions')
   full_index = kinds.load_index(c, 'train')
   np.testing.assert_array_equal(train.index.frame, full_index.frame)
   assert train.ok.all() and train.meta['fold_steps'] == steps
@@ -314,6 +333,9 @@ def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
       keep = np.asarray(batch['valid'])
       np.testing.assert_allclose(train.features[rows[np.asarray(batch['index'])[keep]]],
                                  np.asarray(outputs['embedding'])[keep], rtol=2e-3, atol=2e-3)
+      np.testing.assert_allclose(
+          train_predictions.features[rows[np.asarray(batch['index'])[keep]]],
+          _reference_predictions(jax.device_get(outputs))[keep], atol=1e-3)
   validation = sequences.FeatureSet(result['out'], 'validation')
   assert validation.meta['workdir'] == str(tmp_path / 'full')
   assert validation.meta['step'] == steps[-1]

@@ -1,4 +1,5 @@
 """Temporal encoders against PyTorch (GRU, LSTM, TransformerEncoderLayer) and feature segments."""
+import pickle
 import types
 
 import jax
@@ -198,6 +199,21 @@ def _feature_set(tmp_path, num_videos=3):
   ok[3] = False
   sequences.write_feature_set(str(tmp_path), 'train', index, features, ok, {'step': 1})
   return sequences.FeatureSet(str(tmp_path), 'train'), index
+
+
+def test_predictions_are_read_in_place_of_the_embedding_and_their_absence_is_named(tmp_path):
+  embedded, index = _feature_set(tmp_path / 'a')  # written without predictions
+  with pytest.raises(FileNotFoundError, match=r'a/train/predictions\.npy not found: '
+                     r'temporal\.inputs=predictions reads it; extract these features again'):
+    sequences.FeatureSet(str(tmp_path / 'a'), 'train', 'predictions')
+  predictions = np.random.default_rng(2).uniform(size=(len(index), 21)).astype(np.float16)
+  sequences.write_feature_set(str(tmp_path / 'b'), 'train', index, embedded.features,
+                              embedded.ok, {'step': 1}, predictions=predictions)
+  read = sequences.FeatureSet(str(tmp_path / 'b'), 'train', 'predictions')
+  assert read.dim == 21 and read.inputs == 'predictions'
+  np.testing.assert_array_equal(read.features, predictions)
+  again = pickle.loads(pickle.dumps(read))  # as worker processes reopen it
+  np.testing.assert_array_equal(again.features, predictions)
 
 
 def test_feature_folders_concatenate_per_frame_when_they_list_the_same_frames(tmp_path):

@@ -55,12 +55,13 @@ class FeatureSet:
   comma-separated (e.g. several extractors, as the ABAW4 winners concatenate): their features
   are concatenated per frame, after checking that they list the same frames in the same order;
   a frame is readable where it is in all of them, EXPR probabilities come from the first that
-  has them."""
+  has them. `inputs` (temporal.inputs) picks what `features` holds: 'embedding' (features.npy)
+  or 'predictions' (predictions.npy)."""
 
-  def __init__(self, directory: str, split: str):
-    self.directory, self.split = directory, split
+  def __init__(self, directory: str, split: str, inputs: str = 'embedding'):
+    self.directory, self.split, self.inputs = directory, split, inputs
     folders = [d.strip() for d in directory.split(',') if d.strip()]
-    parts = [self._load(os.path.join(d, split)) for d in folders]
+    parts = [self._load(os.path.join(d, split), inputs) for d in folders]
     self.path, self.meta, self.features, self.ok, self.probs, self.index = parts[0]
     for path, _, _, ok, probs, index in parts[1:]:
       if (index.video_names != self.index.video_names or len(index) != len(self.index)
@@ -75,7 +76,7 @@ class FeatureSet:
       self.features = _Concatenated([part[2] for part in parts])
 
   @staticmethod
-  def _load(path: str) -> tuple:
+  def _load(path: str, inputs: str) -> tuple:
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(
@@ -83,7 +84,12 @@ class FeatureSet:
           'affectjax.main --config=<its config> --workdir=<its workdir> --config.mode=features')
     with open(meta_path) as f:
       meta = json.load(f)
-    features = np.load(os.path.join(path, 'features.npy'), mmap_mode='r')
+    name = {'embedding': 'features.npy', 'predictions': 'predictions.npy'}[inputs]
+    if not os.path.exists(os.path.join(path, name)):
+      raise FileNotFoundError(f'{os.path.join(path, name)} not found: temporal.inputs={inputs} '
+                              'reads it; extract these features again (mode=features or '
+                              'mode=oof) to write it')
+    features = np.load(os.path.join(path, name), mmap_mode='r')
     ok = np.load(os.path.join(path, 'ok.npy'))
     probs_path = os.path.join(path, 'probs.npy')  # EXPR probabilities, when extracted
     probs = np.load(probs_path, mmap_mode='r') if os.path.exists(probs_path) else None
@@ -98,22 +104,26 @@ class FeatureSet:
     return int(self.features.shape[1])
 
   def __getstate__(self):  # worker processes reopen the memory maps
-    return {'directory': self.directory, 'split': self.split}
+    return {'directory': self.directory, 'split': self.split, 'inputs': self.inputs}
 
   def __setstate__(self, state):
-    self.__init__(state['directory'], state['split'])
+    self.__init__(state['directory'], state['split'], state['inputs'])
 
 
 def write_feature_set(directory: str, split: str, index, features: np.ndarray, ok: np.ndarray,
-                      meta: dict, probs: np.ndarray | None = None) -> str:
+                      meta: dict, probs: np.ndarray | None = None,
+                      predictions: np.ndarray | None = None) -> str:
   """Writes what `FeatureSet` reads into `<directory>/<split>`, which it replaces whole when
-  complete (a failure leaves the previous folder, or none, and no partial one)."""
+  complete (a failure leaves the previous folder, or none, and no partial one): `features`
+  (the embedding), `probs` (EXPR probabilities) and `predictions` (inference.frame_predictions),
+  [N, D] each."""
   path = os.path.join(directory, split)
   os.makedirs(directory, exist_ok=True)
   with files.atomic_dir(path) as tmp:
     np.save(os.path.join(tmp, 'features.npy'), np.asarray(features, np.float16))
-    if probs is not None:
-      np.save(os.path.join(tmp, 'probs.npy'), np.asarray(probs, np.float16))
+    for name, array in (('probs', probs), ('predictions', predictions)):
+      if array is not None:
+        np.save(os.path.join(tmp, f'{name}.npy'), np.asarray(array, np.float16))
     np.save(os.path.join(tmp, 'ok.npy'), np.asarray(ok, bool))
     index.save(os.path.join(tmp, 'index.npz'))
     with open(os.path.join(tmp, META), 'w') as f:

@@ -33,9 +33,16 @@ import numpy as np
 from affectjax import labels
 from affectjax.models import heads, stat
 
+# A temporal model's per-frame input from the image run's features folder: 'embedding' (its
+# heads' shared layer) or 'predictions' (its EXPR probabilities, AU probabilities and VA: the
+# same quantities whichever network gives them, as out-of-fold features need).
+INPUTS = ('embedding', 'predictions')
+
+
 def default_temporal_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'encoder': 'gru',  # 'gru' | 'lstm' | 'transformer'
+      'inputs': 'embedding',  # INPUTS
       'hidden': 1024,
       'num_layers': 1,  # RNN layers; transformer encoder layers (the paper: 4)
       'num_heads': 4,  # transformer

@@ -4,7 +4,8 @@
 
 Every temporal row trains on the per-frame features of the `frames` row's run (configs/mtl3.py)
 of the same seed, or (the `*_oof` rows) on out-of-fold features of the same network
-(`frames_oof`: 2 fold runs and the full run on the demo, 5 folds otherwise). The paper's
+(`frames_oof`: 2 fold runs and the full run on the demo, 5 folds otherwise): its embedding, or
+(`*_oof_predictions`) its per-frame predictions (`temporal.inputs=predictions`). The paper's
 validation figures are of its final ensemble (MTL 1.742), not of these single rows, so the
 paper column stays empty.
 """
@@ -28,6 +29,11 @@ def get_table(variant=None):
   for encoder in ENCODERS:
     rows.append({'name': f'{encoder}_oof', 'config': f'configs/temporal.py:{encoder}',
                  'features_of': 'frames_oof'})
+  # The fold runs' embeddings are other coordinates than the full run's (which gives the
+  # evaluation frames'); their predictions mean the same thing from every run.
+  for encoder in ENCODERS:
+    rows.append({'name': f'{encoder}_oof_predictions', 'config': f'configs/temporal.py:{encoder}',
+                 'overrides': {'temporal.inputs': 'predictions'}, 'features_of': 'frames_oof'})
   return {
       'title': 'Method 4 (ABAW4 2022): temporal encoders x multi-task frameworks',
       'metrics': ('mtl_score', 'expr_f1', 'au_f1', 'va_ccc'),
