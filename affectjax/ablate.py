@@ -16,7 +16,7 @@ on those features. A row that another needs runs first even when --rows leaves i
 
 Each (row, seed) trains in WORKDIR/<row>/seed<seed> like any run (an interrupted one resumes);
 a finished one is evaluated once more for its report (`mode=eval`: figures and predictions in
-its folder), leaves `result.json` and is not run again. At the end (also after every run)
+its folder; an oof row's in FOLDER/full), leaves `result.json` and is not run again. At the end (also after every run)
 WORKDIR/table.md has the mean and the standard deviation of each metric (the final
 evaluation's, and the best score) over every seed that has finished (also those of earlier
 calls with other --seeds), the paper's figure beside it, and each seed's value; and
@@ -32,7 +32,7 @@ from absl import app
 from absl import flags
 
 from affectjax import config as config_lib
-from affectjax import files, inference, oof, trainer
+from affectjax import files, inference, logs, oof, trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('table', None, 'Ablation table file (configs/ablations/<table>.py[:variant]).')
@@ -120,28 +120,40 @@ def run_table(table: dict, workdir: str, *, root: str = '', rows=None, seeds=Non
 
 def _run_row(table, row, seed, workdir, root, settings, where) -> None:
   """Trains (row, seed) unless its result.json exists, evaluates it once for its report and
-  writes the result. A row with mode=oof gives its folder's `features` from fold runs
-  (affectjax.oof); its metrics are those of its full run (FOLDER/full)."""
+  writes the result. The rows it needs (`features_of`, `init_from`) run first. A row with
+  mode=oof gives its folder's `features` from fold runs (affectjax.oof); its metrics and report
+  are those of its full run (FOLDER/full)."""
   folder = run_dir(workdir, row['name'], seed)
   if os.path.exists(_result_path(workdir, row['name'], seed)):
     print(f'{where}: finished before, not run again', flush=True)
     return
+  for key in ('features_of', 'init_from'):
+    if row.get(key) and not os.path.exists(_result_path(workdir, row[key], seed)):
+      _run_row(table, _row_named(table, row[key]), seed, workdir, root, settings,
+               f'{where}: first {row[key]}')
+  config = row_config(table, row, seed, workdir, root, settings)
   if row.get('features_of'):
     _ensure_features(table, _row_named(table, row['features_of']), seed, workdir, root,
-                     settings, where)
-  config = row_config(table, row, seed, workdir, root, settings)
+                     settings, config)
   config_lib.check_config(config)
   print(f'{where}: training in {folder}', flush=True)
   if config.mode == 'oof':
-    summary, evaluated = oof.run_oof(config, folder)['full_summary'], os.path.join(folder, 'full')
+    summary, evaluated = oof.run_oof(config, folder)['summary'], os.path.join(folder, 'full')
   else:
     summary, evaluated = trainer.train_and_evaluate(config, folder), folder
   if summary['stop_reason'] != 'finished':
     raise RuntimeError(f'{where}: {summary["stop_reason"]}; run the table again to resume')
-  result = {k: v for k, v in summary['final_metrics'].items() if np.ndim(v) == 0}
-  result['best_score'] = summary['best_score']
   config.mode, config.eval_checkpoint = 'eval', 'latest'  # its report: figures of the row
-  inference.evaluate_checkpoint(config, evaluated)
+  final = inference.evaluate_checkpoint(config, evaluated)
+  # A run resumed after it had finished trains and evaluates nothing: the evaluation above
+  # (the same checkpoint) and metrics.jsonl give its figures.
+  metrics = summary['final_metrics'] or final or {}
+  result = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+  result['best_score'] = summary['best_score']
+  if not np.isfinite(result['best_score']):
+    scores = [r['score'] for r in logs.read_records(os.path.join(evaluated, 'metrics.jsonl'))
+              if r.get('split') == config.eval_split and 'score' in r]
+    result['best_score'] = max(scores, default=float('nan'))
   os.makedirs(folder, exist_ok=True)
   with files.atomic_write(_result_path(workdir, row['name'], seed)) as f:
     json.dump(result, f, indent=1)
@@ -151,20 +163,23 @@ def _row_named(table: dict, name: str) -> dict:
   return next(r for r in table['rows'] if r['name'] == name)
 
 
-def _ensure_features(table, row, seed, workdir, root, settings, where) -> None:
-  """The per-frame features of `row`'s run of `seed`: that run first if it has not run (a row
-  left out of --rows), then its features, extracted once into its folder."""
+def _ensure_features(table, row, seed, workdir, root, settings, reader) -> None:
+  """The per-frame features of `row`'s finished run of `seed` that the config `reader` reads:
+  extracted into its folder (mode=features; an oof row's fold runs and full run again) unless
+  every split it reads is there, with the predictions where it reads those."""
   folder = run_dir(workdir, row['name'], seed)
-  if os.path.isdir(os.path.join(folder, 'features')):
+  needed = ['meta.json'] + ['predictions.npy'] * (reader.temporal.get('inputs') == 'predictions')
+  if all(os.path.exists(os.path.join(folder, 'features', split, name))
+         for split in ('train', reader.eval_split) for name in needed):
     return
-  _run_row(table, row, seed, workdir, root, settings, f'{where}: its features, {row["name"]}')
-  if not os.path.isdir(os.path.join(folder, 'features')):  # an oof row trained has them
-    config = row_config(table, row, seed, workdir, root, settings)
-    if config.mode == 'oof':  # its runs have finished: extracts again
-      oof.run_oof(config, folder)
-    else:
-      config.mode = 'features'
-      inference.extract_features(config, folder)
+  config = row_config(table, row, seed, workdir, root, settings)
+  print(f'[ablate] extracting the features of {row["name"]} seed {seed} into '
+        f'{os.path.join(folder, "features")}', flush=True)
+  if config.mode == 'oof':  # its runs have finished: they extract again
+    oof.run_oof(config, folder)
+  else:
+    config.mode = 'features'
+    inference.extract_features(config, folder)
 
 
 def finished_seeds(workdir: str, name: str) -> list:
@@ -196,7 +211,8 @@ def summarise(table: dict, workdir: str) -> dict:
 
 
 def format_table(table: dict, summary: dict) -> str:
-  """Markdown: a row per table row, per metric ours (mean ± std, n) and the paper's figure."""
+  """Markdown: a row per table row, per metric ours (mean ± std, n) and the paper's figure;
+  then each seed's value of every metric."""
   metrics = list(table['metrics']) + ['best_score']
   head = ['row'] + [h for m in metrics for h in ((m,) if m == 'best_score' else (m, 'paper'))]
   lines = [f'# {table["title"]}', '', '| ' + ' | '.join(head) + ' |',

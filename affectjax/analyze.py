@@ -83,14 +83,16 @@ def image_runs(config) -> list:
     if not metas:
       raise AnalyzeError(f'the temporal run\'s features {folder} are gone: analyze extracts new '
                          'frames\' features with the image run they name')
-    with open(metas[0]) as f:
-      meta = json.load(f)
-    workdir = meta.get('workdir', '')
-    if not os.path.isfile(os.path.join(workdir, 'config.json')):
-      raise AnalyzeError(f'{metas[0]}: its image run {workdir or "(none named)"} is not a run '
-                         'folder (features of mode=oof fold runs: pass a run trained on all '
-                         'the data)')
-    found.append((workdir, int(meta['step'])))
+    runs = []  # mode=oof: the training frames' come from fold runs, the others' from the full run
+    for path in metas:
+      with open(path) as f:
+        meta = json.load(f)
+      if os.path.isfile(os.path.join(meta.get('workdir', ''), 'config.json')) and 'step' in meta:
+        runs.append((meta['workdir'], int(meta['step'])))
+    if not runs:
+      raise AnalyzeError(f'{metas[0]}: its image run {meta.get("workdir") or "(none named)"} is '
+                         'not a run folder, nor is that of any other split of its features')
+    found.append(runs[0])
   return found
 
 

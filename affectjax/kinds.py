@@ -235,6 +235,11 @@ class BlockKind(ImageKind):
   model_inputs = staticmethod(train.block_inputs)
 
 
+def _inputs(config) -> str:
+  """temporal.inputs ('embedding' in the config.json of a run from before the field)."""
+  return config.temporal.get('inputs', 'embedding')
+
+
 class TemporalKind:
   """Windows of per-frame features through a temporal model (configs/temporal*.py)."""
   name = 'temporal'
@@ -243,7 +248,7 @@ class TemporalKind:
 
   def load_split(self, config, split: str):
     """The extracted features of `split` (a `sequences.FeatureSet`; `.index` its frames)."""
-    features = sequences.FeatureSet(config.temporal.features_dir, split, config.temporal.inputs)
+    features = sequences.FeatureSet(config.temporal.features_dir, split, _inputs(config))
     if parallel.is_main_process():
       print(f'{split}: {len(features.index)} frames of {features.dim}-d {features.inputs} from '
             f'{features.path} (checkpoint step {features.meta.get("step")})', flush=True)
@@ -255,7 +260,7 @@ class TemporalKind:
   def load_test(self, config):
     """The test frames' features, extracted by the image run's mode=features with the list."""
     return sequences.FeatureSet(config.temporal.features_dir, test_split(test_list(config)),
-                                config.temporal.inputs)
+                                _inputs(config))
 
   def _iterator(self, config, data, **kwargs):
     return sequences.make_iterator(data, config.data, window=config.temporal.window,

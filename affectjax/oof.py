@@ -31,8 +31,9 @@ from affectjax.data import sequences
 
 
 def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """mode=oof (see the module docstring); returns {'out', 'folds', 'frames', 'fold',
-  'full_summary' (the full run's trainer summary)}."""
+  """mode=oof (see the module docstring); returns {'out', 'folds', 'frames', 'fold', 'summary'}:
+  `summary` is the trainer's summary of the full run, or of a run that stopped before finishing
+  (SIGTERM, halt_after_steps), after which nothing is extracted or written."""
   workdir = os.path.abspath(workdir)
   folds = int(config.data.folds)
   kind = kinds.get_kind(config)
@@ -47,7 +48,11 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = np.flatnonzero(fold == j)
     _say(f'[oof] fold {j + 1}/{folds}: training on the other folds in {folder}, then the '
          f'features of its {len(rows)} frames')
-    trainer.train_and_evaluate(c, folder)
+    summary = trainer.train_and_evaluate(c, folder)
+    if summary['stop_reason'] != 'finished':  # resumes there when run again
+      _say(f'[oof] fold {j + 1}/{folds} stopped: {summary["stop_reason"]}; run mode=oof again '
+           'to resume')
+      return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
     held = index.subset(rows)
     run, state = inference.restore(c, folder, held)
     collected = inference.FrameFeatures(len(held))
@@ -68,7 +73,10 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c.mode, c.data.fold, c.features_out = 'train', -1, out
   full = os.path.join(workdir, 'full')
   _say(f'[oof] the full run on every training video in {full}, then the evaluation features')
-  full_summary = trainer.train_and_evaluate(c, full)
+  summary = trainer.train_and_evaluate(c, full)
+  if summary['stop_reason'] != 'finished':
+    _say(f'[oof] the full run stopped: {summary["stop_reason"]}; run mode=oof again to resume')
+    return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
   extracted = inference.extract_features(c, full, train=False)
   if parallel.is_main_process():
     meta = {'workdir': workdir, 'oof_folds': folds, 'fold_steps': steps,
@@ -80,8 +88,7 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'({", ".join(map(str, meta["fold_frames"]))} frames), the evaluation features from '
           f'the full run: {out}\n  train a temporal model on them with '
           f'--config=configs/temporal.py --config.temporal.features_dir={out}', flush=True)
-  return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold,
-          'full_summary': full_summary}
+  return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
 
 
 def _say(text: str) -> None:

@@ -26,6 +26,14 @@ def _table_file(tmp_path, rows) -> str:
   return str(path)
 
 
+def _write_features(folder, predictions=False):
+  """What the stand-ins of mode=features / mode=oof leave: each split's meta.json."""
+  for split in ('train', 'validation'):
+    os.makedirs(os.path.join(folder, 'features', split), exist_ok=True)
+    for name in ('meta.json',) + ('predictions.npy',) * predictions:
+      open(os.path.join(folder, 'features', split, name), 'w').close()
+
+
 def _fake_metrics(name: str, seed: int) -> dict:
   base = {'frames': 0.5, 'gru': 0.6, 'lstm': 0.7}[name]
   return {'expr_f1': base + 0.01 * seed, 'au_f1': base / 2 + 0.02 * seed * seed}
@@ -48,7 +56,7 @@ def test_a_half_finished_table_resumes_without_rerunning_finished_rows(tmp_path,
             'best_score': 1.0 + seed}
 
   def features(config, workdir):
-    os.makedirs(os.path.join(workdir, 'features'))
+    _write_features(workdir)
     calls.append(('features', config.seed, workdir))
 
   monkeypatch.setattr(trainer, 'train_and_evaluate', train)
@@ -86,20 +94,23 @@ def test_a_half_finished_table_resumes_without_rerunning_finished_rows(tmp_path,
 
 def test_an_oof_row_gives_its_features_and_runs_first_when_left_out(tmp_path, monkeypatch):
   """A mode=oof row runs affectjax.oof in its folder and reports its full run; a temporal row
-  naming it trains on its folder's features, and --rows without it runs it first."""
+  naming it trains on its folder's features, and --rows without it runs it first. Features
+  that lack what a row reads (here the predictions) are extracted again by the oof runs."""
   rows = [{'name': 'frames_oof', 'config': 'configs/mtl3.py',
            'overrides': {'mode': 'oof', 'data.folds': 2}},
-          {'name': 'gru', 'config': 'configs/temporal.py:gru', 'features_of': 'frames_oof'}]
+          {'name': 'gru', 'config': 'configs/temporal.py:gru', 'features_of': 'frames_oof'},
+          {'name': 'gru_pred', 'config': 'configs/temporal.py:gru', 'features_of': 'frames_oof',
+           'overrides': {'temporal.inputs': 'predictions'}}]
   table = ablate.load_table(_table_file(tmp_path, rows) + ':test')
   table['base'] = REPO
   calls = []
 
   def run_oof(config, workdir):
     assert config.mode == 'oof' and config.data.folds == 2
-    os.makedirs(os.path.join(workdir, 'features'))
+    _write_features(workdir, predictions=len(calls) > 0)  # written before the predictions were
     calls.append(('oof', config.seed, workdir))
-    return {'full_summary': {'stop_reason': 'finished', 'best_score': 2.0 + config.seed,
-                             'final_metrics': _fake_metrics('frames', config.seed)}}
+    return {'summary': {'stop_reason': 'finished', 'best_score': 2.0 + config.seed,
+                        'final_metrics': _fake_metrics('frames', config.seed)}}
 
   def train(config, workdir):
     calls.append(('train', config.seed, config.temporal.features_dir))
@@ -114,13 +125,45 @@ def test_an_oof_row_gives_its_features_and_runs_first_when_left_out(tmp_path, mo
   out = str(tmp_path / 'runs')
   summary = ablate.run_table(table, out, rows=['gru'], seeds=[1])
   folder = os.path.join(out, 'frames_oof', 'seed1')
+  features = os.path.join(folder, 'features')
   assert calls == [('oof', 1, folder), ('eval', 'eval', os.path.join(folder, 'full')),
-                   ('train', 1, os.path.join(folder, 'features')),
-                   ('eval', 'eval', os.path.join(out, 'gru', 'seed1'))]
+                   ('train', 1, features), ('eval', 'eval', os.path.join(out, 'gru', 'seed1'))]
   assert json.load(open(os.path.join(folder, 'result.json')))['best_score'] == 3.0
   assert summary['gru']['expr_f1']['mean'] == pytest.approx(_fake_metrics('gru', 1)['expr_f1'])
-  ablate.run_table(table, out, seeds=[1])  # both finished: nothing runs again
-  assert len(calls) == 4
+  ablate.run_table(table, out, rows=['gru_pred'], seeds=[1])  # no predictions.npy: again
+  assert calls[4:] == [('oof', 1, folder), ('train', 1, features),
+                       ('eval', 'eval', os.path.join(out, 'gru_pred', 'seed1'))]
+  ablate.run_table(table, out, seeds=[1])  # all finished: nothing runs again
+  assert len(calls) == 7
+
+
+def test_a_finished_run_resumed_gets_its_result_from_its_checkpoint_and_records(
+    tmp_path, monkeypatch):
+  """A row whose run had finished without leaving result.json (stopped during its report):
+  training resumes with nothing to do, so the final evaluation and metrics.jsonl give the
+  result. A row's init_from row runs first."""
+  rows = [{'name': 'frames', 'config': 'configs/mtl3.py'},
+          {'name': 'tuned', 'config': 'configs/mtl3.py', 'init_from': 'frames'}]
+  table = ablate.load_table(_table_file(tmp_path, rows) + ':test')
+  table['base'] = REPO
+  out, order = str(tmp_path / 'runs'), []
+
+  def resumed(config, workdir):
+    order.append(os.path.basename(os.path.dirname(workdir)))
+    os.makedirs(os.path.join(workdir, 'checkpoints', '1'))  # a step, as init_from needs
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for score in (0.5, 0.9, 0.7):
+        f.write(json.dumps({'split': 'validation', 'step': 1, 'score': score}) + '\n')
+      f.write(json.dumps({'split': 'train', 'step': 1, 'score': 5.0}) + '\n')
+    return {'stop_reason': 'finished', 'final_metrics': {}, 'best_score': -np.inf}
+
+  monkeypatch.setattr(trainer, 'train_and_evaluate', resumed)
+  monkeypatch.setattr(inference, 'evaluate_checkpoint',
+                      lambda config, workdir: {'expr_f1': 0.25, 'au_f1': 0.5, 'per_au': [1, 2]})
+  ablate.run_table(table, out, rows=['tuned'], seeds=[0])
+  assert order == ['frames', 'tuned']
+  result = json.load(open(os.path.join(out, 'frames', 'seed0', 'result.json')))
+  assert result == {'expr_f1': 0.25, 'au_f1': 0.5, 'best_score': 0.9}
 
 
 def test_a_row_that_names_a_later_row_is_refused(tmp_path):

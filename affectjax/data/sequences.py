@@ -3,7 +3,9 @@
 Per-frame features are written by `--config.mode=features` of an image run
 (`inference.extract_features`): per split a folder with `features.npy` (float16 [N, D], memory-
 mapped when read), `ok.npy` (bool [N], False where the crop could not be read), `index.npz` (the
-`AffWild2Index` of the N frames, labels included) and `meta.json`.
+`AffWild2Index` of the N frames, labels included), `meta.json`, and where the run predicts them
+`probs.npy` (EXPR probabilities) and `predictions.npy` (`inference.frame_predictions`, what
+temporal.inputs='predictions' reads in place of `features.npy`).
 
 A segment is `temporal.length` consecutive rows of one video (rows sorted by video and frame, so
 frames without a crop or label are skipped, as in the paper's segments of annotated frames); a
