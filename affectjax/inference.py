@@ -193,8 +193,8 @@ class FrameFeatures:
     rows = np.asarray(batch['index'])[keep]
     self.features[rows] = embedding[keep]
     self.predictions[rows] = predictions[keep]
-    if self.probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2)
-      self.probs[rows] = np.asarray(jax.nn.softmax(np.asarray(outputs['expr'])[keep], axis=-1))
+    if self.probs is not None:  # EXPR class probabilities (the STAT / LSTM input of method 2):
+      self.probs[rows] = predictions[keep, :self.probs.shape[1]]  # the predictions' first columns
     self.ok[rows] = True
 
 

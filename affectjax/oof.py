@@ -49,9 +49,7 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _say(f'[oof] fold {j + 1}/{folds}: training on the other folds in {folder}, then the '
          f'features of its {len(rows)} frames')
     summary = trainer.train_and_evaluate(c, folder)
-    if summary['stop_reason'] != 'finished':  # resumes there when run again
-      _say(f'[oof] fold {j + 1}/{folds} stopped: {summary["stop_reason"]}; run mode=oof again '
-           'to resume')
+    if _stopped(summary, f'fold {j + 1}/{folds}'):
       return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
     held = index.subset(rows)
     run, state = inference.restore(c, folder, held)
@@ -74,8 +72,7 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
   full = os.path.join(workdir, 'full')
   _say(f'[oof] the full run on every training video in {full}, then the evaluation features')
   summary = trainer.train_and_evaluate(c, full)
-  if summary['stop_reason'] != 'finished':
-    _say(f'[oof] the full run stopped: {summary["stop_reason"]}; run mode=oof again to resume')
+  if _stopped(summary, 'the full run'):
     return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
   extracted = inference.extract_features(c, full, train=False)
   if parallel.is_main_process():
@@ -89,6 +86,14 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'the full run: {out}\n  train a temporal model on them with '
           f'--config=configs/temporal.py --config.temporal.features_dir={out}', flush=True)
   return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
+
+
+def _stopped(summary: dict, which: str) -> bool:
+  """Whether a run stopped before finishing (it resumes there when mode=oof runs again)."""
+  if summary['stop_reason'] == 'finished':
+    return False
+  _say(f'[oof] {which} stopped: {summary["stop_reason"]}; run mode=oof again to resume')
+  return True
 
 
 def _say(text: str) -> None:
