@@ -1,6 +1,8 @@
 """Tests of the synthetic Aff-Wild2: determinism, layout, label coverage, AU visibility, caching."""
 import json
 import pathlib
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -236,7 +238,42 @@ def test_ensure_synthetic_reuses_and_regenerates(tmp_path, monkeypatch):
   (root / generate.MANIFEST).write_text(json.dumps(manifest))
   assert generate.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 3
   assert _tree_bytes(root) == first
-  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([root.name, other.name])
+  sets = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith('.lock'))
+  assert sets == sorted([root.name, other.name])
+
+
+def test_processes_asking_for_one_set_at_once_generate_it_once(tmp_path, monkeypatch, capsys):
+  """A run that asks for a set while another generates it waits and uses that one; it does not
+  generate it again and replace the folder under the first run."""
+  started, release, calls = threading.Event(), threading.Event(), []
+  generate_set = generate.generate
+
+  def slow_generate(*a, **k):
+    calls.append(1)
+    started.set()
+    assert release.wait(60)
+    return generate_set(*a, **k)
+
+  monkeypatch.setattr(generate, 'generate', slow_generate)
+  roots = []
+  first = threading.Thread(
+      target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
+  first.start()
+  assert started.wait(60)
+  second = threading.Thread(
+      target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
+  second.start()
+  for _ in range(100):  # the second waits on the lock, saying for whom
+    if 'Waiting for host' in capsys.readouterr().out:
+      break
+    time.sleep(0.05)
+  else:
+    raise AssertionError('the second caller did not wait for the first')
+  release.set()
+  first.join(60)
+  second.join(60)
+  assert len(calls) == 1 and len(roots) == 2 and roots[0] == roots[1]
+  assert (roots[0] / generate.MANIFEST).exists()
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
@@ -250,7 +287,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(generate, '_write_video', fail_on_third)
   with pytest.raises(KeyboardInterrupt):
     generate.ensure_synthetic(tmp_path, progress=False, **TINY)
-  assert list(tmp_path.iterdir()) == []
+  assert [p.name for p in tmp_path.iterdir() if not p.name.endswith('.lock')] == []
   monkeypatch.setattr(generate, '_write_video', write_video)
   root = generate.ensure_synthetic(tmp_path, progress=False, **TINY)
   assert (root / generate.MANIFEST).exists()
