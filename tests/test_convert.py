@@ -197,11 +197,17 @@ class _Module(torch.nn.Module):  # a whole pickled model, not a state dict
     self.conv1 = torch.nn.Conv2d(3, 4, 7)
 
 
+def _noise(size: int) -> bytes:
+  """Fixed noise bytes: unseeded ones made the pickle case flaky (some byte strings make
+  CPython print an unraisable SystemError while the unpickler fails)."""
+  return np.random.default_rng(0).bytes(size)
+
+
 _BAD_SOURCES = {
-    'random.pth': (lambda p: p.write_bytes(os.urandom(2048)),
+    'random.pth': (lambda p: p.write_bytes(_noise(2048)),
                    'not a file written by torch.save (torch.load cannot read it); expected a '
                    'torchvision ResNet state dict of tensors'),
-    'random.pkl': (lambda p: p.write_bytes(b'\x80\x05' + os.urandom(2048)),
+    'random.pkl': (lambda p: p.write_bytes(b'\x80\x05' + _noise(2048)),
                    'not a pickle of NumPy arrays (it cannot be unpickled); expected a VGGFace2 '
                    'pickle'),
     'missing.pth': (lambda p: None, 'no such file; expected a torchvision ResNet state dict'),

@@ -248,7 +248,8 @@ def make_dataset(tmp):
 
 def write_test_list(tmp):
   """test_videos.txt: two validation videos of the demo's synthetic set (the test list)."""
-  roots = glob.glob(os.path.join(tmp, 'cache', 'synthetic', '*'))
+  roots = [p for p in glob.glob(os.path.join(tmp, 'cache', 'synthetic', 'affwild2_synthetic_*'))
+           if os.path.isdir(p)]  # not the sets' lock files
   with open(os.path.join(roots[0], 'validation_set_annotations.txt')) as f:
     videos = sorted({line.split('/')[0] for line in list(f)[1:]})
   with open(os.path.join(tmp, 'test_videos.txt'), 'w') as f:

@@ -47,8 +47,11 @@ def test_two_processes_train_like_one_process_with_two_devices(uninterrupted, co
   single_params = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
                    jax.tree_util.tree_leaves_with_path(jax.device_get(single['state'].params))}
   assert sorted(single_params) == sorted(multi_params.files)
+  # Adam divides each gradient by its own running RMS: where a gradient is near zero, a
+  # reduction-order difference in it moves that parameter's update by a fraction of the
+  # learning rate (1e-3), so parameters agree to 1e-5 (1 % of one step), not to rounding.
   for key, value in single_params.items():
-    np.testing.assert_allclose(multi_params[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(multi_params[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
   for key in ('expr_f1', 'au_f1', 'va_ccc', 'count_expr', 'count_au', 'count_va'):
     np.testing.assert_allclose(multi['metrics'][key], single['final_metrics'][key], rtol=1e-5,
                                atol=1e-6, err_msg=key)
