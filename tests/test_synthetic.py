@@ -259,19 +259,22 @@ def test_processes_asking_for_one_set_at_once_generate_it_once(tmp_path, monkeyp
   first = threading.Thread(
       target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
   first.start()
-  assert started.wait(60)
   second = threading.Thread(
       target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
-  second.start()
-  for _ in range(100):  # the second waits on the lock, saying for whom
-    if 'Waiting for host' in capsys.readouterr().out:
-      break
-    time.sleep(0.05)
-  else:
-    raise AssertionError('the second caller did not wait for the first')
-  release.set()
-  first.join(60)
-  second.join(60)
+  try:
+    assert started.wait(60)
+    second.start()
+    for _ in range(100):  # the second waits on the lock, saying for whom
+      if 'Waiting for host' in capsys.readouterr().out:
+        break
+      time.sleep(0.05)
+    else:
+      raise AssertionError('the second caller did not wait for the first')
+  finally:
+    release.set()  # a failure above must not leave the first thread waiting
+    first.join(60)
+    if second.ident is not None:  # started
+      second.join(60)
   assert len(calls) == 1 and len(roots) == 2 and roots[0] == roots[1]
   assert (roots[0] / generate.MANIFEST).exists()
 

@@ -276,8 +276,8 @@ def ensure_synthetic(cache_dir, progress: bool = True, **kwargs) -> pathlib.Path
   The folder name carries a hash of the parameters, so different sizes coexist; a folder whose
   manifest does not match (older generator, interrupted copy) is regenerated. Processes that
   ask for the same set at once (two runs started together on a fresh machine) take turns on a
-  lock file `<set>.lock`: one generates, the others wait and use what it wrote, rather than
-  replacing the folder under a run that already reads it.
+  lock file `<set>.lock` (where the filesystem has flock): one generates, the others wait and
+  use what it wrote, rather than replacing the folder under a run that already reads it.
   """
   params = _params(**kwargs)
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
