@@ -223,6 +223,11 @@ def test_jpegs_are_rgb(small):
     assert patch[0] > patch[2] + 15, patch
 
 
+def _sets(cache_dir) -> list:
+  """The names of what a cache folder holds besides the sets' lock files (left in place)."""
+  return sorted(p.name for p in cache_dir.iterdir() if not p.name.endswith('.lock'))
+
+
 def test_ensure_synthetic_reuses_and_regenerates(tmp_path, monkeypatch):
   calls = []
   generate_set = generate.generate
@@ -238,8 +243,7 @@ def test_ensure_synthetic_reuses_and_regenerates(tmp_path, monkeypatch):
   (root / generate.MANIFEST).write_text(json.dumps(manifest))
   assert generate.ensure_synthetic(tmp_path, progress=False, **TINY) == root and len(calls) == 3
   assert _tree_bytes(root) == first
-  sets = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith('.lock'))
-  assert sets == sorted([root.name, other.name])
+  assert _sets(tmp_path) == sorted([root.name, other.name])
 
 
 def test_processes_asking_for_one_set_at_once_generate_it_once(tmp_path, monkeypatch, capsys):
@@ -259,8 +263,8 @@ def test_processes_asking_for_one_set_at_once_generate_it_once(tmp_path, monkeyp
   first = threading.Thread(
       target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
   first.start()
-  second = threading.Thread(
-      target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=False, **TINY)))
+  second = threading.Thread(  # with progress: it says whom it waits for
+      target=lambda: roots.append(generate.ensure_synthetic(tmp_path, progress=True, **TINY)))
   try:
     assert started.wait(60)
     second.start()
@@ -290,7 +294,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(generate, '_write_video', fail_on_third)
   with pytest.raises(KeyboardInterrupt):
     generate.ensure_synthetic(tmp_path, progress=False, **TINY)
-  assert [p.name for p in tmp_path.iterdir() if not p.name.endswith('.lock')] == []
+  assert _sets(tmp_path) == []
   monkeypatch.setattr(generate, '_write_video', write_video)
   root = generate.ensure_synthetic(tmp_path, progress=False, **TINY)
   assert (root / generate.MANIFEST).exists()

@@ -285,9 +285,10 @@ def ensure_synthetic(cache_dir, progress: bool = True, **kwargs) -> pathlib.Path
   if _matches(root, params):
     return root
 
-  def on_wait(holder):
-    print(f'Waiting for {holder} to finish generating the synthetic Aff-Wild2 ({root})',
-          flush=True)
+  def on_wait(holder):  # said as the decoded cache says it: with the progress output
+    if progress:
+      print(f'Waiting for {holder} to finish generating the synthetic Aff-Wild2 ({root})',
+            flush=True)
 
   root.parent.mkdir(parents=True, exist_ok=True)
   with files.exclusive_lock(f'{root}.lock', on_wait):
