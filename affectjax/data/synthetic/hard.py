@@ -6,10 +6,16 @@
   smallest class; the shape of the
   ABAW EXPR training sets' class counts, rounded by us, not copied figures), AUs that come
   with subtle expressions (most prototype intensities near the 0.5 presence threshold, so rare
-  AUs stay rare), valence and arousal at half the default's range, near neutral.
-- Subtle, slow expressions: intensities 0.5-0.95 (default 0.75-1.0) and onsets of 6-14 frames,
+  AUs stay rare), valence and arousal at 0.85 of the default's range (0.7 before version 3), near neutral.
+- Subtle, slow expressions: intensities 0.6-1.0 (default 0.75-1.0; 0.5-0.95 before version 3) and onsets of 6-14 frames,
   while the EXPR label changes at the segment's first frame: a segment's first frames show the
-  previous expression under the new label (label lag), recoverable only from time.
+  previous expression under the new label (label lag).
+- Labels that only time recovers (version 3): expressions held for 24-72 frames (default 12-36)
+  that the face lets go of for a while (a dip: in 80% of the expressive segments, 10-24 frames
+  after the onset, the expression falls to 15% of its intensity and comes back) while the EXPR
+  label and the felt valence and arousal hold; and the VA annotator's joystick trails the face
+  by 3-7 frames. A frame model sees a near-neutral face under an expression's label, or the
+  face of some frames ago under its VA; a causal temporal model has seen both.
 - Nuisance: larger head pose, motion blur in most videos, lower JPEG quality, hand-like
   occluders over part of the face in runs of frames, and an appearance shift between training
   and validation (validation videos darker and blurrier).
@@ -18,7 +24,8 @@
   clean values).
 - Calibrated on the demo model (docs/benchmarks.md, "hard preset"); a first, harder setting
   (intensities 0.35-0.8, more blur and occlusion) left it near chance.
-- Video lengths from 0.1x to 1.9x the mean (`length_jitter` 0.9).
+- Video lengths from 0.1x to 1.9x the mean (`length_jitter` 0.9); AU activity runs placed
+  inside each video, so short videos get their share (version 3).
 """
 import dataclasses
 
@@ -29,16 +36,20 @@ from affectjax import labels
 from affectjax.data.synthetic import faces, tracks
 
 PRESETS = ('default', 'hard')
-# In the data folder's name: a hard set cached by an earlier version is not reused (2: ACTIVITY).
-VERSION = 2
+# In the data folder's name: a hard set cached by an earlier version is not reused (2: ACTIVITY;
+# 3: longer segments, DIP, VA_DELAY, activity runs inside the video).
+VERSION = 3
 LENGTH_JITTER = 0.9
 # Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise, Other.
 EXPR_PRIOR = (0.31, 0.04, 0.015, 0.015, 0.17, 0.12, 0.05, 0.28)
 # Other's ABAW AUs: lips parted with the upper lip raised, cheeks raised with the lids tightened
 # (no basic expression's prototype), so AU24 and AU26 stay rare as on Aff-Wild2.
 OTHER_MIXES = ((('AU19',), ('AU25', 'AU10')), (('AU34',), ('AU6', 'AU7')))
-STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.5, 0.95), ramp=(6, 15), va_scale=0.7,
-                     other_mixes=OTHER_MIXES)
+STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.6, 1.0), ramp=(6, 15), va_scale=0.85,
+                     other_mixes=OTHER_MIXES, segment=(24, 73))
+# Dips: (fraction of expressive segments, shortest and longest dip in frames, depth).
+DIP = (0.8, (10, 25), 0.85)
+VA_DELAY = (3, 8)  # the VA annotator's reaction time, frames (the stop excluded)
 # Activity that comes with no expression (talking parts the lips, squinting, a raised upper lip),
 # in runs of frames: (AU, fraction of frames, shortest and longest run). With the prototypes it
 # gives the AU base rates the shape of Aff-Wild2's (AU25 most common, then AU7 and AU10; AU15,
@@ -54,17 +65,37 @@ def activity(rng: np.random.Generator, n: int) -> np.ndarray:
   for name, fraction, (low, high) in ACTIVITY:
     level = np.zeros(n + 2 * high)
     for _ in range(rng.poisson(fraction * n / ((low + high) / 2) + 1e-9)):
-      start, length = rng.integers(-high, n), rng.integers(low, high + 1)
+      length = min(int(rng.integers(low, high + 1)), n)
+      start = rng.integers(0, n - length + 1)
       level[high + start:high + start + length] = rng.uniform(0.6, 0.95)
     out[:, labels.AU_NAMES.index(name)] = np.convolve(level, ramp, 'same')[high:high + n]
   return out
 
 
+def dips(rng: np.random.Generator, expr: np.ndarray) -> np.ndarray:
+  """Float [n] in [0, 1]: how far the face has let go of its expression (DIP), in runs inside
+  expressive segments after their onset, with 4-frame ramps; 0 elsewhere."""
+  fraction, (low, high), _ = DIP
+  level = np.zeros(len(expr) + 8)
+  starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
+  for start, stop in zip(starts, np.r_[starts[1:], len(expr)]):
+    if expr[start] == 0 or rng.uniform() >= fraction:  # Neutral has nothing to let go of
+      continue
+    length, first = int(rng.integers(low, high + 1)), start + STYLE.ramp[1]
+    if stop - first >= length + 4:  # comes back before the segment ends
+      begin = int(rng.integers(first, stop - length - 3))
+      level[4 + begin:4 + begin + length] = 1.0
+  return np.convolve(level, np.ones(5) / 5, 'same')[4:4 + len(expr)]
+
+
 def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
-  """A track of STYLE with ACTIVITY over it (the faces show it; valence and arousal do not)."""
+  """A track of STYLE with dips (the faces and their AUs show them; EXPR, valence and arousal
+  hold) and ACTIVITY over it (the faces show it; valence and arousal do not)."""
   out = tracks.simulate_track(rng, n, forced_expr, STYLE)
-  au = np.maximum(out['au_intensity'], activity(rng, n))
-  return dict(out, au_intensity=au.astype(np.float32))
+  relax = 1 - DIP[2] * dips(rng, out['expr'])[:, None]
+  au = np.maximum(out['au_intensity'] * relax, activity(rng, n))
+  return dict(out, au_intensity=au.astype(np.float32),
+              other_aus=(out['other_aus'] * relax).astype(np.float32))
 
 
 def scenes(rng: np.random.Generator, n: int, image_size: int, split: str) -> tuple:
@@ -104,9 +135,15 @@ def occlude(rgb: np.ndarray, occluder) -> np.ndarray:
   return rgb
 
 
+def delayed(values: np.ndarray, frames: int) -> np.ndarray:
+  """values [n, ...] `frames` later: row t holds row t - frames (the first row before that)."""
+  return values[np.maximum(np.arange(len(values)) - frames, 0)]
+
+
 def annotate(rng: np.random.Generator, clean: dict) -> dict:
   """The labels an annotator writes for the `clean` track: EXPR segments sometimes confused,
-  AU decisions sometimes flipped, VA with a per-video bias and frame noise."""
+  AU decisions sometimes flipped, VA late by a per-video delay (VA_DELAY), with a per-video
+  bias and frame noise."""
   noisy = dict(clean)
   expr = clean['expr'].copy()
   starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
@@ -117,8 +154,9 @@ def annotate(rng: np.random.Generator, clean: dict) -> dict:
   noisy['expr'] = expr
   flip = rng.uniform(size=clean['au_intensity'].shape) < AU_FLIP
   noisy['au_intensity'] = np.where(flip, 1 - clean['au_intensity'], clean['au_intensity'])
+  late = delayed(clean['va'], int(rng.integers(*VA_DELAY)))
   bias = rng.normal(0, VA_BIAS, 2)
-  va = clean['va'] + bias + rng.normal(0, VA_NOISE, clean['va'].shape)
+  va = late + bias + rng.normal(0, VA_NOISE, clean['va'].shape)
   noisy['va'] = np.clip(va, -1, 1).astype(np.float32)
   assert noisy['au_intensity'].shape[1] == labels.NUM_AUS
   return noisy

@@ -73,6 +73,7 @@ class Style:
   ramp: tuple = (3, 7)  # frames from one segment's face to the next's
   va_scale: float = 1.0  # scales the VA offsets and weights (smaller: VA nearer neutral)
   other_mixes: tuple = OTHER_MIXES  # the Other class's gesture and its ABAW AUs
+  segment: tuple = (12, 37)  # range of an expression segment's frames (the stop excluded)
 
 
 def segment_targets(rng: np.random.Generator, expr: int, strength_range: tuple = (0.75, 1.0),
@@ -93,12 +94,14 @@ def segment_targets(rng: np.random.Generator, expr: int, strength_range: tuple =
   return target
 
 
-def _segments(rng: np.random.Generator, n: int, forced_expr: int, prior=EXPR_PRIOR) -> list:
-  """(start, class) of consecutive segments of 12..36 frames; one of class forced_expr if >= 0."""
+def _segments(rng: np.random.Generator, n: int, forced_expr: int, prior=EXPR_PRIOR,
+              lengths: tuple = (12, 37)) -> list:
+  """(start, class) of consecutive segments of lengths[0]..lengths[1] - 1 frames; one of class
+  forced_expr if >= 0."""
   starts, start = [], 0
   while start < n:
     starts.append(start)
-    start += int(rng.integers(12, 37))
+    start += int(rng.integers(*lengths))
   classes = rng.choice(len(prior), len(starts), p=np.asarray(prior))
   if forced_expr >= 0:
     classes[rng.integers(len(starts))] = forced_expr
@@ -114,7 +117,7 @@ def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1,
   [-1,1], has_image bool [n], missing {task: bool [n]} (short sentinel runs inside annotated
   videos).
   """
-  segs = _segments(rng, n, forced_expr, style.prior)
+  segs = _segments(rng, n, forced_expr, style.prior, style.segment)
   expr = np.zeros(n, np.int32)
   num = len(_TARGET)
   target = np.zeros((n, num + 2))  # AU targets (labelled, then drawn only), then VA offsets.
