@@ -69,7 +69,7 @@ def test_annotation_noise_leaves_the_faces_clean():
 def test_au_base_rates_have_aff_wild2_shape():
   """In videos of the demo set's lengths (14 to 266 frames) AU25 (talking parts the lips) is the
   most common, AU7 and AU10 common, AU23/24/26 rare, and the activity runs show on the faces
-  but leave valence and arousal as they were."""
+  and in valence and arousal."""
   rng = np.random.default_rng(2)
   present = np.concatenate([hard.track(rng, int(rng.integers(14, 267)), -1)['au_intensity'] > 0.5
                             for _ in range(300)])
@@ -79,8 +79,12 @@ def test_au_base_rates_have_aff_wild2_shape():
   assert max(rates['AU23'], rates['AU24'], rates['AU26']) < 0.08
   with_activity = hard.track(np.random.default_rng(3), 500, -1)
   without = tracks.simulate_track(np.random.default_rng(3), 500, -1, hard.STYLE)
-  np.testing.assert_array_equal(with_activity['va'], without['va'])
   np.testing.assert_array_equal(with_activity['expr'], without['expr'])
+  # Valence and arousal move with the activity by the prototypes' weights.
+  weights = hard.STYLE.va_scale * np.stack([tracks.VALENCE_WEIGHTS, tracks.AROUSAL_WEIGHTS], 1)
+  talking = with_activity['au_intensity'][:, labels.AU_NAMES.index('AU25')] > 0.5
+  raised = (with_activity['va'] - without['va'])[:, 1]
+  assert raised[talking].mean() > 0.5 * weights[labels.AU_NAMES.index('AU25'), 1]
   active = [labels.AU_NAMES.index(name) for name, _, _ in hard.ACTIVITY]
   others = [i for i in range(labels.NUM_AUS) if i not in active]  # dips only lower these
   assert (with_activity['au_intensity'][:, others] <= without['au_intensity'][:, others]).all()
@@ -114,11 +118,19 @@ def test_some_labels_only_time_recovers():
   # around it.
   assert 0.12 < dipped / expressive < 0.3
   assert looked_neutral > 100 and held > 0.9 * looked_neutral
-  # The faces' AUs follow the dips; EXPR and VA are those of the track without them.
+  # The faces' AUs follow the dips; EXPR and VA are those of the track without them (VA moved
+  # by the activity alone).
   rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
-  with_dips = hard.track(rng_a, 300, -1)
-  without = tracks.simulate_track(rng_b, 300, -1, hard.STYLE)
+  with_dips = hard.track(rng_a, 600, -1)
+  without = tracks.simulate_track(rng_b, 600, -1, hard.STYLE)
+  dip, active = hard.dips(rng_b, without['expr']), hard.activity(rng_b, 600)
+  assert dip.max() == 1
   np.testing.assert_array_equal(with_dips['expr'], without['expr'])
-  np.testing.assert_array_equal(with_dips['va'], without['va'])
+  face = np.maximum(without['au_intensity'] * (1 - hard.DIP[2] * dip[:, None]), active)
+  np.testing.assert_allclose(with_dips['au_intensity'], face, atol=1e-6)
+  weights = hard.STYLE.va_scale * np.stack([tracks.VALENCE_WEIGHTS, tracks.AROUSAL_WEIGHTS], 1)
+  felt = without['va'] + (np.maximum(without['au_intensity'], active)
+                          - without['au_intensity']) @ weights
+  np.testing.assert_allclose(with_dips['va'], np.clip(felt, -1, 1), atol=1e-6)
   late = hard.delayed(np.arange(6)[:, None] * np.ones(2), 2)
   np.testing.assert_array_equal(late[:, 0], [0, 0, 0, 1, 2, 3])

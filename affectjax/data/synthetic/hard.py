@@ -90,11 +90,16 @@ def dips(rng: np.random.Generator, expr: np.ndarray) -> np.ndarray:
 
 def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
   """A track of STYLE with dips (the faces and their AUs show them; EXPR, valence and arousal
-  hold) and ACTIVITY over it (the faces show it; valence and arousal do not)."""
+  hold) and ACTIVITY over it (the faces and their AUs show it, and valence and arousal follow
+  it; version 2 left them as they were)."""
   out = tracks.simulate_track(rng, n, forced_expr, STYLE)
   relax = 1 - DIP[2] * dips(rng, out['expr'])[:, None]
-  au = np.maximum(out['au_intensity'] * relax, activity(rng, n))
-  return dict(out, au_intensity=au.astype(np.float32),
+  active = activity(rng, n)
+  au = np.maximum(out['au_intensity'] * relax, active)
+  # The activity moves valence and arousal as a prototype's AUs would (talking looks aroused).
+  weights = STYLE.va_scale * np.stack([tracks.VALENCE_WEIGHTS, tracks.AROUSAL_WEIGHTS], 1)
+  va = out['va'] + (np.maximum(out['au_intensity'], active) - out['au_intensity']) @ weights
+  return dict(out, au_intensity=au.astype(np.float32), va=np.clip(va, -1, 1).astype(np.float32),
               other_aus=(out['other_aus'] * relax).astype(np.float32))
 
 
