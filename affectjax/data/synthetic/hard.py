@@ -54,7 +54,7 @@ VA_DELAY = (3, 8)  # the VA annotator's reaction time, frames (the stop excluded
 # in runs of frames: (AU, fraction of frames, shortest and longest run). With the prototypes it
 # gives the AU base rates the shape of Aff-Wild2's (AU25 most common, then AU7 and AU10; AU15,
 # AU23, AU24 and AU26 a few percent; test_synthetic_hard.py).
-ACTIVITY = (('AU25', 0.4, (15, 90)), ('AU7', 0.2, (10, 50)), ('AU10', 0.15, (10, 40)))
+ACTIVITY = (('AU25', 0.5, (15, 90)), ('AU7', 0.2, (10, 50)), ('AU10', 0.15, (10, 40)))
 EXPR_FLIP, AU_FLIP, VA_BIAS, VA_NOISE = 0.05, 0.02, 0.08, 0.04
 
 
