@@ -282,7 +282,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('temporal.encoder', (*temporal.ENCODERS, 'stat')), ('model.trainable', resnet.TRAINABLE),
       ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
       ('temporal.va_heads', ('tanh', 'linear')), ('temporal.inputs', temporal.INPUTS),
-      ('distributed.initialize', ('auto', 'yes', 'no'))):
+      ('distributed.initialize', ('auto', 'yes', 'no')), ('data.oof_eval', ('full', 'folds'))):
     _one_of(config, field, allowed)
   try:
     tasks = labels.parse_tasks(config.tasks)

@@ -11,6 +11,13 @@ then meets only at evaluation. mode=oof (`--config.data.folds=K`, K >= 2) instea
 3. trains the full run, WORKDIR/full, on every training video and extracts the validation
    frames' features (and the test list's, given `config.predict`) with it: the model a
    temporal run is evaluated with sees each of those frames unseen, as the folds' models do.
+   With `--config.data.oof_eval=folds` the evaluation features are instead the mean over the
+   K fold runs of their own (each fold run extracts them into WORKDIR/fold_<j>/features), as
+   in stacking: a temporal model then meets at evaluation the same kind of model's inputs as
+   in training. Each fold run trains on (K - 1) / K of the videos, so on this small synthetic
+   set the full run is the stronger model (docs/ablations.md) and its features are stronger
+   than the ones the temporal model trained on. The full run still trains: it is the frame
+   model the temporal rows are compared with.
 Each run resumes like any run, so an interrupted mode=oof picks up where it stopped. The result
 is one features folder, WORKDIR/features (`train`: the K folds' features in the training
 index's order; `validation`, `test_<list>`), for `--config.temporal.features_dir`.
@@ -21,12 +28,14 @@ another. The predictions (`predictions.npy`: EXPR and AU probabilities, VA; and 
 EXPR probabilities) mean the same thing whatever model gives them: train the temporal model on
 them with `--config.temporal.inputs=predictions`.
 """
+import json
 import os
 
 import ml_collections
 import numpy as np
 
 from affectjax import evaluation, inference, kinds, parallel, trainer
+from affectjax.data import index as index_lib
 from affectjax.data import sequences
 
 
@@ -74,18 +83,49 @@ def run_oof(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = trainer.train_and_evaluate(c, full)
   if _stopped(summary, 'the full run'):
     return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
-  extracted = inference.extract_features(c, full, train=False)
+  by_folds = config.data.oof_eval == 'folds'
+  extracted = (_fold_means(config, workdir, folds, out) if by_folds
+               else inference.extract_features(c, full, train=False))
   if parallel.is_main_process():
     meta = {'workdir': workdir, 'oof_folds': folds, 'fold_steps': steps,
             'fold_frames': np.bincount(fold, minlength=folds).tolist(),
-            'full_step': extracted['step'], 'tasks': config.tasks}
+            'full_step': extracted['step'], 'oof_eval': config.data.oof_eval,
+            'tasks': config.tasks}
     sequences.write_feature_set(out, 'train', index, features, ok, meta, probs=probs,
                                 predictions=predictions)
     print(f'Out-of-fold features of {len(index)} training frames from {folds} fold runs '
           f'({", ".join(map(str, meta["fold_frames"]))} frames), the evaluation features from '
-          f'the full run: {out}\n  train a temporal model on them with '
+          f'{"the mean of the fold runs" if by_folds else "the full run"}: {out}\n'
+          f'  train a temporal model on them with '
           f'--config=configs/temporal.py --config.temporal.features_dir={out}', flush=True)
   return {'out': out, 'folds': folds, 'frames': len(index), 'fold': fold, 'summary': summary}
+
+
+def _fold_means(config: ml_collections.ConfigDict, workdir: str, folds: int, out: str) -> dict:
+  """oof_eval=folds: each fold run extracts the evaluation split's (and the test list's)
+  features into WORKDIR/fold_<j>/features; `out` gets, per split, their mean over the folds:
+  of the predictions and EXPR probabilities (an ensemble's average), and of the embeddings,
+  which are each network's own coordinates (read the predictions: temporal.inputs)."""
+  runs = []
+  for j in range(folds):
+    c = config.copy_and_resolve_references()
+    c.mode, c.data.fold = 'features', j
+    c.features_out = os.path.join(workdir, f'fold_{j}', 'features')
+    runs.append(inference.extract_features(c, os.path.join(workdir, f'fold_{j}'), train=False))
+  if parallel.is_main_process():
+    for split, first in runs[0]['splits'].items():
+      paths = [r['splits'][split] for r in runs]
+      mean = {name: np.mean([np.load(os.path.join(p, f'{name}.npy')).astype(np.float32)
+                             for p in paths], 0)
+              for name in ('features', 'probs', 'predictions')
+              if os.path.exists(os.path.join(first, f'{name}.npy'))}
+      with open(os.path.join(first, sequences.META)) as f:
+        meta = dict(json.load(f), oof_eval='folds', fold_steps=[r['step'] for r in runs])
+      sequences.write_feature_set(
+          out, split, index_lib.AffWild2Index.load(os.path.join(first, 'index.npz')),
+          mean['features'], np.all([np.load(os.path.join(p, 'ok.npy')) for p in paths], 0),
+          meta, probs=mean.get('probs'), predictions=mean.get('predictions'))
+  return {'step': None, 'out': out, 'splits': runs[0]['splits']}
 
 
 def _stopped(summary: dict, which: str) -> bool:

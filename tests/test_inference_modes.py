@@ -292,16 +292,9 @@ def test_ensemble_averages_the_members_probabilities(uninterrupted, config, tmp_
     assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key
 
 
-def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
-    uninterrupted, config, tmp_path, monkeypatch):
-  """mode=oof with 2 folds: each training frame's features come from its fold's run, which was
-  asked to leave that fold out (kinds.load_index with data.fold, tested in test_holdout.py);
-  the evaluation frames' from the full run. The runs themselves are stood in for by checkpoints
-  of the finished run (another step per fold, so the models differ): the trainer is tested
-  above."""
-  from affectjax import oof
-  from affectjax.data import sequences
-  _, workdir = uninterrupted
+def _stand_in_fold_runs(workdir, monkeypatch) -> tuple:
+  """mode=oof's runs stood in for by the last two checkpoints of the finished run in `workdir`
+  (fold j: the j-th, the full run: the last); returns (those steps, the runs asked for)."""
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())[-2:]
   trained = []
 
@@ -313,6 +306,50 @@ def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
     return {'stop_reason': 'finished'}
 
   monkeypatch.setattr(trainer, 'train_and_evaluate', stand_in)
+  return steps, trained
+
+
+def test_out_of_fold_evaluation_features_can_be_the_fold_runs_mean(
+    uninterrupted, config, tmp_path, monkeypatch):
+  """oof_eval=folds: the evaluation frames' predictions are the mean of the fold runs' own
+  (each fold's checkpoint evaluated on its own here), the training frames' as with 'full'."""
+  from affectjax import oof
+  from affectjax.data import sequences
+  _, workdir = uninterrupted
+  steps, trained = _stand_in_fold_runs(workdir, monkeypatch)
+  c = config.copy_and_resolve_references()
+  c.data.folds, c.data.oof_eval, c.eval_checkpoint = 2, 'folds', 'latest'
+  result = oof.run_oof(c, str(tmp_path))
+  assert trained == [(0, 2, 'fold_0'), (1, 2, 'fold_1'), (-1, 2, 'full')]
+  validation = sequences.FeatureSet(result['out'], 'validation', 'predictions')
+  assert validation.meta['oof_eval'] == 'folds' and validation.meta['fold_steps'] == steps
+  index = kinds.load_index(c, 'validation')
+  np.testing.assert_array_equal(validation.index.frame, index.frame)
+  mean = np.zeros_like(validation.features, np.float32)
+  for step in steps:
+    c.eval_checkpoint = str(step)
+    run, state = inference.restore(c, str(workdir), index)
+    _, pairs = evaluation.evaluate(run, run.eval_step(), state, index, keep_predictions=True)
+    for outputs, batch in pairs:
+      keep = np.asarray(batch['valid'])
+      rows = np.asarray(batch['index'])[keep]
+      mean[rows] += _reference_predictions(jax.device_get(outputs))[keep] / len(steps)
+  np.testing.assert_allclose(validation.features, mean, atol=2e-3)
+  train = sequences.FeatureSet(result['out'], 'train', 'predictions')
+  assert train.meta['oof_eval'] == 'folds' and train.meta['full_step'] is None
+
+
+def test_out_of_fold_features_come_from_models_that_left_their_videos_out(
+    uninterrupted, config, tmp_path, monkeypatch):
+  """mode=oof with 2 folds: each training frame's features come from its fold's run, which was
+  asked to leave that fold out (kinds.load_index with data.fold, tested in test_holdout.py);
+  the evaluation frames' from the full run. The runs themselves are stood in for by checkpoints
+  of the finished run (another step per fold, so the models differ): the trainer is tested
+  above."""
+  from affectjax import oof
+  from affectjax.data import sequences
+  _, workdir = uninterrupted
+  steps, trained = _stand_in_fold_runs(workdir, monkeypatch)
   c = config.copy_and_resolve_references()
   c.data.folds, c.eval_checkpoint = 2, 'latest'
   result = oof.run_oof(c, str(tmp_path))

@@ -52,6 +52,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # (kinds.fold_of_rows); with 0 <= fold < folds, training leaves out group `fold`.
       'folds': 0,
       'fold': -1,
+      # mode=oof's evaluation features: 'full' (the full run's) | 'folds' (the mean of the fold
+      # runs' predictions: the same kind of model as the training frames'; affectjax.oof).
+      'oof_eval': 'full',
       # -1 = auto (`worker_count`: none on a CPU backend, else 4 per GPU within the cores);
       # 0 = read in this process; n > 0 = n grain worker processes
       'worker_count': -1,
