@@ -1,0 +1,90 @@
+"""The analysis scripts in benchmarks/ whose figures docs/ablations.md quotes: their arithmetic
+against plain loops, on small inputs made here."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from affectjax.data.synthetic import generate, hard, tracks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'benchmarks', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_moving_average_is_the_mean_of_each_frames_window_within_its_video(causal):
+  smoothing = _script('temporal_smoothing')
+  rng = np.random.default_rng(0)
+  video_id = np.repeat([0, 1, 2], [7, 1, 12])
+  values = rng.normal(size=(len(video_id), 3))
+  got = smoothing.moving_average(values, video_id, 5, causal)
+  for i in range(len(values)):
+    same = np.flatnonzero(video_id == video_id[i])
+    lo, hi = (i - 4, i) if causal else (i - 2, i + 2)
+    window = [j for j in same if lo <= j <= hi]
+    np.testing.assert_allclose(got[i], values[window].mean(0), atol=1e-12)
+
+
+def test_smoothing_scores_read_a_features_folder(tmp_path):
+  """The frame alone scores as sklearn's F1 of the argmax; a window of 1 changes nothing."""
+  smoothing = _script('temporal_smoothing')
+  split = tmp_path / 'validation'
+  split.mkdir()
+  rng = np.random.default_rng(1)
+  n = 40
+  expr = rng.integers(0, 8, n)
+  expr[:3] = -1  # no label
+  predictions = np.concatenate([rng.dirichlet(np.ones(8), n), rng.uniform(size=(n, 12)),
+                                rng.uniform(-1, 1, (n, 2))], 1)
+  np.save(split / 'predictions.npy', predictions.astype(np.float16))
+  (split / 'meta.json').write_text('{"tasks": ["expr", "au", "va"]}')
+  np.savez(split / 'index.npz', video_id=np.repeat([0, 1], 20), expr=expr,
+           au=(rng.uniform(size=(n, 12)) > 0.7).astype(np.int64),
+           va=rng.uniform(-1, 1, (n, 2)))
+  rows = smoothing.scores(str(tmp_path), (1, 3))
+  alone = next(r for r in rows if r['window'] == 1 and r['causal'])
+  p = predictions.astype(np.float16).astype(np.float64)
+  expected = f1_score(expr[3:], p[3:, :8].argmax(1), labels=range(8), average='macro',
+                      zero_division=0)
+  assert alone['EXPR F1'] == pytest.approx(expected, abs=1e-9)
+  assert alone == dict(next(r for r in rows if r['window'] == 1 and not r['causal']),
+                       causal=True)
+
+
+def test_hard_preset_stats_replay_the_generators_tracks(tmp_path, monkeypatch):
+  """The replayed clean EXPR track of each video is the one the generator drew: without the
+  annotators' relabelled segments, the written labels equal it wherever a label is written;
+  the script prints the replayed counts."""
+  stats = _script('hard_preset_stats')
+  monkeypatch.setattr(hard, 'EXPR_FLIP', 0.0)
+  params = generate._params(8, 40, 3, preset='hard')
+  generate.generate(tmp_path, progress=False, num_videos=8, frames_per_video=40, seed=3,
+                    preset='hard')
+  plans = generate.plan_videos(8, 40, 3, params['val_fraction'], params['length_jitter'])
+  agree = total = 0
+  for plan in [p for p in plans if 'expr' in p.tasks]:
+    clean = tracks.simulate_track(generate._video_rng(3, plan.index), plan.num_frames,
+                                  plan.forced_expr, hard.STYLE)
+    lines = generate.task_file(tmp_path, 'expr', plan.split, plan.name).read_text().split()[1:]
+    written = np.array([int(x) for x in lines])
+    labelled = written >= 0
+    agree += (written == tracks.expr_for_classes(clean['expr'], 7))[labelled].sum()
+    total += labelled.sum()
+  assert total > 100 and agree == total
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'hard_preset_stats.py'),
+                        '--num_videos=8', '--frames_per_video=40', '--seed=3'],
+                       capture_output=True, text=True, check=True).stdout
+  for split in generate.SPLITS:
+    counted = stats.split_stats([p for p in plans if p.split == split and 'expr' in p.tasks], 3)
+    assert 0 <= counted['dipped'] <= counted['expressive'] <= counted['frames']
+    assert f"| {split} | {counted['videos']} | {counted['frames']:,} |" in out
