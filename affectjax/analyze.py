@@ -87,6 +87,11 @@ def image_runs(config) -> list:
     for path in metas:
       with open(path) as f:
         meta = json.load(f)
+      if meta.get('oof_eval') == 'folds':
+        raise AnalyzeError(f'{path}: features from the mean of {len(meta["fold_workdirs"])} fold '
+                           'runs (data.oof_eval=folds); analyze extracts new frames\' features '
+                           'with one image run: use a temporal run trained on mode=features or '
+                           'on mode=oof with data.oof_eval=full')
       if os.path.isfile(os.path.join(meta.get('workdir', ''), 'config.json')) and 'step' in meta:
         runs.append((meta['workdir'], int(meta['step'])))
     if not runs:

@@ -119,8 +119,10 @@ def _fold_means(config: ml_collections.ConfigDict, workdir: str, folds: int, out
                              for p in paths], 0)
               for name in ('features', 'probs', 'predictions')
               if os.path.exists(os.path.join(first, f'{name}.npy'))}
-      with open(os.path.join(first, sequences.META)) as f:
-        meta = dict(json.load(f), oof_eval='folds', fold_steps=[r['step'] for r in runs])
+      with open(os.path.join(first, sequences.META)) as f:  # fold 0's, less its run and step
+        meta = {k: v for k, v in json.load(f).items() if k not in ('workdir', 'step')}
+      meta.update(oof_eval='folds', fold_steps=[r['step'] for r in runs],
+                  fold_workdirs=[os.path.join(workdir, f'fold_{j}') for j in range(folds)])
       sequences.write_feature_set(
           out, split, index_lib.AffWild2Index.load(os.path.join(first, 'index.npz')),
           mean['features'], np.all([np.load(os.path.join(p, 'ok.npy')) for p in paths], 0),

@@ -6,7 +6,8 @@ The defaults are the demo set's (`configs/*.py:demo`). For each split's EXPR-ann
 the script replays the generator's random draws for the track (`data/synthetic/generate.py`:
 the video's generator, then `hard.track`'s draws) and counts, over the frames with an expressive
 EXPR class (not Neutral): those in a dip (the face at under half of its expression, the label
-held), and over all EXPR frames those within the slowest onset after a label change (label lag:
+held), the expressive segments with a dip (only segments long enough get one), and over all
+EXPR frames those within the slowest onset after a label change (label lag:
 the face still shows the previous expression). Annotation noise and the per-task missing runs
 are left out: the counts are of the clean track the faces show. Prints a markdown table.
 """
@@ -18,13 +19,17 @@ from affectjax.data.synthetic import generate, hard, tracks
 
 
 def split_stats(plans: list, seed: int) -> dict:
-  frames = expressive = dipped = lagged = changes = 0
+  frames = expressive = dipped = lagged = changes = segments = dipping = 0
   for plan in plans:
     rng = generate._video_rng(seed, plan.index)  # the draws of generate._write_video, in order
     out = tracks.simulate_track(rng, plan.num_frames, plan.forced_expr, hard.STYLE)
     dip = hard.dips(rng, out['expr'])
     expr = out['expr']
     starts = np.flatnonzero(expr[1:] != expr[:-1]) + 1
+    for begin, end in zip(np.r_[0, starts], np.r_[starts, len(expr)]):
+      if expr[begin] != 0:  # an expressive segment (within this video)
+        segments += 1
+        dipping += bool((dip[begin:end] > 0.5).any())
     after = np.zeros(len(expr), bool)
     for start in starts:
       after[start:start + hard.STYLE.ramp[1] - 1] = True
@@ -34,7 +39,7 @@ def split_stats(plans: list, seed: int) -> dict:
     lagged += int(after.sum())
     changes += len(starts)
   return {'videos': len(plans), 'frames': frames, 'expressive': expressive, 'dipped': dipped,
-          'lagged': lagged, 'changes': changes}
+          'lagged': lagged, 'changes': changes, 'segments': segments, 'dipping': dipping}
 
 
 def main():
@@ -49,12 +54,14 @@ def main():
   print(f'hard preset version {hard.VERSION}: {args.num_videos} videos, frames_per_video '
         f'{args.frames_per_video}, seed {args.seed}; EXPR-annotated videos only')
   print('| split | videos | EXPR frames | expressive | in a dip (of expressive) | '
-        'label changes | within an onset after a change (of EXPR frames) |')
-  print('|---|---|---|---|---|---|---|')
+        'expressive segments with a dip | label changes | '
+        'within an onset after a change (of EXPR frames) |')
+  print('|---|---|---|---|---|---|---|---|')
   for split in generate.SPLITS:
     s = split_stats([p for p in plans if p.split == split and 'expr' in p.tasks], args.seed)
     print(f"| {split} | {s['videos']} | {s['frames']:,} | {s['expressive']:,} | "
-          f"{s['dipped']:,} ({s['dipped'] / max(s['expressive'], 1):.1%}) | {s['changes']} | "
+          f"{s['dipped']:,} ({s['dipped'] / max(s['expressive'], 1):.1%}) | "
+          f"{s['dipping']} of {s['segments']} | {s['changes']} | "
           f"{s['lagged']:,} ({s['lagged'] / max(s['frames'], 1):.1%}) |")
 
 

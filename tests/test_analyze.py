@@ -220,3 +220,19 @@ def test_a_temporal_run_gets_the_crops_features_from_its_image_run(clips, config
     np.testing.assert_allclose([float(rows[k]['valence']), float(rows[k]['arousal'])],
                                [float(v) for v in va[k].split(',')], atol=1e-4)
     assert rows[k]['expression'] == classes[int(expr[k])]
+
+
+def test_features_from_the_fold_runs_mean_are_refused_with_why(tmp_path):
+  """A temporal run on mode=oof features with data.oof_eval=folds: no one image run gives new
+  frames' features as it was evaluated on, so analyze says so and names the file."""
+  from affectjax.data import sequences  # pylint: disable=import-outside-toplevel
+  from run_helpers import load_config  # pylint: disable=import-outside-toplevel
+  for split, meta in (('train', {'workdir': str(tmp_path), 'oof_folds': 2}),
+                      ('validation', {'oof_eval': 'folds', 'fold_steps': [4, 4],
+                                      'fold_workdirs': ['a/fold_0', 'a/fold_1']})):
+    (tmp_path / split).mkdir()
+    (tmp_path / split / sequences.META).write_text(json.dumps(meta))
+  temporal = load_config('temporal', 'gru,test')
+  temporal.temporal.features_dir = str(tmp_path)
+  with pytest.raises(analyze.AnalyzeError, match=r'validation/meta.json.*2 fold runs.*oof_eval=full'):
+    analyze.image_runs(temporal)

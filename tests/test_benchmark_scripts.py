@@ -88,3 +88,4 @@ def test_hard_preset_stats_replay_the_generators_tracks(tmp_path, monkeypatch):
     counted = stats.split_stats([p for p in plans if p.split == split and 'expr' in p.tasks], 3)
     assert 0 <= counted['dipped'] <= counted['expressive'] <= counted['frames']
     assert f"| {split} | {counted['videos']} | {counted['frames']:,} |" in out
+    assert f"| {counted['dipping']} of {counted['segments']} | {counted['changes']} |" in out

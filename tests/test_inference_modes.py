@@ -292,15 +292,15 @@ def test_ensemble_averages_the_members_probabilities(uninterrupted, config, tmp_
     assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key
 
 
-def _stand_in_fold_runs(workdir, monkeypatch) -> tuple:
+def _stand_in_fold_runs(workdir, monkeypatch, full: int = -1) -> tuple:
   """mode=oof's runs stood in for by the last two checkpoints of the finished run in `workdir`
-  (fold j: the j-th, the full run: the last); returns (those steps, the runs asked for)."""
+  (fold j: the j-th, the full run: the `full`-th); returns (those steps, the runs asked for)."""
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())[-2:]
   trained = []
 
   def stand_in(c, folder):  # a "run" of fold c.data.fold: one checkpoint of the finished run
     trained.append((c.data.fold, c.data.folds, os.path.basename(folder)))
-    step = steps[c.data.fold] if c.data.fold >= 0 else steps[-1]
+    step = steps[c.data.fold] if c.data.fold >= 0 else steps[full]
     shutil.copytree(workdir / 'checkpoints' / str(step),
                     os.path.join(folder, 'checkpoints', str(step)))
     return {'stop_reason': 'finished'}
@@ -311,21 +311,27 @@ def _stand_in_fold_runs(workdir, monkeypatch) -> tuple:
 
 def test_out_of_fold_evaluation_features_can_be_the_fold_runs_mean(
     uninterrupted, config, tmp_path, monkeypatch):
-  """oof_eval=folds: the evaluation frames' predictions are the mean of the fold runs' own
-  (each fold's checkpoint evaluated on its own here), the training frames' as with 'full'."""
+  """oof_eval=folds: the evaluation frames' predictions and embeddings are the mean of the fold
+  runs' own (each fold's checkpoint evaluated on its own here), the training frames' as with
+  'full'. The full run stands in with fold 0's checkpoint: reading it, or one fold, in place of
+  the two folds gives other numbers."""
   from affectjax import oof
   from affectjax.data import sequences
   _, workdir = uninterrupted
-  steps, trained = _stand_in_fold_runs(workdir, monkeypatch)
+  steps, trained = _stand_in_fold_runs(workdir, monkeypatch, full=0)
   c = config.copy_and_resolve_references()
   c.data.folds, c.data.oof_eval, c.eval_checkpoint = 2, 'folds', 'latest'
   result = oof.run_oof(c, str(tmp_path))
   assert trained == [(0, 2, 'fold_0'), (1, 2, 'fold_1'), (-1, 2, 'full')]
   validation = sequences.FeatureSet(result['out'], 'validation', 'predictions')
+  embedding = sequences.FeatureSet(result['out'], 'validation')
   assert validation.meta['oof_eval'] == 'folds' and validation.meta['fold_steps'] == steps
+  assert 'workdir' not in validation.meta and len(validation.meta['fold_workdirs']) == 2
   index = kinds.load_index(c, 'validation')
   np.testing.assert_array_equal(validation.index.frame, index.frame)
+  assert validation.ok.all()
   mean = np.zeros_like(validation.features, np.float32)
+  mean_embedding = np.zeros_like(embedding.features, np.float32)
   for step in steps:
     c.eval_checkpoint = str(step)
     run, state = inference.restore(c, str(workdir), index)
@@ -334,7 +340,9 @@ def test_out_of_fold_evaluation_features_can_be_the_fold_runs_mean(
       keep = np.asarray(batch['valid'])
       rows = np.asarray(batch['index'])[keep]
       mean[rows] += _reference_predictions(jax.device_get(outputs))[keep] / len(steps)
+      mean_embedding[rows] += np.asarray(outputs['embedding'])[keep] / len(steps)
   np.testing.assert_allclose(validation.features, mean, atol=2e-3)
+  np.testing.assert_allclose(embedding.features, mean_embedding, rtol=2e-3, atol=2e-3)
   train = sequences.FeatureSet(result['out'], 'train', 'predictions')
   assert train.meta['oof_eval'] == 'folds' and train.meta['full_step'] is None
 

@@ -5,8 +5,8 @@
 Every temporal row trains on the per-frame features of the `frames` row's run (configs/mtl3.py)
 of the same seed, or (the `*_oof` rows) on out-of-fold features of the same network
 (`frames_oof`: 5 fold runs and the full run; 2 folds in the test variant; the evaluation
-frames' from the mean of the fold runs): its embedding, or
-(`*_oof_predictions`) its per-frame predictions (`temporal.inputs=predictions`). The paper's
+frames' from the mean of the fold runs): its per-frame predictions (`*_oof_predictions`,
+`temporal.inputs=predictions`; `*_ccc` with VA trained by CCC). The paper's
 validation figures are of its final ensemble (MTL 1.742), not of these single rows, so the
 paper column stays empty.
 """
@@ -33,11 +33,10 @@ def get_table(variant=None):
   folds = 2 if variant == 'test' else 5
   rows.append({'name': 'frames_oof', 'config': 'configs/mtl3.py',
                'overrides': {'mode': 'oof', 'data.folds': folds, 'data.oof_eval': 'folds'}})
-  for encoder in ENCODERS:
-    rows.append({'name': f'{encoder}_oof', 'config': f'configs/temporal.py:{encoder}',
-                 'features_of': 'frames_oof'})
-  # The fold runs' embeddings are each network's own coordinates (their mean, or the full
-  # run's, gives the evaluation frames'); their predictions mean the same thing from every run.
+  # The fold runs' embeddings are each network's own coordinates, and their mean mixes five:
+  # the temporal rows read the predictions, which mean the same thing from every run. (The
+  # embedding rows `<encoder>_oof` ran until the evaluation features became the folds' mean:
+  # docs/ablations.md, version 2.)
   for encoder in ENCODERS:
     rows.append({'name': f'{encoder}_oof_predictions', 'config': f'configs/temporal.py:{encoder}',
                  'overrides': {'temporal.inputs': 'predictions'}, 'features_of': 'frames_oof'})

@@ -11,9 +11,10 @@
   while the EXPR label changes at the segment's first frame: a segment's first frames show the
   previous expression under the new label (label lag).
 - Labels that only time recovers (version 3): expressions held for 24-72 frames (default 12-36)
-  that the face lets go of for a while (a dip: in 80% of the expressive segments, 10-24 frames
-  after the onset, the expression falls to 15% of its intensity and comes back) while the EXPR
-  label and the felt valence and arousal hold; and the VA annotator's joystick trails the face
+  that the face lets go of for a while (a dip: for 10-25 frames after the onset, the expression
+  falls to 15% of its intensity and comes back, in 80% of the expressive segments long enough
+  to hold one, 29 to 44 frames; about 15% of a short-video set's) while the EXPR label and the
+  felt valence and arousal hold; and the VA annotator's joystick trails the face
   by 3-7 frames. A frame model sees a near-neutral face under an expression's label, or the
   face of some frames ago under its VA; a causal temporal model has seen both.
 - Nuisance: larger head pose, motion blur in most videos, lower JPEG quality, hand-like
@@ -47,7 +48,8 @@ EXPR_PRIOR = (0.31, 0.04, 0.015, 0.015, 0.17, 0.12, 0.05, 0.28)
 OTHER_MIXES = ((('AU19',), ('AU25', 'AU10')), (('AU34',), ('AU6', 'AU7')))
 STYLE = tracks.Style(prior=EXPR_PRIOR, strength=(0.6, 1.0), ramp=(6, 15), va_scale=0.85,
                      other_mixes=OTHER_MIXES, segment=(24, 73))
-# Dips: (fraction of expressive segments, shortest and longest dip in frames, depth).
+# Dips: (fraction of the expressive segments long enough, shortest and longest dip in frames,
+# depth).
 DIP = (0.8, (10, 25), 0.85)
 VA_DELAY = (3, 8)  # the VA annotator's reaction time, frames (the stop excluded)
 # Activity that comes with no expression (talking parts the lips, squinting, a raised upper lip),
