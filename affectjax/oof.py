@@ -127,7 +127,8 @@ def _fold_means(config: ml_collections.ConfigDict, workdir: str, folds: int, out
           out, split, index_lib.AffWild2Index.load(os.path.join(first, 'index.npz')),
           mean['features'], np.all([np.load(os.path.join(p, 'ok.npy')) for p in paths], 0),
           meta, probs=mean.get('probs'), predictions=mean.get('predictions'))
-  return {'step': None, 'out': out, 'splits': runs[0]['splits']}
+  return {'step': None, 'out': out,
+          'splits': {split: os.path.join(out, split) for split in runs[0]['splits']}}
 
 
 def _stopped(summary: dict, which: str) -> bool:
