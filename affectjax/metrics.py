@@ -118,10 +118,11 @@ def tune_au_thresholds(probs, target, grid: Sequence[float] = DEFAULT_THRESHOLD_
 DEFAULT_VA_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 61)
 
 
-def smooth_per_video(values, video, window: int, frame=None):
+def smooth_per_video(values, video, window: int, frame=None, causal: bool = False):
   """Centred moving average within each run of equal `video` ids (rows of a video contiguous, in
   time order); near a video's ends the window shrinks to what is available. values float
-  [N, ...]; video int [N].
+  [N, ...]; video int [N]. `causal`: the window is the row and the `window - 1` before it (what
+  a causal temporal model sees), not centred.
 
   `window` (odd; 1 = unchanged) counts video frames when `frame` (int [N], ascending within each
   video) is given: a row averages the rows of its video whose frame number is within half a
@@ -131,20 +132,20 @@ def smooth_per_video(values, video, window: int, frame=None):
   window = int(window)
   if window <= 1 or len(values) == 0:
     return values
-  half = window // 2
+  back, ahead = (window - 1, 0) if causal else (window // 2, window // 2)
   video = np.asarray(video)
   if frame is None:
     first, last = index_lib.run_bounds(video)
     rows = np.arange(len(values))
-    lo, hi = np.maximum(rows - half, first), np.minimum(rows + half + 1, last)
+    lo, hi = np.maximum(rows - back, first), np.minimum(rows + ahead + 1, last)
   else:
     run = np.cumsum(np.r_[True, video[1:] != video[:-1]]) - 1
     frame = np.asarray(frame, np.int64)
     if np.any((np.diff(frame) <= 0) & (np.diff(run) == 0)):
       raise ValueError('smooth_per_video: frame numbers must ascend within each video')
     key = (run.astype(np.int64) << 32) + frame  # ascending over all rows
-    lo = np.searchsorted(key, key - half, side='left')
-    hi = np.searchsorted(key, key + half, side='right')
+    lo = np.searchsorted(key, key - back, side='left')
+    hi = np.searchsorted(key, key + ahead, side='right')
   cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])
   counts = (hi - lo).reshape((-1,) + (1,) * (values.ndim - 1))
   return (cumulative[hi] - cumulative[lo]) / counts

@@ -5,8 +5,9 @@
 Reads the evaluation split of one or more features folders (`mode=features` or `mode=oof`:
 `<folder>/validation/predictions.npy`, the frame model's EXPR probabilities, AU probabilities
 and valence-arousal per frame, with `index.npz`'s labels) and scores the per-frame predictions
-after a moving average within each video over the last W frames (causal: what a GRU or LSTM
-can see) and over W frames centred on the frame (what a Transformer over a segment sees). No
+after a moving average within each video (`metrics.smooth_per_video`, counting rows as the
+temporal models do) over the last W frames (causal: what a GRU or LSTM can see) and over W
+frames centred on the frame (what a Transformer over a segment sees). No
 training: if averaging over the past raises a metric, labels there depend on frames before
 the one shown, and a temporal model has something to learn. Prints a markdown table per folder.
 """
@@ -17,22 +18,6 @@ import os
 import numpy as np
 
 from affectjax import labels, metrics
-
-
-def moving_average(values: np.ndarray, video_id: np.ndarray, window: int,
-                   causal: bool) -> np.ndarray:
-  """values [N, D] averaged per video over the last `window` frames (causal) or `window`
-  frames centred on each (rows sorted by video and frame; fewer at a video's ends)."""
-  out = np.empty_like(values)
-  back = window - 1 if causal else window // 2
-  ahead = 0 if causal else window // 2
-  for video in np.unique(video_id):
-    rows = np.flatnonzero(video_id == video)
-    total = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values[rows], 0)])
-    i = np.arange(len(rows))
-    lo, hi = np.maximum(i - back, 0), np.minimum(i + ahead, len(rows) - 1) + 1
-    out[rows] = (total[hi] - total[lo]) / (hi - lo)[:, None]
-  return out
 
 
 def scores(folder: str, windows: tuple) -> list:
@@ -48,7 +33,7 @@ def scores(folder: str, windows: tuple) -> list:
   rows = []
   for causal in (True, False):
     for window in windows:
-      p = moving_average(predictions, index['video_id'], window, causal)
+      p = metrics.smooth_per_video(predictions, index['video_id'], window, causal=causal)
       row = {'window': window, 'causal': causal}
       if 'expr' in tasks:
         row['EXPR F1'] = metrics.expr_metrics(p[has_expr, :classes].argmax(1), expr[has_expr],

@@ -218,6 +218,12 @@ def test_smoothing_windows_count_video_frames_where_frames_are_sparse():
                              metrics.smooth_per_video(values, video, 5), rtol=1e-12)
   with pytest.raises(ValueError, match='ascend'):
     metrics.smooth_per_video(values, video, 3, frame[::-1])
+  for window in (2, 5):  # causal: the frame and the window - 1 frames before it
+    expected = np.stack([values[[j for j in range(14) if video[j] == video[i]
+                                 and 0 <= frame[i] - frame[j] < window]].mean(axis=0)
+                         for i in range(14)])
+    np.testing.assert_allclose(metrics.smooth_per_video(values, video, window, frame, causal=True),
+                               expected, rtol=1e-12)
 
 
 def test_tuned_va_window_maximises_ccc():
