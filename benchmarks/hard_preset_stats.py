@@ -3,8 +3,8 @@
   python benchmarks/hard_preset_stats.py --num_videos=480 --frames_per_video=25 --seed=0
 
 The defaults are the demo set's (`configs/*.py:demo`). For each split's EXPR-annotated videos
-the script replays the generator's random draws for the track (`data/synthetic/generate.py`:
-the video's generator, then `hard.track`'s draws) and counts, over the frames with an expressive
+the script draws the video's clean track as the generator does (`hard.track` with the
+video's generator, `data/synthetic/generate.py`) and counts, over the frames with an expressive
 EXPR class (not Neutral): those in a dip (the face at under half of its expression, the label
 held), the expressive segments with a dip (only segments long enough get one), and over all
 EXPR frames those within the slowest onset after a label change (label lag:
@@ -21,23 +21,22 @@ from affectjax.data.synthetic import generate, hard, tracks
 def split_stats(plans: list, seed: int) -> dict:
   frames = expressive = dipped = lagged = changes = segments = dipping = 0
   for plan in plans:
-    rng = generate._video_rng(seed, plan.index)  # the draws of generate._write_video, in order
-    out = tracks.simulate_track(rng, plan.num_frames, plan.forced_expr, hard.STYLE)
-    dip = hard.dips(rng, out['expr'])
-    expr = out['expr']
-    starts = np.flatnonzero(expr[1:] != expr[:-1]) + 1
-    for begin, end in zip(np.r_[0, starts], np.r_[starts, len(expr)]):
+    # generate._write_video's first draws from the video's generator: its clean track.
+    out = hard.track(generate._video_rng(seed, plan.index), plan.num_frames, plan.forced_expr)
+    expr, dip = out['expr'], out['dip']
+    bounds = tracks.segment_bounds(expr)
+    after = np.zeros(len(expr), bool)
+    for begin, end in bounds:
       if expr[begin] != 0:  # an expressive segment (within this video)
         segments += 1
         dipping += bool((dip[begin:end] > 0.5).any())
-    after = np.zeros(len(expr), bool)
-    for start in starts:
-      after[start:start + hard.STYLE.ramp[1] - 1] = True
+      if begin > 0:  # a label change
+        after[begin:begin + hard.STYLE.ramp[1] - 1] = True
     frames += len(expr)
     expressive += int((expr != 0).sum())
     dipped += int(((dip > 0.5) & (expr != 0)).sum())
     lagged += int(after.sum())
-    changes += len(starts)
+    changes += len(bounds) - 1
   return {'videos': len(plans), 'frames': frames, 'expressive': expressive, 'dipped': dipped,
           'lagged': lagged, 'changes': changes, 'segments': segments, 'dipping': dipping}
 

@@ -79,8 +79,7 @@ def dips(rng: np.random.Generator, expr: np.ndarray) -> np.ndarray:
   expressive segments after their onset, with 4-frame ramps; 0 elsewhere."""
   fraction, (low, high), _ = DIP
   level = np.zeros(len(expr) + 8)
-  starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
-  for start, stop in zip(starts, np.r_[starts[1:], len(expr)]):
+  for start, stop in tracks.segment_bounds(expr):
     if expr[start] == 0 or rng.uniform() >= fraction:  # Neutral has nothing to let go of
       continue
     length, first = int(rng.integers(low, high + 1)), start + STYLE.ramp[1]
@@ -92,17 +91,18 @@ def dips(rng: np.random.Generator, expr: np.ndarray) -> np.ndarray:
 
 def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
   """A track of STYLE with dips (the faces and their AUs show them; EXPR, valence and arousal
-  hold) and ACTIVITY over it (the faces and their AUs show it, and valence and arousal follow
-  it; version 2 left them as they were)."""
+  hold; `dip` float [n], dips()) and ACTIVITY over it (the faces and their AUs show it, and
+  valence and arousal follow it; version 2 left them as they were)."""
   out = tracks.simulate_track(rng, n, forced_expr, STYLE)
-  relax = 1 - DIP[2] * dips(rng, out['expr'])[:, None]
+  dip = dips(rng, out['expr'])
+  relax = 1 - DIP[2] * dip[:, None]
   active = activity(rng, n)
   au = np.maximum(out['au_intensity'] * relax, active)
   # The activity moves valence and arousal as a prototype's AUs would (talking looks aroused).
-  weights = STYLE.va_scale * np.stack([tracks.VALENCE_WEIGHTS, tracks.AROUSAL_WEIGHTS], 1)
-  va = out['va'] + (np.maximum(out['au_intensity'], active) - out['au_intensity']) @ weights
+  va = out['va'] + (np.maximum(out['au_intensity'], active) - out['au_intensity']) @ (
+      STYLE.va_weights())
   return dict(out, au_intensity=au.astype(np.float32), va=np.clip(va, -1, 1).astype(np.float32),
-              other_aus=(out['other_aus'] * relax).astype(np.float32))
+              other_aus=(out['other_aus'] * relax).astype(np.float32), dip=dip)
 
 
 def scenes(rng: np.random.Generator, n: int, image_size: int, split: str) -> tuple:
@@ -153,8 +153,7 @@ def annotate(rng: np.random.Generator, clean: dict) -> dict:
   bias and frame noise."""
   noisy = dict(clean)
   expr = clean['expr'].copy()
-  starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
-  for start, stop in zip(starts, np.r_[starts[1:], len(expr)]):
+  for start, stop in tracks.segment_bounds(expr):
     if rng.uniform() < EXPR_FLIP:  # confused with another class, the common ones most often
       p = np.asarray(EXPR_PRIOR) * (np.arange(len(EXPR_PRIOR)) != expr[start])
       expr[start:stop] = rng.choice(len(EXPR_PRIOR), p=p / p.sum())

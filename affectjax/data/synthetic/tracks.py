@@ -75,6 +75,16 @@ class Style:
   other_mixes: tuple = OTHER_MIXES  # the Other class's gesture and its ABAW AUs
   segment: tuple = (12, 37)  # range of an expression segment's frames (the stop excluded)
 
+  def va_weights(self) -> np.ndarray:
+    """Valence and arousal per unit of AU intensity, float [12, 2] (labels.AU_NAMES order)."""
+    return self.va_scale * np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1)
+
+
+def segment_bounds(expr: np.ndarray) -> list:
+  """(start, stop) of each run of one class in an EXPR track int [n], in order."""
+  starts = np.flatnonzero(np.r_[True, expr[1:] != expr[:-1]])
+  return list(zip(starts.tolist(), np.r_[starts[1:], len(expr)].tolist()))
+
 
 def segment_targets(rng: np.random.Generator, expr: int, strength_range: tuple = (0.75, 1.0),
                     other_mixes: tuple = OTHER_MIXES) -> np.ndarray:
@@ -133,8 +143,7 @@ def simulate_track(rng: np.random.Generator, n: int, forced_expr: int = -1,
     target[start:stop] = cur if prev is None else prev * (1 - w) + cur * w
     prev = cur
   au = np.clip(target[:, :num] + 0.04 * smooth_noise(rng, n, num, 4), 0, 1)
-  weights = style.va_scale * np.stack([VALENCE_WEIGHTS, AROUSAL_WEIGHTS], 1)
-  va = au[:, :labels.NUM_AUS] @ weights + target[:, num:]
+  va = au[:, :labels.NUM_AUS] @ style.va_weights() + target[:, num:]
   va = np.clip(va + 0.04 * smooth_noise(rng, n, 2, 6), -1, 1)
   missing = {task: random_runs(rng, n, 1 / 80, 8) for task in labels.TASKS}
   has_image = ~random_runs(rng, n, 1 / 100, 5)
