@@ -197,10 +197,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
           opt_state=keep_frozen_heads(new.opt_state, old.opt_state, frozen, tasks))
     return new
 
-  # A non-finite loss (identical on every device: it is psum'd) skips the update. lax.cond
-  # rather than a tree-wide where, so XLA updates the donated state in place.
+  # A non-finite loss (identical on every device: it is psum'd) skips the update: a select per
+  # array, which XLA fuses into the update's own kernels (in place in the donated state). Not
+  # lax.cond: a GPU runs a conditional by copying its predicate to the host and blocking the
+  # host until then, every step, so the host could never queue the next step ahead.
   finite = jnp.isfinite(total)
-  new_state = jax.lax.cond(finite, update, lambda old: old, state)
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                     update(state), state)
   # The rng, and the carried states (the lanes have moved on), advance even when the update
   # is skipped.
   new_state = new_state.replace(rng=rng)

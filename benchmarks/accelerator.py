@@ -4,10 +4,10 @@ Each figure has its reference from the same run (medians of timed windows after 
 compile time apart). Parts (`--parts`):
   step/eval  the project's multi-task train step (`Run.train_step`: masked CE + BCE + CCC, Adam,
              donated state) and eval step, bf16, 112x112, ResNet50 and ResNet18, per-device batch
-             256 and the largest of 512 / 1024 that fits: images/s, ms/step, TFLOP/s (XLA's FLOP
-             count of the lowered steps, taken on the CPU beside the timings) and its fraction of
-             the device's bf16 matrix-product rate measured in the same run; against PyTorch (torchvision's ResNet where
-             installed; channels_last, bf16 autocast, Adam), eager and `torch.compile`.
+             256 and the largest of 512 / 1024 that fits: images/s, ms/step, the host's ms to
+             queue a step, TFLOP/s (XLA's FLOP count of the lowered steps, taken on the CPU) and
+             its fraction of the bf16 matrix-product rate measured in the run; against PyTorch
+             (torchvision's ResNet; channels_last, bf16 autocast, Adam), eager, `torch.compile`.
   loop       `trainer.train_and_evaluate` (grain workers over the synthetic JPEG tree, and the
              decoded cache) against the bare step on the same batches; input CPU per image.
   profile    a `jax.profiler` trace of the first train step's steady state, summarised by
@@ -49,6 +49,7 @@ import bench_step
 import common
 import utilisation
 import torch_refs
+from affectjax import ablate
 from affectjax import config as config_lib
 from affectjax import kinds, parallel, runs
 from affectjax.data import iterator as iterator_lib
@@ -57,11 +58,9 @@ from affectjax.models import temporal
 
 COMPILES = []  # backend compilations seen (jax.monitoring), for the recompilation check
 
-
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **_: COMPILES.append(duration)
     if event == '/jax/core/compile/backend_compile_duration' else None)
-
 
 
 @contextlib.contextmanager
@@ -112,11 +111,14 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
     compile_s = time.perf_counter() - start
     holder = {'state': state}
 
-    def call(compiled=compiled, name=name):
+    def call(compiled=compiled, name=name, issued=None):
+      start = time.perf_counter()
       for _ in range(args.steps):
         result = compiled(holder['state'], device_batch)
         if name == 'train':
           holder['state'] = result[0]
+      if issued is not None:  # the host's time to queue a step (far below the step's time)
+        issued.append((time.perf_counter() - start) / args.steps)
       jax.block_until_ready(result)
 
     if name == 'train':  # the first step's loss (the initial state): the bf16 check's
@@ -128,8 +130,12 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
     if name == 'train' and 'profile' in args.parts and not args.profiled:  # the first only
       args.profiled = True
       out['profile'] = utilisation.profile(call, args.steps, os.path.join(args.out, 'trace'))
+    issued = []
+    for _ in range(args.reps):
+      call(issued=issued)
     step_s, images = statistics.median(times) / args.steps, config.global_batch_size
     out[name] = {'images_per_s': images / step_s, 'step_ms': step_s * 1e3,
+                 'host_ms': statistics.median(issued) * 1e3,
                  'compile_s': compile_s,
                  'spread': [images * args.steps / t for t in (max(times), min(times))]}
     state = holder['state']
@@ -161,11 +167,10 @@ def start_flops_models(args):
   """flops_models in a CPU process beside the GPU timings (returns a function that waits)."""
   if jax.devices()[0].platform == 'cpu':
     return lambda: flops_models(args)
-  job = subprocess.Popen([sys.executable, __file__, '--out', args.out, '--flops-only',
-                          '--archs', ','.join(args.archs)] + ['--smoke'] * args.smoke, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  job = subprocess.Popen([sys.executable, __file__, '--out', args.out, '--flops-only', '--archs',
+                          ','.join(args.archs)] + ['--smoke'] * args.smoke, text=True,
+                         stdout=subprocess.PIPE, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   return lambda: json.loads(job.communicate()[0].strip().splitlines()[-1])
-
 
 
 def largest_fitting(args, arch: str, checks: dict) -> dict:
@@ -228,12 +233,7 @@ def loop_part(args) -> dict:
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
     name, _, overrides = name.partition(':')
-    for field, value in (o.split('=') for o in overrides.split(',') if o):
-      holder, key = c, field.split('.')
-      for part in key[:-1]:
-        holder = holder[part]
-      kind = type(holder[key[-1]])
-      holder[key[-1]] = value.lower() == 'true' if kind is bool else kind(value)
+    c.update_from_flattened_dict(ablate.parse_settings(o for o in overrides.split(',') if o))
     r = bench_loop.loop_images_per_second(c, args.loop_steps)
     fed = input_images_per_second(c, index, args.loop_steps)
     out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare,
@@ -342,8 +342,9 @@ def tables(result: dict) -> str:
   for arch, by_batch in result.get('step', {}).items():
     rows = []
     for batch, r in by_batch.items():
-      rows += [(batch, 'does not fit', '', '', '', '', '')] if 'does_not_fit' in r else [(
+      rows += [(batch, 'does not fit') + ('',) * 6] if 'does_not_fit' in r else [(
           batch, kind, f"{r[kind]['images_per_s']:.0f}", f"{r[kind]['step_ms']:.1f}",
+          f"{r[kind]['host_ms']:.2f}" if 'host_ms' in r[kind] else '',
           f"{r[kind]['compile_s']:.1f}",
           f"{r[kind]['tflops']:.1f} ({r[kind]['peak_fraction']:.1%})"
           if 'tflops' in r[kind] else 'counting',
@@ -352,8 +353,8 @@ def tables(result: dict) -> str:
                     for k, v in r.get('torch', {}).items() if k.startswith(kind)))
           for kind in ('train', 'eval')]
     lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
-        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'compile s', 'TFLOP/s (of matmul)',
-         'PyTorch img/s (JAX/PyTorch)'), rows), '']
+        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'host ms/step', 'compile s',
+         'TFLOP/s (of matmul)', 'PyTorch img/s (JAX/PyTorch)'), rows), '']
     for batch, r in by_batch.items():
       if 'profile' in r:
         lines += [f'### Profile of the train step, {arch}, batch {batch}', ''] + (
