@@ -308,7 +308,7 @@ def parse_args(argv=None):
                  help='per-device batches: the first, then the largest of the others that fits')
   p.add_argument('--no-torch-compile', action='store_true')
   p.add_argument('--loop-variant', action='append', default=[], help='an extra JPEG loop, as '
-                 'NAME:data.FIELD=VALUE,... (e.g. w4:data.worker_count=4)')
+                 'NAME:data.FIELD=VALUE,... (Python literals: w4:data.worker_count=4, True)')
   p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
                  'where more than 150 s of it are left')
   p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)  # step_flops

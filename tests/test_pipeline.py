@@ -3,7 +3,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 
 import grain
 import numpy as np
@@ -341,21 +340,6 @@ def test_worker_processes_give_the_same_batches_and_resume(train_index):
   resumed = make(0)
   resumed.set_state(state)
   _assert_same(_take(resumed, 2), expected[6:8])
-
-
-def test_batches_from_worker_processes_are_received_by_a_thread_that_close_stops(train_index):
-  config = _augmented()
-  config.worker_count = 2
-  prefetchers = lambda: {t for t in threading.enumerate() if 'thread-prefetch' in t.name}
-  before = prefetchers()
-  it = pipeline.make_train_iterator(train_index, config, global_batch_size=BATCH, seed=4)
-  _take(it, 2)
-  assert isinstance(it._parent, grain.experimental.ThreadPrefetchDatasetIterator)
-  assert prefetchers() > before
-  it.set_state({'step': 5})  # a restart closes the previous pipeline's threads
-  _take(it, 1)
-  it.close()
-  assert prefetchers() == before
 
 
 def _cached(config, tmp_path):

@@ -16,7 +16,8 @@ def test_accelerator_check_smoke(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   done = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'), '--smoke',
-       '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache')],
+       '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache'),
+       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True'],
       env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((tmp_path / 'accelerator.json').read_text())
@@ -24,6 +25,8 @@ def test_accelerator_check_smoke(tmp_path):
   step = result['step']['resnet18']['16']
   for kind in ('train', 'eval'):
     assert step[kind]['images_per_s'] > 0 and step[kind]['compile_s'] > 0
+    # The host's time to queue a step: within the step's own time (issued before it ends).
+    assert 0 < step[kind]['host_ms'] <= 2 * step[kind]['step_ms']
     assert 0 < step[kind]['peak_fraction'] < 1  # of the matrix product measured in the run
     assert step['torch'][f'{kind} eager']['images_per_s'] > 0
   # XLA's FLOP count of the lowered steps: a training image costs the forward pass and about
@@ -40,6 +43,7 @@ def test_accelerator_check_smoke(tmp_path):
   assert loop['workers'] == 0  # auto: no worker processes when the step runs on the CPU
   assert loop['cached']['of_bare'] > 0 and loop['cached']['input_only_images_per_s'] > 0
   assert 0 <= loop['cached']['input_wait'] <= 1
+  assert loop['w0']['of_bare'] > 0  # --loop-variant: the overrides parsed as Python literals
   assert set(result['temporal']) == {'gru', 'lstm', 'transformer'}
   for encoder in result['temporal'].values():
     assert encoder['segments_per_s'] > 0 and encoder['torch_segments_per_s'] > 0

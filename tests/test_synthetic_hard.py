@@ -114,8 +114,8 @@ def test_some_labels_only_time_recovers():
       before, after = face[:deep[0]].max(), face[deep[-1] + 1:].max()
       looked_neutral += face[deep].max() < 0.5
       held += min(before, after) > 0.5
-  # About a fifth of the expressive frames are in a dip; the segment shows its expression
-  # around it.
+  # About a seventh of the expressive frames of these long tracks are in a dip (version 4); the
+  # segment shows its expression around it.
   assert 0.12 < dipped / expressive < 0.3
   assert looked_neutral > 100 and held > 0.9 * looked_neutral
   # The faces' AUs follow the dips; EXPR and VA are those of the track without them (VA moved

@@ -175,8 +175,9 @@ def test_non_finite_loss_leaves_the_state_unchanged():
 
 def test_the_train_step_holds_no_conditional():
   """A GPU runs an HLO conditional by copying its predicate to the host and blocking the host
-  until the device gets there: a step holding one keeps the host from queueing steps ahead (the
-  H200 loop lost 13% to it). The non-finite skip is a select instead (checked above)."""
+  until the device gets there: a step holding one keeps the host from queueing steps ahead.
+  The non-finite skip is a select instead (checked above). (optim.plateau watching train_loss
+  brings optax's conditionals back: BUILD.md.)"""
   config = tiny_config()
   state, step, mesh = make_state_and_step(config, 1)
   hlo = step.lower(state, parallel.global_batch(random_batch(3), mesh)).compile().as_text()

@@ -123,7 +123,7 @@ def _lower_priority(nice: int, worker_index: int, worker_count: int) -> None:
 
 def _build(maker, data_config, num_epochs: int | None, start: int):
   """grain: range(steps) -> repeat -> BatchMaker -> from batch `start` -> threads -> optional
-  worker processes, received by a thread."""
+  worker processes."""
   ds = grain.MapDataset.range(maker.steps_per_epoch).repeat(num_epochs)
   ds = ds.map_with_index(maker)[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -138,11 +138,6 @@ def _build(maker, data_config, num_epochs: int | None, start: int):
         num_workers=workers,
         per_worker_buffer_size=max(1, int(data_config.prefetch_buffer_size))),
         worker_init_fn=functools.partial(_lower_priority, int(data_config.worker_nice)))
-    # Batches are taken from the workers (shared memory to arrays) by a thread, so the thread
-    # that dispatches the steps never does it: on a GPU that thread is held in each step's
-    # launch for most of the step (docs/benchmarks.md, the host's ms to queue a step).
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=max(1, int(data_config.prefetch_buffer_size)))
   return iter(ds)
 
 
