@@ -49,11 +49,9 @@ import bench_step
 import common
 import utilisation
 import torch_refs
-from affectjax import ablate
+from affectjax import ablate, kinds, parallel, runs
 from affectjax import config as config_lib
-from affectjax import kinds, parallel, runs
-from affectjax.data import iterator as iterator_lib
-from affectjax.data import pipeline
+from affectjax.data import iterator as iterator_lib, pipeline
 from affectjax.models import temporal
 
 COMPILES = []  # backend compilations seen (jax.monitoring), for the recompilation check
@@ -143,10 +141,8 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
 
 
 def flops_models(args) -> dict:
-  """{arch: {'train', 'eval': [FLOPs per step, per image]}} of one device's steps, from XLA's
-  analysis of the steps lowered on the CPU (the program's count, whatever runs it: a GPU's
-  analysis counts none, its convolutions being cuDNN calls). Linear in the batch: lowered at 2
-  and 4 images."""
+  """{arch: {'train', 'eval': [FLOPs per step, per image]}} of one device's steps, by XLA's cost
+  analysis on the CPU (a GPU's counts no cuDNN FLOPs); lowered at 2 and 4 images (linear)."""
   models = {}
   for arch in args.archs:
     config = image_config(args, arch, 2, args.dtype, args.variant)
@@ -213,8 +209,7 @@ def loop_part(args) -> dict:
                                             'demo'))
   config.progress_bar, config.log_every_steps = False, max(args.loop_steps // 10, 1)
   config.checkpoint_every_steps, config.checkpoint_every_epochs = 10**9, 0.0
-  config.eval_every_epochs = 1e9
-  config.data.decoded_cache = False
+  config.eval_every_epochs, config.data.decoded_cache = 1e9, False
   config.data.cache_dir = args.cache_dir
   index = kinds.load_index(config, 'train')
   single = config.data.copy_and_resolve_references()
@@ -226,9 +221,13 @@ def loop_part(args) -> dict:
   batches = [next(iterator) for _ in range(args.input_batches)]
   cpu_per_image = (time.process_time() - cpu) / (args.input_batches * config.global_batch_size)
   bare = bench_loop.bare_step_images_per_second(config, batches, args.loop_steps)
+  start, mesh = time.perf_counter(), parallel.make_mesh()
+  placed = [parallel.global_batch(b, mesh) for b in batches]  # the transfers' host time
   out = {'bare_images_per_s': bare, 'input_cpu_ms_per_image': cpu_per_image * 1e3,
+         'put_ms_per_batch': 1e3 * (time.perf_counter() - start) / len(batches),
          'input_cores_at_bare_rate': bare * cpu_per_image,
          'workers': iterator_lib.worker_count(config.data)}
+  jax.block_until_ready(placed)
   for name in args.loop_inputs:  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
@@ -311,7 +310,7 @@ def parse_args(argv=None):
                  'NAME:data.FIELD=VALUE,... (Python literals: w4:data.worker_count=4, True)')
   p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
                  'where more than 150 s of it are left')
-  p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)  # step_flops
+  p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'affectjax-bench'),
                  help='data.cache_dir of the loop part (synthetic set, decoded cache)')
   args = p.parse_args(argv)
@@ -370,7 +369,8 @@ def tables(result: dict) -> str:
          for k in r if isinstance(r[k], dict)]),
               '', f"input: {r['input_cpu_ms_per_image']:.2f} CPU ms per image, so "
               f"{r['input_cores_at_bare_rate']:.1f} cores at the bare step's rate; "
-              f"{r['workers']} workers", '']
+              f"{r['workers']} workers; putting a batch on the devices: "
+              f"{r.get('put_ms_per_batch', float('nan')):.2f} ms", '']
   if 'temporal' in result:
     lines += ['## Temporal encoders (training step)', '', common.format_table(
         ('encoder', 'segments/s', 'frames/s', 'PyTorch segments/s', 'JAX/PyTorch'),

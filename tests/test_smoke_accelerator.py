@@ -40,6 +40,7 @@ def test_accelerator_check_smoke(tmp_path):
   assert profile['top'] and '### Profile of the train step' in text
   loop = result['loop']
   assert loop['bare_images_per_s'] > 0 and loop['input_cpu_ms_per_image'] > 0
+  assert loop['put_ms_per_batch'] > 0 and 'putting a batch on the devices' in text
   assert loop['workers'] == 0  # auto: no worker processes when the step runs on the CPU
   assert loop['cached']['of_bare'] > 0 and loop['cached']['input_only_images_per_s'] > 0
   assert 0 <= loop['cached']['input_wait'] <= 1
