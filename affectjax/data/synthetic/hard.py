@@ -108,13 +108,11 @@ def track(rng: np.random.Generator, n: int, forced_expr: int) -> dict:
 
 
 def scenes(rng: np.random.Generator, n: int, image_size: int, split: str) -> tuple:
-  """The default scenes with more pose, blur, lower quality; validation darker and blurrier."""
+  """The default scenes with more pose, blur, lower quality; validation darker."""
   base, quality = tracks.sample_scenes(rng, n, image_size)
   roll0, yaw0 = rng.uniform(-10, 10), rng.uniform(-0.2, 0.2)
-  shift = split == 'validation'
-  blur = rng.uniform(0.4, 1.0) * image_size / 112 if rng.uniform() < 0.4 \
-      else 0.0
-  dim = rng.uniform(0.85, 1.0) if shift else 1.0
+  blur = rng.uniform(0.4, 1.0) * image_size / 112 if rng.uniform() < 0.4 else 0.0
+  dim = rng.uniform(0.85, 1.0) if split == 'validation' else 1.0  # the validation shift
   out = [dataclasses.replace(s, roll=s.roll + roll0, yaw=s.yaw + yaw0,
                              blur_sigma=max(s.blur_sigma, blur), brightness=s.brightness * dim)
          for s in base]
