@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Batches put on the devices ahead of the step (their transfers overlap its compute).
   c.prefetch_to_device = 2
+  c.prefetch_thread = False  # True: read and put them on a thread of their own (BUILD.md)
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0  # also evaluates at the end
   c.eval_split = 'validation'
@@ -92,8 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       # 'auto' (images -> mtl, videos -> per_video) | 'mtl' (ABAW3/4) | 'per_task' (ABAW5+) |
       # 'per_video' (ABAW1/2: one txt per video and task, a line for every frame)
       'format': 'auto',
-      # per_video, and per_task of a video list: file of <video>,<frames> lines (default: the
-      # last crop)
+      # per_video / per_task of a video list: file of <video>,<frames> lines (default: last crop)
       'frame_counts': '',
       'out': '',  # output file / folder ('' = WORKDIR/predictions_<list name>_step<N>)
       # AU decision thresholds: '' = 0.5; or the eval JSON of mode=eval (per-AU thresholds

@@ -7,6 +7,8 @@ Per-device step code uses named-axis collectives (`lax.psum` over `DATA_AXIS`), 
 """
 import collections
 import itertools
+import queue as queue_lib
+import threading
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -72,24 +74,70 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
 
 
 def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2,
-                     state_fn: Callable[[], Any] | None = None) -> Iterator[tuple[dict, Any]]:
+                     state_fn: Callable[[], Any] | None = None,
+                     threaded: bool = False) -> Iterator[tuple[dict, Any]]:
   """Keeps `size` batches in flight to the devices (transfers are asynchronous).
 
   Yields `(global_batch, input_state)` where `input_state = state_fn()` was taken right after
   that batch was read, so a checkpoint saved after consuming the batch resumes exactly after
   it even though later batches were already read ahead.
+
+  `threaded=True` reads the batches and starts their transfers on a thread of its own (`size`
+  batches wait in its queue, one more in its hands), so the thread that dispatches the steps
+  only takes them; an error there is raised here. Close the generator to stop that thread.
   """
-  queue = collections.deque()
-  batches = iter(batches)
+  def read():
+    for batch in batches:
+      yield global_batch(batch, mesh), state_fn() if state_fn else None
 
-  def pull(n):
-    for batch in itertools.islice(batches, n):
-      queue.append((global_batch(batch, mesh), state_fn() if state_fn else None))
+  return _in_thread(read(), size) if threaded else _ahead(read(), size)
 
-  pull(size)
+
+def _ahead(items: Iterator, size: int) -> Iterator:
+  """`items`, `size` of them read ahead of the one yielded."""
+  queue = collections.deque(itertools.islice(items, size))
   while queue:
     yield queue.popleft()
-    pull(1)
+    queue.extend(itertools.islice(items, 1))
+
+
+class _Failed:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+def _in_thread(items: Iterator, size: int) -> Iterator:
+  """`items`, read on a daemon thread into a queue of `size`."""
+  ready, stop, done = queue_lib.Queue(maxsize=size), threading.Event(), object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.05)
+        return True
+      except queue_lib.Full:
+        pass
+    return False
+
+  def work():
+    try:
+      for item in items:
+        if not put(item):
+          return
+      put(done)
+    except BaseException as e:  # pylint: disable=broad-except  # raised in the consumer
+      put(_Failed(e))
+
+  thread = threading.Thread(target=work, name='prefetch_to_mesh', daemon=True)
+  thread.start()
+  try:
+    while (item := ready.get()) is not done:
+      if isinstance(item, _Failed):
+        raise item.error
+      yield item
+  finally:
+    stop.set()
+    thread.join()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -195,11 +195,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   best = {'score': -np.inf, 'step': None, 'metrics': None}
   last_metrics, stop_reason = {}, 'finished'
   trained_input = train_iter.get_state()  # the input state after the latest trained batch
+  prefetched = parallel.prefetch_to_mesh(  # a generator: nothing is read before the loop
+      train_iter, run.mesh, size=config.prefetch_to_device, state_fn=train_iter.get_state,
+      threaded=config.prefetch_thread)
   try:
     with _Preemption() as preemption:
-      batches = progress.timed(parallel.prefetch_to_mesh(
-          train_iter, run.mesh, size=config.prefetch_to_device, state_fn=train_iter.get_state))
-      for batch, input_state in batches:
+      for batch, input_state in progress.timed(prefetched):
         if step >= run.total_steps:
           break
         state, step_metrics = step_fn(state, batch)
@@ -242,6 +243,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           break
       ledger.finish()
   finally:
+    prefetched.close()  # stops its reading thread (config.prefetch_thread)
     # Also on errors (NaN stop): let the last good checkpoint finish writing; the rest is
     # closed even if that save failed.
     try:

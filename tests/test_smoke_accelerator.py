@@ -17,7 +17,7 @@ def test_accelerator_check_smoke(tmp_path):
   done = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'), '--smoke',
        '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache'),
-       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True'],
+       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True,prefetch_thread=True'],
       env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((tmp_path / 'accelerator.json').read_text())
@@ -44,7 +44,8 @@ def test_accelerator_check_smoke(tmp_path):
   assert loop['workers'] == 0  # auto: no worker processes when the step runs on the CPU
   assert loop['cached']['of_bare'] > 0 and loop['cached']['input_only_images_per_s'] > 0
   assert 0 <= loop['cached']['input_wait'] <= 1
-  assert loop['w0']['of_bare'] > 0  # --loop-variant: the overrides parsed as Python literals
+  # --loop-variant: the overrides parsed as Python literals (the batches read on a thread)
+  assert loop['w0']['of_bare'] > 0
   assert set(result['temporal']) == {'gru', 'lstm', 'transformer'}
   for encoder in result['temporal'].values():
     assert encoder['segments_per_s'] > 0 and encoder['torch_segments_per_s'] > 0

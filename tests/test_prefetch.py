@@ -1,0 +1,75 @@
+"""parallel.prefetch_to_mesh: read ahead in the caller's thread or on a thread of its own, the
+same batches and input states in the same order either way."""
+import threading
+
+import numpy as np
+import pytest
+
+from affectjax import parallel
+
+
+class Source:
+  """A batch iterator with a state, as the grain iterator has: the count of batches read."""
+
+  def __init__(self, n, fail_at=None):
+    self.n, self.fail_at, self.read = n, fail_at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.read == self.fail_at:
+      raise ValueError(f'frame {self.read}.jpg: unreadable')
+    if self.read >= self.n:
+      raise StopIteration
+    self.read += 1
+    return {'image': np.full((8, 2), self.read, np.float32), 'id': np.arange(8) + 8 * self.read}
+
+  def get_state(self):
+    return {'read': self.read}
+
+
+def _reader_threads():
+  return [t for t in threading.enumerate() if t.name == 'prefetch_to_mesh']
+
+
+@pytest.mark.parametrize('size', [1, 3])
+def test_a_thread_gives_the_same_batches_and_states_in_order(size):
+  mesh = parallel.make_mesh()
+  out = {}
+  for threaded in (False, True):
+    source = Source(7)
+    out[threaded] = [(np.asarray(b['image']), np.asarray(b['id']), s) for b, s in
+                     parallel.prefetch_to_mesh(source, mesh, size, source.get_state, threaded)]
+  assert len(out[True]) == len(out[False]) == 7
+  for (image, ids, state), (image_t, ids_t, state_t) in zip(out[False], out[True]):
+    np.testing.assert_array_equal(image_t, image)
+    np.testing.assert_array_equal(ids_t, ids)
+    assert state_t == state
+  # Each state is the source's right after its own batch, not after the batches read ahead.
+  assert [s['read'] for _, _, s in out[True]] == list(range(1, 8))
+  assert [float(i[0, 0]) for i, _, _ in out[True]] == list(range(1, 8))
+  assert not _reader_threads()
+
+
+def test_the_readers_error_is_raised_in_the_consumer_after_the_good_batches():
+  source = Source(10, fail_at=4)
+  got = []
+  with pytest.raises(ValueError, match=r'frame 4\.jpg: unreadable'):
+    for _, state in parallel.prefetch_to_mesh(source, parallel.make_mesh(), 2,
+                                              source.get_state, threaded=True):
+      got.append(state['read'])
+  assert got == [1, 2, 3, 4]
+  assert not _reader_threads()
+
+
+def test_closing_early_stops_the_thread_and_reads_at_most_size_plus_two():
+  source = Source(1000)
+  batches = parallel.prefetch_to_mesh(source, parallel.make_mesh(), 2, source.get_state,
+                                      threaded=True)
+  _, state = next(batches)
+  assert state == {'read': 1}
+  batches.close()
+  assert not _reader_threads()
+  # 1 consumed, 2 in the queue, 1 in the thread's hands when it saw the stop.
+  assert source.read <= 4
