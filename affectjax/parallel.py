@@ -84,8 +84,12 @@ def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, si
 
   `threaded=True` reads the batches and starts their transfers on a thread of its own (`size`
   batches wait in its queue, one more in its hands), so the thread that dispatches the steps
-  only takes them; an error there is raised here. Close the generator to stop that thread.
+  only takes them; an error there is raised here, after the batches read before it (without
+  the thread, up to `size - 1` of those are never yielded). Close the generator to stop that
+  thread.
   """
+  if size < 1:
+    raise ValueError(f'prefetch_to_mesh: size={size}, must be >= 1')
   def read():
     for batch in batches:
       yield global_batch(batch, mesh), state_fn() if state_fn else None

@@ -243,15 +243,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           break
       ledger.finish()
   finally:
-    prefetched.close()  # stops its reading thread (config.prefetch_thread)
     # Also on errors (NaN stop): let the last good checkpoint finish writing; the rest is
-    # closed even if that save failed.
+    # closed even if that save failed (or stopping the reading thread, prefetch_thread, did).
     try:
-      checkpoints.wait()
-      checkpoints.close()
+      prefetched.close()
     finally:
-      progress.close()
-      writer.close()
+      try:
+        checkpoints.wait()
+        checkpoints.close()
+      finally:
+        progress.close()
+        writer.close()
   read, bad = evaluation.reading_counts(trained_input)
   summary = {'stop_reason': stop_reason, 'steps': step, 'train_frames_read': read,
              'train_bad_frames': bad, 'seconds': time.time() - t_start,

@@ -244,14 +244,14 @@ def input_images_per_second(config, index, steps: int) -> float:
   """The trainer's input alone: workers, batching and transfers to the devices, no step."""
   iterator = pipeline.make_train_iterator(index, config.data, seed=0,
                                           global_batch_size=config.global_batch_size)
-  batches = parallel.prefetch_to_mesh(iterator, parallel.make_mesh(),
-                                      size=config.prefetch_to_device, state_fn=iterator.get_state)
+  batches = parallel.prefetch_to_mesh(iterator, parallel.make_mesh(), config.prefetch_to_device,
+                                      iterator.get_state, config.prefetch_thread)
   for _ in range(min(10, steps)):  # workers started, queues full
     jax.block_until_ready(next(batches)[0])
   start = time.perf_counter()
   for _ in range(steps):
     batch, _ = next(batches)
-  jax.block_until_ready(batch)
+  jax.block_until_ready(batch)  # (the generator's finalisation stops a prefetch_thread)
   return steps * config.global_batch_size / (time.perf_counter() - start)
 
 

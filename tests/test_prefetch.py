@@ -52,15 +52,23 @@ def test_a_thread_gives_the_same_batches_and_states_in_order(size):
   assert not _reader_threads()
 
 
-def test_the_readers_error_is_raised_in_the_consumer_after_the_good_batches():
+@pytest.mark.parametrize('threaded', [False, True])
+def test_the_readers_error_is_raised_in_the_consumer(threaded):
   source = Source(10, fail_at=4)
   got = []
   with pytest.raises(ValueError, match=r'frame 4\.jpg: unreadable'):
     for _, state in parallel.prefetch_to_mesh(source, parallel.make_mesh(), 2,
-                                              source.get_state, threaded=True):
+                                              source.get_state, threaded):
       got.append(state['read'])
-  assert got == [1, 2, 3, 4]
+  # The thread hands over every batch read before the error; without it, the read that fails
+  # comes while size - 1 read batches still wait (BUILD.md says so).
+  assert got == ([1, 2, 3, 4] if threaded else [1, 2, 3])
   assert not _reader_threads()
+
+
+def test_a_size_below_one_is_refused():
+  with pytest.raises(ValueError, match='size=0, must be >= 1'):
+    parallel.prefetch_to_mesh(Source(3), parallel.make_mesh(), 0, threaded=True)
 
 
 def test_closing_early_stops_the_thread_and_reads_at_most_size_plus_two():
