@@ -86,10 +86,13 @@ def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, si
   batches wait in its queue, one more in its hands), so the thread that dispatches the steps
   only takes them; an error there is raised here, after the batches read before it (without
   the thread, up to `size - 1` of those are never yielded). Close the generator to stop that
-  thread.
+  thread. (grain's `experimental.device_put` would `jax.device_put` each process's share as
+  if it were the whole batch, and it wraps a grain dataset, not the training iterator whose
+  state holds the reading counts.)
   """
   if size < 1:
     raise ValueError(f'prefetch_to_mesh: size={size}, must be >= 1')
+
   def read():
     for batch in batches:
       yield global_batch(batch, mesh), state_fn() if state_fn else None
@@ -103,11 +106,6 @@ def _ahead(items: Iterator, size: int) -> Iterator:
   while queue:
     yield queue.popleft()
     queue.extend(itertools.islice(items, 1))
-
-
-class _Failed:
-  def __init__(self, error: BaseException):
-    self.error = error
 
 
 def _in_thread(items: Iterator, size: int) -> Iterator:
@@ -130,14 +128,14 @@ def _in_thread(items: Iterator, size: int) -> Iterator:
           return
       put(done)
     except BaseException as e:  # pylint: disable=broad-except  # raised in the consumer
-      put(_Failed(e))
+      put(e)
 
   thread = threading.Thread(target=work, name='prefetch_to_mesh', daemon=True)
   thread.start()
   try:
     while (item := ready.get()) is not done:
-      if isinstance(item, _Failed):
-        raise item.error
+      if isinstance(item, BaseException):  # the items are (batch, state) pairs
+        raise item
       yield item
   finally:
     stop.set()
