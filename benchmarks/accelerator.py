@@ -14,6 +14,9 @@ compile time apart). Parts (`--parts`):
              benchmarks/utilisation.py: device busy and idle time, time by kind of operation.
   temporal   GRU / LSTM / Transformer training steps on 250 x 512 segments against nn.GRU /
              nn.LSTM / nn.TransformerEncoder: segments/s and frames/s.
+`--xla-variant NAME:xla_option=VALUE,...` times the first network's train and eval steps again
+under XLA options (e.g. `xla_gpu_graph_min_graph_size=1`), beside the default rows; what such an
+option does to the GPU program can be seen without a GPU with benchmarks/deviceless.py.
 Recorded checks: compilations in the timed windows (0), donation warnings (0), timed steps under
 `jax.transfer_guard('disallow')`, and the first loss in bf16 against float32.
 
@@ -45,11 +48,12 @@ sys.path[:0] = [HERE, os.path.join(REPO, 'tests')]  # bench_loop; the PyTorch re
 
 # pylint: disable=wrong-import-position
 import bench_loop
+import accelerator_tables
 import bench_step
 import common
 import utilisation
 import torch_refs
-from affectjax import ablate, kinds, parallel, runs
+from affectjax import kinds, parallel, runs
 from affectjax import config as config_lib
 from affectjax.data import iterator as iterator_lib, pipeline
 from affectjax.models import temporal
@@ -98,14 +102,15 @@ def build(config):
   return run, parallel.replicate(run.state, run.mesh), parallel.global_batch(host, run.mesh)
 
 
-def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
-  """Train and eval step figures of one (arch, per-device batch)."""
+def jax_image_rows(args, arch: str, batch: int, checks: dict, xla: str = '') -> dict:
+  """Train and eval step figures of one (arch, per-device batch), compiled with the XLA
+  options of `args.xla_variants[xla]` where given."""
   config = image_config(args, arch, batch, args.dtype, args.variant)
   run, state, device_batch = build(config)
-  out = {}
+  out, options, where = {}, args.xla_variants.get(xla), f' {xla}' if xla else ''
   for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
     start = time.perf_counter()
-    compiled, _ = bench_step.compile_step(fn, state, device_batch)
+    compiled, _ = bench_step.compile_step(fn, state, device_batch, options)
     compile_s = time.perf_counter() - start
     holder = {'state': state}
 
@@ -123,7 +128,7 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict) -> dict:
       out['first_loss'] = float(jax.device_get(
           compiled(jax.tree_util.tree_map(jnp.copy, state), device_batch)[1]['loss']))
     call()  # warm-up outside the guarded window
-    with steady_state(checks, f'{name} {arch} b{batch}'):
+    with steady_state(checks, f'{name} {arch} b{batch}{where}'):
       times = common.interleaved_times({'jax': call}, args.reps, 0)[0]['jax']
     if name == 'train' and 'profile' in args.parts and not args.profiled:  # the first only
       args.profiled = True
@@ -228,11 +233,11 @@ def loop_part(args) -> dict:
          'input_cores_at_bare_rate': bare * cpu_per_image,
          'workers': iterator_lib.worker_count(config.data)}
   jax.block_until_ready(placed)
-  for name in args.loop_inputs:  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
+  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
+  for name, overrides in common.named_settings(args.loop_inputs).items():
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
-    name, _, overrides = name.partition(':')
-    c.update_from_flattened_dict(ablate.parse_settings(o for o in overrides.split(',') if o))
+    c.update_from_flattened_dict(overrides)
     r = bench_loop.loop_images_per_second(c, args.loop_steps)
     fed = input_images_per_second(c, index, args.loop_steps)
     out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare,
@@ -308,6 +313,8 @@ def parse_args(argv=None):
   p.add_argument('--no-torch-compile', action='store_true')
   p.add_argument('--loop-variant', action='append', default=[], help='an extra JPEG loop, as '
                  'NAME:data.FIELD=VALUE,... (Python literals: w4:data.worker_count=4, True)')
+  p.add_argument('--xla-variant', action='append', default=[], help='the step part again, first '
+                 'network and batch, under XLA options: NAME:xla_option=VALUE,... (literals)')
   p.add_argument('--budget', type=float, default=480, help='seconds; torch.compile runs last, '
                  'where more than 150 s of it are left')
   p.add_argument('--flops-only', action='store_true', help=argparse.SUPPRESS)
@@ -320,6 +327,7 @@ def parse_args(argv=None):
   args.transformer_layers = 4  # the ABAW4 winners' encoder
   args.matmul_size, args.profiled = 8192, False
   args.loop_inputs = ('jpeg', 'cached', *args.loop_variant)
+  args.xla_variants = common.named_settings(args.xla_variant)
   args.segments, args.length, args.features, args.hidden = 32, 250, 512, 1024
   if args.smoke:  # the test variant's network, image size and batch (on one device)
     args.archs, args.batches, args.width, args.image_size = ['resnet18'], [16], 4, 32
@@ -330,55 +338,6 @@ def parse_args(argv=None):
     args.loop_inputs = ('cached', *args.loop_variant)  # no JPEG decoding on the CPU step
     args.no_torch_compile = True
   return args
-
-
-def tables(result: dict) -> str:
-  lines = [f"# Accelerator check, {result['date']}", '', f"{result['device']}; jax "
-           f"{result['jax']}; command: `{result['command']}`", '']
-  if 'matmul_tflops' in result:
-    lines += [f"bf16 matrix product ({result['matmul_tflops']:.3g} TFLOP/s measured): the "
-              'reference of the TFLOP/s fractions.', '']
-  for arch, by_batch in result.get('step', {}).items():
-    rows = []
-    for batch, r in by_batch.items():
-      rows += [(batch, 'does not fit') + ('',) * 6] if 'does_not_fit' in r else [(
-          batch, kind, f"{r[kind]['images_per_s']:.0f}", f"{r[kind]['step_ms']:.1f}",
-          f"{r[kind]['host_ms']:.2f}" if 'host_ms' in r[kind] else '',
-          f"{r[kind]['compile_s']:.1f}",
-          f"{r[kind]['tflops']:.1f} ({r[kind]['peak_fraction']:.1%})"
-          if 'tflops' in r[kind] else 'counting',
-          ', '.join(f'{k.split(" ", 1)[1]} {v["images_per_s"]:.0f} '
-                    f'({r[kind]["images_per_s"] / v["images_per_s"]:.2f}x)'
-                    for k, v in r.get('torch', {}).items() if k.startswith(kind)))
-          for kind in ('train', 'eval')]
-    lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
-        ('batch/device', 'step', 'JAX img/s', 'ms/step', 'host ms/step', 'compile s',
-         'TFLOP/s (of matmul)', 'PyTorch img/s (JAX/PyTorch)'), rows), '']
-    for batch, r in by_batch.items():
-      if 'profile' in r:
-        lines += [f'### Profile of the train step, {arch}, batch {batch}', ''] + (
-            utilisation.table(r['profile']))
-  if 'loop' in result:
-    r = result['loop']
-    lines += ['## Full loop against the bare step', '', common.format_table(
-        ('input', 'img/s', 'of bare', 'waiting for input', 'input alone img/s (no step)'),
-        [('bare step', f"{r['bare_images_per_s']:.0f}", '1.000', '', '')] +
-        [(k, f"{r[k]['images_per_s']:.0f}", f"{r[k]['of_bare']:.3f}",
-          f"{r[k].get('input_wait', float('nan')):.1%}",
-          f"{r[k].get('input_only_images_per_s', float('nan')):.0f}")
-         for k in r if isinstance(r[k], dict)]),
-              '', f"input: {r['input_cpu_ms_per_image']:.2f} CPU ms per image, so "
-              f"{r['input_cores_at_bare_rate']:.1f} cores at the bare step's rate; "
-              f"{r['workers']} workers; putting a batch on the devices: "
-              f"{r.get('put_ms_per_batch', float('nan')):.2f} ms", '']
-  if 'temporal' in result:
-    lines += ['## Temporal encoders (training step)', '', common.format_table(
-        ('encoder', 'segments/s', 'frames/s', 'PyTorch segments/s', 'JAX/PyTorch'),
-        [(k, f"{v['segments_per_s']:.1f}", f"{v['frames_per_s']:.0f}",
-          f"{v['torch_segments_per_s']:.1f}", f"{v['vs_torch']:.2f}")
-         for k, v in result['temporal'].items()]), '']
-  lines += ['## Checks', '', '```', json.dumps(result['checks'], indent=1), '```']
-  return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> dict:
@@ -406,6 +365,11 @@ def main(argv=None) -> dict:
           print(f'[step] {arch}: PyTorch eager, batch {batch} ...', flush=True)
           r['torch'] = torch_refs.image_rates(args, arch, batch)
           save(args, result)
+    for name in args.xla_variants:  # each against the default rows above
+      print(f'[step] {args.archs[0]}, batch {args.batches[0]}, XLA variant {name} ...', flush=True)
+      result.setdefault('xla_variants', {})[name] = jax_image_rows(
+          args, args.archs[0], args.batches[0], result['checks']['steady_state'], name)
+      save(args, result)
     first = result['step'][args.archs[-1]][args.batches[0]]['first_loss']
     result['checks']['bf16_vs_float32_loss'] = bf16_loss_check(args, first)
     result['matmul_tflops'] = utilisation.matmul_tflops(args.matmul_size, args.reps)
@@ -440,7 +404,7 @@ def save(args, result: dict) -> str:
   """Writes the JSON and the tables so far (after each part: a run cut short keeps them)."""
   with open(os.path.join(args.out, 'accelerator.json'), 'w') as f:
     json.dump(result, f, indent=1, default=str)
-  text = tables(result)
+  text = accelerator_tables.tables(result)
   with open(os.path.join(args.out, 'accelerator.md'), 'w') as f:
     f.write(text)
   return text

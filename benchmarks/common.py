@@ -11,6 +11,14 @@ import time
 from typing import Callable, Mapping, Sequence
 
 
+def named_settings(specs: Sequence[str]) -> dict:
+  """{name: {field: value}} of 'NAME:field=value,...' command-line variants (values read as
+  Python literals, as `--set` of affectjax.ablate reads them)."""
+  from affectjax import ablate  # pylint: disable=import-outside-toplevel
+  return {name: ablate.parse_settings(s for s in settings.split(',') if s)
+          for name, _, settings in (spec.partition(':') for spec in specs)}
+
+
 def command_line() -> str:
   """The command that is running, for pasting next to its results."""
   return 'python ' + ' '.join(shlex.quote(a) for a in sys.argv)

@@ -17,7 +17,8 @@ def test_accelerator_check_smoke(tmp_path):
   done = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'), '--smoke',
        '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache'),
-       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True,prefetch_thread=True'],
+       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True,prefetch_thread=True',
+       '--xla-variant', 'fastminmax:xla_cpu_enable_fast_min_max=True'],
       env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((tmp_path / 'accelerator.json').read_text())
@@ -46,6 +47,11 @@ def test_accelerator_check_smoke(tmp_path):
   assert 0 <= loop['cached']['input_wait'] <= 1
   # --loop-variant: the overrides parsed as Python literals (the batches read on a thread)
   assert loop['w0']['of_bare'] > 0
+  # --xla-variant: the steps again, compiled with the XLA option, each timed and checked
+  variant = result['xla_variants']['fastminmax']
+  for kind in ('train', 'eval'):
+    assert variant[kind]['images_per_s'] > 0 and 0 < variant[kind]['host_ms']
+  assert '## XLA option variants, resnet18, batch 16' in text
   assert set(result['temporal']) == {'gru', 'lstm', 'transformer'}
   for encoder in result['temporal'].values():
     assert encoder['segments_per_s'] > 0 and encoder['torch_segments_per_s'] > 0
@@ -53,6 +59,8 @@ def test_accelerator_check_smoke(tmp_path):
   # from the host implicitly (jax.transfer_guard('disallow') around the timed steps).
   checks = result['checks']
   assert set(checks['steady_state']) == {'train resnet18 b16', 'eval resnet18 b16',
+                                         'train resnet18 b16 fastminmax',
+                                         'eval resnet18 b16 fastminmax',
                                          'temporal gru', 'temporal lstm', 'temporal transformer'}
   for where, check in checks['steady_state'].items():
     assert check == {'compilations': 0, 'transfer_guard': 'ok', 'donation_warnings': 0}, where
