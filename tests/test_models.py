@@ -66,7 +66,8 @@ def test_partials_build_the_same_trees():
 
 
 def _intermediate_shapes(stride_on):
-  model = resnet.resnet(50, width=8, stride_on=stride_on)
+  # Unfolded, so the convolution submodules run in inference (their outputs are captured).
+  model = resnet.resnet(50, width=8, stride_on=stride_on, fold_bn=False)
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   _, state = jax.eval_shape(functools.partial(model.apply, capture_intermediates=True,
@@ -83,6 +84,42 @@ def test_stride_sits_on_1x1_for_v1_and_on_3x3_for_v15():
     assert v1[stage]['conv2']['__call__'][0][1:3] == (size, size)
     assert v15[stage]['conv2']['__call__'][0][1:3] == (size, size)
     assert v1[stage]['__call__'][0] == v15[stage]['__call__'][0]
+
+
+def _moved_statistics(variables, seed=0):
+  """The variables with every BatchNorm's running statistics and affine parameters moved away
+  from their initial values (mean 0, var 1, scale 1, bias 0 would hide a wrong fold)."""
+  rng = np.random.default_rng(seed)
+  moved = {'mean': lambda s: rng.normal(0, 0.5, s), 'var': lambda s: rng.uniform(0.3, 2.0, s),
+           'scale': lambda s: rng.uniform(0.5, 1.5, s), 'bias': lambda s: rng.normal(0, 0.2, s)}
+  def move(path, x):
+    name = path[-1].key
+    return jnp.asarray(moved[name](x.shape), x.dtype) if x.ndim == 1 and name in moved else x
+  return jax.tree_util.tree_map_with_path(move, variables)
+
+
+@pytest.mark.parametrize('depth,stride_on', [(18, '3x3'), (50, '1x1'), (50, '3x3')])
+def test_inference_folds_each_batchnorm_into_its_convolution(depth, stride_on):
+  """Folded inference (one convolution with a bias per layer) against convolution then
+  BatchNorm from the same variables: float32 to rounding, bf16 within its precision."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+  model = resnet.resnet(depth, width=8, stride_on=stride_on)
+  variables = _moved_statistics(model.init(jax.random.key(0), x))
+  plain = np.asarray(model.clone(fold_bn=False).apply(variables, x))
+  assert np.abs(plain).mean() > 0.1  # the features are not vanishing
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x)), plain, rtol=1e-4,
+                             atol=1e-4 * np.abs(plain).max())
+  bf16 = model.clone(dtype=jnp.bfloat16)
+  folded16 = np.asarray(bf16.apply(variables, x))
+  plain16 = np.asarray(bf16.clone(fold_bn=False).apply(variables, x))
+  for got in (folded16, plain16):  # both as far from float32 as bf16 rounding puts them
+    assert np.linalg.norm(got - plain) / np.linalg.norm(plain) < 0.03
+  # Training normalises with the batch's statistics: folding never applies there.
+  train = functools.partial(model.apply, variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_array_equal(
+      np.asarray(train()[0]),
+      np.asarray(model.clone(fold_bn=False).apply(variables, x, train=True,
+                                                   mutable=['batch_stats'])[0]))
 
 
 @pytest.mark.parametrize('size', [5, 6, 7, 8, 9, 12, 27, 28])
@@ -127,7 +164,7 @@ def test_bfloat16_computes_backbone_in_bf16_and_heads_in_f32():
   out, state = jax.jit(functools.partial(model.apply, capture_intermediates=True,
                                          mutable=['intermediates']))(variables, x)
   inter = state['intermediates']
-  assert inter['backbone']['layer4_1']['conv2']['__call__'][0].dtype == jnp.bfloat16
+  assert inter['backbone']['layer4_1']['__call__'][0].dtype == jnp.bfloat16  # a block's output
   assert inter['head']['hidden']['__call__'][0].dtype == jnp.float32
   assert out['expr'].dtype == jnp.float32
   # bf16 compute tracks the float32 model with the same parameters.

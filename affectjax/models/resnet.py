@@ -3,7 +3,12 @@
 Submodule names follow torchvision's parameter names (`conv1`, `bn1`, `layer2_0/conv1`,
 `layer2_0/downsample_conv`, ...) so converted PyTorch weights map by renaming alone, and
 padding is explicit so converted weights reproduce PyTorch outputs exactly.
+
+In inference each BatchNorm is folded into the convolution before it (`ConvNorm`): the same
+variables, one convolution with a bias per layer, which XLA fuses with the residual add and
+the ReLU (on a GPU one cuDNN call) instead of a convolution and a normalisation pass.
 """
+import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -43,22 +48,51 @@ def max_pool_3x3_s2(x: jax.Array, mode: str) -> jax.Array:
   raise ValueError(f'stem_pool must be one of {STEM_POOL}, got {mode!r}')
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvNorm:
+  """A convolution and the BatchNorm after it: two submodules of the calling module, under
+  their own (torchvision) names.
+
+  With `fold` (inference from the running statistics of existing variables) the normalisation
+  is folded into the convolution, from the same variables: the kernel scaled per output
+  channel by scale / sqrt(var + epsilon), and a bias of bias - mean * that. Exact in float32
+  up to rounding; in bf16 the folded kernel is rounded once instead of the product.
+  """
+  conv: ModuleDef  # nn.Conv without bias
+  norm: ModuleDef  # nn.BatchNorm
+  fold: bool = False
+  dtype: Any = jnp.float32
+  epsilon: float = 1e-5
+
+  def __call__(self, module: nn.Module, x, features: int, kernel_size, strides, padding,
+               conv_name: str, norm_name: str, **norm_kwargs):
+    if not self.fold:
+      y = self.conv(features, kernel_size, strides, padding=padding, name=conv_name)(x)
+      return self.norm(name=norm_name, **norm_kwargs)(y)
+    params = module.variables['params']
+    stats, bn = module.variables['batch_stats'][norm_name], params[norm_name]
+    scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + self.epsilon)
+    y = jax.lax.conv_general_dilated(
+        jnp.asarray(x, self.dtype), (params[conv_name]['kernel'] * scale).astype(self.dtype),
+        strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + (bn['bias'] - stats['mean'] * scale).astype(self.dtype)
+
+
 class _Block(nn.Module):
-  """Fields and the shared tail (last BN, projection shortcut, add, ReLU) of both blocks."""
+  """Fields and the shared tail (projection shortcut, add, ReLU) of both blocks."""
   filters: int
-  conv: ModuleDef
-  norm: ModuleDef
+  layer: ConvNorm
   strides: int = 1
   stride_on: str = '3x3'
   zero_init_last_bn: bool = False
 
-  def _residual_tail(self, x, y, last_bn: str, out_filters: int):
-    last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(name=last_bn, scale_init=last_init)(y)
+  def _last_init(self):
+    return nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+
+  def _residual_tail(self, x, y):
     if x.shape != y.shape:
-      x = self.conv(out_filters, (1, 1), (self.strides, self.strides),
-                    name='downsample_conv')(x)
-      x = self.norm(name='downsample_bn')(x)
+      x = self.layer(self, x, y.shape[-1], (1, 1), (self.strides, self.strides), 'VALID',
+                     'downsample_conv', 'downsample_bn')
     return nn.relu(x + y)
 
 
@@ -69,10 +103,10 @@ class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
     s = (self.strides, self.strides)
-    y = self.conv(self.filters, (3, 3), s, padding=conv_padding(3), name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.filters, (3, 3), padding=conv_padding(3), name='conv2')(y)
-    return self._residual_tail(x, y, 'bn2', self.filters)
+    y = nn.relu(self.layer(self, x, self.filters, (3, 3), s, conv_padding(3), 'conv1', 'bn1'))
+    y = self.layer(self, y, self.filters, (3, 3), (1, 1), conv_padding(3), 'conv2', 'bn2',
+                   scale_init=self._last_init())
+    return self._residual_tail(x, y)
 
 
 class BottleneckBlock(_Block):
@@ -85,12 +119,11 @@ class BottleneckBlock(_Block):
       raise ValueError(f'stride_on must be one of {STRIDE_ON}, got {self.stride_on!r}')
     s = (self.strides, self.strides)
     s1, s3 = ((1, 1), s) if self.stride_on == '3x3' else (s, (1, 1))
-    y = self.conv(self.filters, (1, 1), s1, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.filters, (3, 3), s3, padding=conv_padding(3), name='conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
-    y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
-    return self._residual_tail(x, y, 'bn3', self.filters * 4)
+    y = nn.relu(self.layer(self, x, self.filters, (1, 1), s1, 'VALID', 'conv1', 'bn1'))
+    y = nn.relu(self.layer(self, y, self.filters, (3, 3), s3, conv_padding(3), 'conv2', 'bn2'))
+    y = self.layer(self, y, self.filters * 4, (1, 1), (1, 1), 'VALID', 'conv3', 'bn3',
+                   scale_init=self._last_init())
+    return self._residual_tail(x, y)
 
 
 class ResNet(nn.Module):
@@ -98,7 +131,8 @@ class ResNet(nn.Module):
 
   C = 8 * width * block_cls.expansion (2048 for ResNet50, 512 for ResNet18 at width 64).
   bn_momentum is in flax terms (0.9 == torch momentum 0.1); bn_axis_name synchronises batch
-  statistics across that named axis (under shard_map) in training mode.
+  statistics across that named axis (under shard_map) in training mode. fold_bn: inference
+  folds each BatchNorm into its convolution (`ConvNorm`).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -112,6 +146,7 @@ class ResNet(nn.Module):
   zero_init_last_bn: bool = False
   act: Callable = nn.relu
   frozen_parts: int = 0
+  fold_bn: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -121,23 +156,24 @@ class ResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, padding='VALID', dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=CONV_INIT)
 
-    def norm(part: int):  # a frozen part's BatchNorm keeps its running statistics
-      return functools.partial(nn.BatchNorm,
+    def layer(part: int) -> ConvNorm:  # a frozen part's BatchNorm keeps its running statistics
+      norm = functools.partial(nn.BatchNorm,
                                use_running_average=not train or part < self.frozen_parts,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                dtype=self.dtype, param_dtype=jnp.float32,
                                axis_name=self.bn_axis_name)
+      return ConvNorm(conv, norm, self.fold_bn and not train and not self.is_initializing(),
+                      self.dtype, self.bn_epsilon)
 
     def end_of_part(x, part: int):  # no gradient into the frozen parts
       return jax.lax.stop_gradient(x) if part + 1 == self.frozen_parts else x
 
     x = jnp.asarray(x, self.dtype)
-    x = conv(self.width, (7, 7), (2, 2), padding=conv_padding(7), name='conv1')(x)
-    x = self.act(norm(0)(name='bn1')(x))
+    x = self.act(layer(0)(self, x, self.width, (7, 7), (2, 2), conv_padding(7), 'conv1', 'bn1'))
     x = end_of_part(max_pool_3x3_s2(x, self.stem_pool), 0)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = self.block_cls(self.width * 2**i, conv=conv, norm=norm(i + 1),
+        x = self.block_cls(self.width * 2**i, layer=layer(i + 1),
                            strides=2 if i > 0 and j == 0 else 1, stride_on=self.stride_on,
                            zero_init_last_bn=self.zero_init_last_bn,
                            name=f'layer{i + 1}_{j}')(x)
