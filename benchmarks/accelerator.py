@@ -97,9 +97,15 @@ def image_config(args, arch: str, batch: int, dtype: str = 'bfloat16', variant: 
 def build(config):
   """(run, replicated state, device batch) of a config's real train and eval steps."""
   run = runs.build_run(runs.resolve_config(config), data=None, steps_per_epoch=1000)
+  return (run, parallel.replicate(run.state, run.mesh),
+          parallel.global_batch(host_batch(config), run.mesh))
+
+
+def host_batch(config) -> dict:
+  """A global host batch of the config's size, image size and classes (bench_step's)."""
   host = bench_step.multitask_batch(config.global_batch_size, config.data.image_size)
   host['expr'] = np.minimum(host['expr'], config.num_expr_classes - 1)
-  return run, parallel.replicate(run.state, run.mesh), parallel.global_batch(host, run.mesh)
+  return host
 
 
 def jax_image_rows(args, arch: str, batch: int, checks: dict, xla: str = '') -> dict:
@@ -124,7 +130,7 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict, xla: str = '') -> 
         issued.append((time.perf_counter() - start) / args.steps)
       jax.block_until_ready(result)
 
-    if name == 'train':  # the first step's loss (the initial state): the bf16 check's
+    if name == 'train' and not xla:  # the first step's loss (initial state): the bf16 check's
       out['first_loss'] = float(jax.device_get(
           compiled(jax.tree_util.tree_map(jnp.copy, state), device_batch)[1]['loss']))
     call()  # warm-up outside the guarded window

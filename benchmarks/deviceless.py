@@ -47,7 +47,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import accelerator
-import bench_step
 import common
 from affectjax import parallel, runs
 
@@ -79,10 +78,13 @@ INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)
 
 
 def cudnn_version() -> tuple:
+  """(major, minor) of the installed cuDNN wheel (it decides which fused convolutions XLA
+  emits); the report records it."""
   try:
     return tuple(int(v) for v in importlib.metadata.version('nvidia-cudnn-cu13').split('.')[:2])
-  except importlib.metadata.PackageNotFoundError:
-    return (9, 8)
+  except importlib.metadata.PackageNotFoundError as e:
+    raise SystemExit('deviceless: no nvidia-cudnn-cu13 wheel; install the CUDA plugin of this '
+                     'jax (see the docstring)') from e
 
 
 def shape_bytes(text: str) -> int:
@@ -104,10 +106,12 @@ def thunk_counts(text: str) -> dict:
 
 def hlo_summary(text: str) -> dict:
   """From an optimised HLO module: conditionals and while loops anywhere in it; of the entry
-  computation's launched operations, the copies and an estimate of the bytes each kind moves."""
+  computation's launched operations, the copies (and the bytes they write) and an estimate of
+  the bytes each kind moves (its operands read and its results written)."""
   entry = text[text.index('\nENTRY'):]
   entry = entry[:entry.index('\n}') + 1]
   shapes, moved, count = {}, collections.Counter(), collections.Counter()
+  written = collections.Counter()
   for line in entry.splitlines():
     m = INSTRUCTION.match(line)
     if not m:
@@ -120,13 +124,13 @@ def hlo_summary(text: str) -> dict:
       op = re.sub(r'(\.\d+)+$', '', name)
     elif op == 'custom-call':
       op = re.search(r'custom_call_target="([^"]+)"', line).group(1)
-    moved[op] += shape_bytes(shape) + sum(
-        shape_bytes(shapes.get(a.strip()[1:], '')) for a in operands.split(',')
-        if a.strip().startswith('%'))
+    written[op] += shape_bytes(shape)
+    moved[op] += shape_bytes(shape) + sum(  # (XLA marks every fifth operand /*index=5*/)
+        shape_bytes(shapes.get(a, '')) for a in re.findall(r'%([^\s,()]+)', operands))
     count[op] += 1
   return {'conditionals': len(re.findall(r' conditional\(', text)),
           'while_loops': len(re.findall(r' while\(', text)),
-          'copies': count['copy'], 'copy_bytes': moved['copy'],
+          'copies': count['copy'], 'copied_bytes': written['copy'],
           'launched_ops': sum(count.values()), 'estimated_bytes': sum(moved.values()),
           'bytes_by_kind': {k: [count[k], v] for k, v in moved.most_common()}}
 
@@ -139,9 +143,8 @@ def abstract_step_inputs(config, mesh) -> tuple:
   state = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=rep),
       run.state)
-  host = bench_step.multitask_batch(config.global_batch_size, config.data.image_size)
-  host['expr'] = np.minimum(host['expr'], config.num_expr_classes - 1)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in host.items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split)
+           for k, v in accelerator.host_batch(config).items()}
   return run, state, batch
 
 
@@ -157,8 +160,8 @@ def compile_and_read(lowered, options: dict, dump: str, name: str) -> dict:
     with open(found[-1]) as f:
       return f.read()
   thunks = thunk_counts(read('thunk_sequence_after_thunk_passes.txt') if glob.glob(
-      os.path.join(dump, '*thunk_sequence_after_thunk_passes.txt'))
-                        else read('thunk_sequence.txt'))
+      os.path.join(dump, f'*jit_{name}.thunk_sequence_after_thunk_passes.txt'))
+                        else read('thunk_sequence.txt'))  # (no passes: no command buffers)
   return {'compile_s': seconds, 'host_launches': sum(thunks['host'].values()), **thunks,
           **hlo_summary(read('*gpu_after_optimizations.txt'))}
 
@@ -169,16 +172,21 @@ def parse_args(argv=None):
   p.add_argument('--target', default='h200', choices=sorted(TARGETS))
   p.add_argument('--archs', default='resnet50')
   p.add_argument('--batch', type=int, default=256, help='images per GPU')
-  p.add_argument('--steps', default='train,eval')
+  p.add_argument('--steps', default='train,eval', help='train and/or eval')
   p.add_argument('--variant', action='append', default=[],
                  help="NAME:xla_option=VALUE,... (Python literals), besides 'default'")
   p.add_argument('--smoke', action='store_true', help='ResNet18 at width 4, 32 px, batch 4')
   args = p.parse_args(argv)
   args.archs, args.steps = args.archs.split(','), args.steps.split(',')
+  if not set(args.steps) <= {'train', 'eval'}:
+    p.error(f'--steps={",".join(args.steps)}: expected train and/or eval')
   args.width, args.image_size, args.dtype = 64, 112, 'bfloat16'
   if args.smoke:
     args.archs, args.batch, args.width, args.image_size = ['resnet18'], 4, 4, 32
-  args.variants = {'default': {}, **common.named_settings(args.variant)}
+  variants = common.named_settings(args.variant)
+  if 'default' in variants:
+    p.error("--variant: 'default' names the program without options")
+  args.variants = {'default': {}, **variants}
   return args
 
 
@@ -193,9 +201,12 @@ def main(argv=None) -> dict:
     raise SystemExit(f'deviceless: no CUDA compiler ({type(e).__name__}: {e}); install the CUDA '
                      'plugin of this jax (see the docstring)') from e
   mesh = jax.sharding.Mesh(np.asarray(topology.devices[:1]), (parallel.DATA_AXIS,))
+  # A cached executable would be loaded without compiling, so XLA would write no dumps.
+  jax.config.update('jax_enable_compilation_cache', False)
   os.makedirs(args.out, exist_ok=True)
   result = {'date': f'{datetime.datetime.now():%Y-%m-%d %H:%M}', 'jax': jax.__version__,
             'command': common.command_line(), 'target': TARGETS[args.target]['name'],
+            'cudnn': '.'.join(map(str, cudnn_version())),
             'batch': args.batch, 'variants': args.variants, 'steps': {}}
   dumps = tempfile.mkdtemp(prefix='deviceless-')
   for arch in args.archs:
@@ -227,7 +238,7 @@ def tables(result: dict) -> str:
     rows.append((*key.split(' '), r['host_launches'], host.get('kCommandBuffer', 0),
                  host.get('kConvolution', 0), host.get('kCustomKernel', 0),
                  host.get('kCopy', 0), inner.get('kCustomKernel', 0), inner.get('kCopy', 0),
-                 f"{r['copies']} ({r['copy_bytes'] / 1e6:.0f} MB)", r['conditionals'],
+                 f"{r['copies']} ({r['copied_bytes'] / 1e6:.0f} MB)", r['conditionals'],
                  f"{r['estimated_bytes'] / 1e9:.1f}", f"{r['compile_s']:.0f}"))
   return '\n'.join([
       f"# The steps' GPU programs, compiled without a GPU, {result['date']}", '',
@@ -235,7 +246,7 @@ def tables(result: dict) -> str:
       f"command: `{result['command']}`; variants: {json.dumps(result['variants'])}", '',
       common.format_table(
           ('network', 'step', 'variant', 'host launches/step', 'graphs', 'cuDNN convs',
-           'kernels', 'copies', 'kernels in graphs', 'copies in graphs', 'HLO copies',
+           'kernels', 'copies', 'kernels in graphs', 'copies in graphs', 'HLO copies (written)',
            'conditionals', 'est. GB moved', 'compile s'), rows)]) + '\n'
 
 

@@ -4,6 +4,8 @@ which the test environment does not install."""
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
 import deviceless  # pylint: disable=wrong-import-position
@@ -51,7 +53,8 @@ ENTRY %main.3 (x.1: bf16[8,16,16,3], w.1: bf16[3,3,3,8], k.1: f32[3,3,512,512], 
   %get-tuple-element.1 = bf16[8,16,16,8]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
   %input_reduce_fusion = f32[] fusion(%get-tuple-element.1), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(f)/reduce_sum"}
   %copy.618 = f32[3,3,512,512]{3,2,1,0} copy(%k.1), metadata={scheduling_name="copy.618"}
-  ROOT %tuple.2 = (f32[], f32[3,3,512,512]{3,2,1,0}) tuple(%input_reduce_fusion, %copy.618)
+  %loop_add_fusion = f32[] fusion(%input_reduce_fusion, %input_reduce_fusion, %input_reduce_fusion, %input_reduce_fusion, %input_reduce_fusion, /*index=5*/%x.1), kind=kLoop, calls=%fused_reduce
+  ROOT %tuple.2 = (f32[], f32[3,3,512,512]{3,2,1,0}) tuple(%loop_add_fusion, %copy.618)
 }
 """
 
@@ -75,10 +78,11 @@ def test_hlo_summary_counts_the_entry_computations_launched_ops():
   assert summary['bytes_by_kind'] == {
       '__cudnn$convForward': [1, conv + x + w],
       'input_reduce_fusion': [1, 4 + conv],  # its operand: the conv's result, via the tuple
-      'copy': [1, 2 * kernel]}
-  assert summary['launched_ops'] == 3
-  assert summary['estimated_bytes'] == conv + x + w + 4 + conv + 2 * kernel
-  assert (summary['copies'], summary['copy_bytes']) == (1, 2 * kernel)
+      'copy': [1, 2 * kernel],
+      'loop_add_fusion': [1, 4 + 5 * 4 + x]}  # the sixth operand follows XLA's /*index=5*/
+  assert summary['launched_ops'] == 4
+  assert summary['estimated_bytes'] == conv + x + w + 4 + conv + 2 * kernel + 4 + 5 * 4 + x
+  assert (summary['copies'], summary['copied_bytes']) == (1, kernel)  # written once
   assert (summary['conditionals'], summary['while_loops']) == (0, 0)
 
 
@@ -89,8 +93,12 @@ def test_hlo_summary_finds_conditionals_outside_the_entry():
   assert deviceless.hlo_summary(text)['conditionals'] == 1
 
 
-def test_variants_parse_as_python_literals():
+def test_variants_parse_as_python_literals_and_default_is_reserved():
   args = deviceless.parse_args(['--out', 'x', '--variant', 'g1:xla_gpu_graph_min_graph_size=1',
                                 '--variant', 'cf:xla_gpu_experimental_enable_conv_fusion=True'])
   assert args.variants == {'default': {}, 'g1': {'xla_gpu_graph_min_graph_size': 1},
                            'cf': {'xla_gpu_experimental_enable_conv_fusion': True}}
+  with pytest.raises(SystemExit):
+    deviceless.parse_args(['--out', 'x', '--variant', 'default:xla_gpu_graph_min_graph_size=1'])
+  with pytest.raises(SystemExit):
+    deviceless.parse_args(['--out', 'x', '--steps', 'train,predict'])

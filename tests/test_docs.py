@@ -149,6 +149,9 @@ COMMANDS = {
         expect=('runs/mtl_vggface2/checkpoints/*',), stdout=('Run finished',)),
     "pip install -e '.[cuda]'": NotHere('needs an NVIDIA GPU'),
     "pip install -e . 'jax[tpu]'": NotHere('needs a TPU VM'),
+    'pip install "jax[cuda13]==<jax version>" -e .': NotHere(
+        'about 5 GB of CUDA wheels, for benchmarks/deviceless.py (tests/test_deviceless.py '
+        'tests its readers of XLA\'s dumps on excerpts of real ones)'),
     "pip install -e '.[torch]'": Installed('torch is part of the test extra'),
     "pip install -e '.[report]'": Installed('matplotlib is part of the test extra'),
     'python -c "import jax; print(jax.devices())"': Run(stdout=('CpuDevice(id=0)',)),

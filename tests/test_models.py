@@ -122,6 +122,31 @@ def test_inference_folds_each_batchnorm_into_its_convolution(depth, stride_on):
                                                    mutable=['batch_stats'])[0]))
 
 
+def test_training_folds_only_the_frozen_parts():
+  """In training, a frozen part's BatchNorms use their running statistics and are folded; the
+  outputs, the gradients and the new statistics equal the unfolded network's."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32, 32, 3)), jnp.float32)
+  model = resnet.resnet(18, width=8, frozen_parts=2)  # the stem and layer1
+  variables = _moved_statistics(model.init(jax.random.key(0), x), seed=3)
+
+  def run(m):
+    def loss(params):
+      out, new = m.apply(dict(variables, params=params), x, train=True, mutable=['batch_stats'])
+      return jnp.sum(out ** 2), (out, new['batch_stats'])
+    return jax.grad(loss, has_aux=True)(variables['params'])
+
+  (grads, (out, stats)), (grads0, (out0, stats0)) = run(model), run(model.clone(fold_bn=False))
+  np.testing.assert_allclose(out, out0, rtol=1e-4, atol=1e-4 * np.abs(out0).max())
+  for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(stats0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(stats0)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max() + 1e-12)
+  # The frozen parts get no gradient; the parts after them do.
+  assert not np.any(np.asarray(grads['layer1_0']['conv1']['kernel']))
+  assert np.any(np.asarray(grads['layer2_0']['conv1']['kernel']))
+
+
 @pytest.mark.parametrize('size', [5, 6, 7, 8, 9, 12, 27, 28])
 def test_stem_pool_matches_torch_values_and_sizes(size):
   x = np.random.default_rng(size).normal(size=(2, size, size + 1, 3)).astype(np.float32)

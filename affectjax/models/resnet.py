@@ -4,8 +4,8 @@ Submodule names follow torchvision's parameter names (`conv1`, `bn1`, `layer2_0/
 `layer2_0/downsample_conv`, ...) so converted PyTorch weights map by renaming alone, and
 padding is explicit so converted weights reproduce PyTorch outputs exactly.
 
-In inference each BatchNorm is folded into the convolution before it (`ConvNorm`): the same
-variables, one convolution with a bias per layer, which XLA fuses with the residual add and
+In inference (and in a frozen part) each BatchNorm is folded into the convolution before it
+(`ConvNorm`): the same variables, one convolution with a bias per layer, which XLA fuses with the residual add and
 the ReLU (on a GPU one cuDNN call) instead of a convolution and a normalisation pass.
 """
 import dataclasses
@@ -53,29 +53,33 @@ class ConvNorm:
   """A convolution and the BatchNorm after it: two submodules of the calling module, under
   their own (torchvision) names.
 
-  With `fold` (inference from the running statistics of existing variables) the normalisation
-  is folded into the convolution, from the same variables: the kernel scaled per output
-  channel by scale / sqrt(var + epsilon), and a bias of bias - mean * that. Exact in float32
-  up to rounding; in bf16 the folded kernel is rounded once instead of the product.
+  With `fold` (the BatchNorm normalising with the running statistics of existing variables:
+  inference, or a frozen part) the normalisation is folded into the convolution, from the
+  same variables: the kernel scaled per output channel by scale / sqrt(var + epsilon), and a
+  bias of bias - mean * that. Exact in float32 up to rounding; in bf16 the folded kernel is
+  rounded once instead of the convolution's output.
   """
-  conv: ModuleDef  # nn.Conv without bias
-  norm: ModuleDef  # nn.BatchNorm
+  conv: ModuleDef  # nn.Conv without bias (a partial giving its dtype)
+  norm: ModuleDef  # nn.BatchNorm (a partial giving its epsilon)
   fold: bool = False
-  dtype: Any = jnp.float32
-  epsilon: float = 1e-5
 
   def __call__(self, module: nn.Module, x, features: int, kernel_size, strides, padding,
                conv_name: str, norm_name: str, **norm_kwargs):
     if not self.fold:
       y = self.conv(features, kernel_size, strides, padding=padding, name=conv_name)(x)
       return self.norm(name=norm_name, **norm_kwargs)(y)
+    dtype, epsilon = self.conv.keywords['dtype'], self.norm.keywords['epsilon']
     params = module.variables['params']
-    stats, bn = module.variables['batch_stats'][norm_name], params[norm_name]
-    scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + self.epsilon)
+    kernel, bn = params[conv_name]['kernel'], params[norm_name]
+    if kernel.shape != (*kernel_size, x.shape[-1], features):  # as nn.Conv would check
+      raise ValueError(f'{module.path}/{conv_name}: kernel {kernel.shape}, expected '
+                       f'{(*kernel_size, x.shape[-1], features)}')
+    stats = module.variables['batch_stats'][norm_name]
+    scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + epsilon)
     y = jax.lax.conv_general_dilated(
-        jnp.asarray(x, self.dtype), (params[conv_name]['kernel'] * scale).astype(self.dtype),
-        strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + (bn['bias'] - stats['mean'] * scale).astype(self.dtype)
+        jnp.asarray(x, dtype), (kernel * scale).astype(dtype), strides, padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + (bn['bias'] - stats['mean'] * scale).astype(dtype)
 
 
 class _Block(nn.Module):
@@ -131,8 +135,9 @@ class ResNet(nn.Module):
 
   C = 8 * width * block_cls.expansion (2048 for ResNet50, 512 for ResNet18 at width 64).
   bn_momentum is in flax terms (0.9 == torch momentum 0.1); bn_axis_name synchronises batch
-  statistics across that named axis (under shard_map) in training mode. fold_bn: inference
-  folds each BatchNorm into its convolution (`ConvNorm`).
+  statistics across that named axis (under shard_map) in training mode. fold_bn: a BatchNorm
+  using its running statistics (inference; a frozen part in training) is folded into its
+  convolution (`ConvNorm`).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -153,17 +158,16 @@ class ResNet(nn.Module):
     if not 0 <= self.frozen_parts <= len(self.stage_sizes) + 1:
       raise ValueError(f'frozen_parts must be in [0, {len(self.stage_sizes) + 1}], got '
                        f'{self.frozen_parts}')
-    conv = functools.partial(nn.Conv, use_bias=False, padding='VALID', dtype=self.dtype,
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=CONV_INIT)
 
     def layer(part: int) -> ConvNorm:  # a frozen part's BatchNorm keeps its running statistics
-      norm = functools.partial(nn.BatchNorm,
-                               use_running_average=not train or part < self.frozen_parts,
+      running = not train or part < self.frozen_parts
+      norm = functools.partial(nn.BatchNorm, use_running_average=running,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                dtype=self.dtype, param_dtype=jnp.float32,
                                axis_name=self.bn_axis_name)
-      return ConvNorm(conv, norm, self.fold_bn and not train and not self.is_initializing(),
-                      self.dtype, self.bn_epsilon)
+      return ConvNorm(conv, norm, self.fold_bn and running and not self.is_initializing())
 
     def end_of_part(x, part: int):  # no gradient into the frozen parts
       return jax.lax.stop_gradient(x) if part + 1 == self.frozen_parts else x
