@@ -90,3 +90,13 @@ def test_hard_preset_stats_replay_the_generators_tracks(tmp_path, monkeypatch):
     assert 0 <= counted['dipped'] <= counted['expressive'] <= counted['frames']
     assert f"| {split} | {counted['videos']} | {counted['frames']:,} |" in out
     assert f"| {counted['dipping']} of {counted['segments']} | {counted['changes']} |" in out
+
+
+def test_bench_fold_times_folded_and_unfolded_inference_on_the_same_state():
+  """benchmarks/bench_fold.py at a tiny size: both eval steps run, their outputs agree."""
+  result = _script('bench_fold').main(['--arch', 'resnet18', '--width', '4', '--image-size',
+                                       '32', '--batch', '2', '--steps', '1', '--reps', '2'])
+  assert set(result['images_per_s']) == {'folded', 'unfolded'}
+  assert all(rate > 0 for rate in result['images_per_s'].values())
+  assert result['folded_over_unfolded'] > 0
+  assert result['max_abs_output_difference'] <= 1e-4 * max(result['largest_output'], 1.0)
