@@ -5,8 +5,9 @@ Submodule names follow torchvision's parameter names (`conv1`, `bn1`, `layer2_0/
 padding is explicit so converted weights reproduce PyTorch outputs exactly.
 
 In inference (and in a frozen part) each BatchNorm is folded into the convolution before it
-(`ConvNorm`): the same variables, one convolution with a bias per layer, which XLA fuses with the residual add and
-the ReLU (on a GPU one cuDNN call) instead of a convolution and a normalisation pass.
+(`ConvNorm`): the same variables, one convolution with a bias per layer, which XLA fuses with
+the residual add and the ReLU (on a GPU one cuDNN call) instead of a convolution and a
+normalisation pass.
 """
 import dataclasses
 import functools
