@@ -96,7 +96,7 @@ def plain_train_step(state: train.TrainState, batch: dict) -> tuple:
 def compile_step(jitted, state, batch, xla_options: dict | None = None) -> tuple:
   """Ahead-of-time compilation (with XLA's `xla_options`, e.g. {'xla_gpu_graph_min_graph_size':
   1}); returns (executable, XLA's cost analysis as a dict)."""
-  compiled = jitted.lower(state, batch).compile(xla_options)
+  compiled = jitted.lower(state, batch).compile(compiler_options=xla_options)
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jaxlibs return one dict per computation
     cost = cost[0]
