@@ -11,12 +11,14 @@ normalisation pass.
 """
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from affectjax.models import layers
 
 ModuleDef = Any
 
@@ -31,21 +33,21 @@ def conv_padding(kernel: int) -> tuple:
   return ((kernel // 2, kernel // 2),) * 2
 
 
-def max_pool_3x3_s2(x: jax.Array, mode: str) -> jax.Array:
-  """Stem max-pool 3x3 stride 2 on NHWC.
+def max_pool_3x3_s2(x: jax.Array, mode: str, hand_grads: bool = True) -> jax.Array:
+  """Stem max-pool 3x3 stride 2 on NHWC (`layers.max_pool_3x3_s2`).
 
   mode 'torch': padding 1 (torchvision), output floor((H-1)/2)+1.
   mode 'ceil': no padding, ceil mode (the Caffe VGGFace2 port), output ceil((H-3)/2)+1; the
   windows that run past the bottom/right edge see only real pixels (padding is -inf).
   """
   if mode == 'torch':
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return layers.max_pool_3x3_s2(x, ((1, 1), (1, 1)), hand_grads)
   if mode == 'ceil':
     pads = []
     for size in x.shape[1:3]:
       out = -(-(size - 3) // 2) + 1
       pads.append((0, (out - 1) * 2 + 3 - size))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=tuple(pads))
+    return layers.max_pool_3x3_s2(x, tuple(pads), hand_grads)
   raise ValueError(f'stem_pool must be one of {STEM_POOL}, got {mode!r}')
 
 
@@ -61,14 +63,17 @@ class ConvNorm:
   rounded once instead of the convolution's output.
   """
   conv: ModuleDef  # nn.Conv without bias (a partial giving its dtype)
-  norm: ModuleDef  # nn.BatchNorm (a partial giving its epsilon)
+  norm: ModuleDef  # layers.BatchNorm (a partial giving its epsilon)
   fold: bool = False
 
   def __call__(self, module: nn.Module, x, features: int, kernel_size, strides, padding,
-               conv_name: str, norm_name: str, **norm_kwargs):
+               conv_name: str, norm_name: str, residual=None, relu: bool = False,
+               **norm_kwargs):
+    """The normalised convolution of `x`, plus `residual` (None: nothing), through a ReLU
+    with `relu`."""
     if not self.fold:
       y = self.conv(features, kernel_size, strides, padding=padding, name=conv_name)(x)
-      return self.norm(name=norm_name, **norm_kwargs)(y)
+      return self.norm(name=norm_name, **norm_kwargs)(y, residual, relu)
     dtype, epsilon = self.conv.keywords['dtype'], self.norm.keywords['epsilon']
     params = module.variables['params']
     kernel, bn = params[conv_name]['kernel'], params[norm_name]
@@ -80,11 +85,12 @@ class ConvNorm:
     y = jax.lax.conv_general_dilated(
         jnp.asarray(x, dtype), (kernel * scale).astype(dtype), strides, padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + (bn['bias'] - stats['mean'] * scale).astype(dtype)
+    return layers.add_relu(y + (bn['bias'] - stats['mean'] * scale).astype(dtype), residual,
+                           relu)
 
 
 class _Block(nn.Module):
-  """Fields and the shared tail (projection shortcut, add, ReLU) of both blocks."""
+  """Fields and the projection shortcut of both blocks."""
   filters: int
   layer: ConvNorm
   strides: int = 1
@@ -94,11 +100,12 @@ class _Block(nn.Module):
   def _last_init(self):
     return nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
 
-  def _residual_tail(self, x, y):
-    if x.shape != y.shape:
-      x = self.layer(self, x, y.shape[-1], (1, 1), (self.strides, self.strides), 'VALID',
-                     'downsample_conv', 'downsample_bn')
-    return nn.relu(x + y)
+  def _shortcut(self, x):
+    """`x`, or its projection where the block changes the shape."""
+    if self.strides == 1 and x.shape[-1] == self.filters * self.expansion:
+      return x
+    return self.layer(self, x, self.filters * self.expansion, (1, 1),
+                      (self.strides, self.strides), 'VALID', 'downsample_conv', 'downsample_bn')
 
 
 class BasicBlock(_Block):
@@ -108,10 +115,9 @@ class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
     s = (self.strides, self.strides)
-    y = nn.relu(self.layer(self, x, self.filters, (3, 3), s, conv_padding(3), 'conv1', 'bn1'))
-    y = self.layer(self, y, self.filters, (3, 3), (1, 1), conv_padding(3), 'conv2', 'bn2',
-                   scale_init=self._last_init())
-    return self._residual_tail(x, y)
+    y = self.layer(self, x, self.filters, (3, 3), s, conv_padding(3), 'conv1', 'bn1', relu=True)
+    return self.layer(self, y, self.filters, (3, 3), (1, 1), conv_padding(3), 'conv2', 'bn2',
+                      residual=self._shortcut(x), relu=True, scale_init=self._last_init())
 
 
 class BottleneckBlock(_Block):
@@ -124,11 +130,11 @@ class BottleneckBlock(_Block):
       raise ValueError(f'stride_on must be one of {STRIDE_ON}, got {self.stride_on!r}')
     s = (self.strides, self.strides)
     s1, s3 = ((1, 1), s) if self.stride_on == '3x3' else (s, (1, 1))
-    y = nn.relu(self.layer(self, x, self.filters, (1, 1), s1, 'VALID', 'conv1', 'bn1'))
-    y = nn.relu(self.layer(self, y, self.filters, (3, 3), s3, conv_padding(3), 'conv2', 'bn2'))
-    y = self.layer(self, y, self.filters * 4, (1, 1), (1, 1), 'VALID', 'conv3', 'bn3',
-                   scale_init=self._last_init())
-    return self._residual_tail(x, y)
+    y = self.layer(self, x, self.filters, (1, 1), s1, 'VALID', 'conv1', 'bn1', relu=True)
+    y = self.layer(self, y, self.filters, (3, 3), s3, conv_padding(3), 'conv2', 'bn2',
+                   relu=True)
+    return self.layer(self, y, self.filters * 4, (1, 1), (1, 1), 'VALID', 'conv3', 'bn3',
+                      residual=self._shortcut(x), relu=True, scale_init=self._last_init())
 
 
 class ResNet(nn.Module):
@@ -138,7 +144,9 @@ class ResNet(nn.Module):
   bn_momentum is in flax terms (0.9 == torch momentum 0.1); bn_axis_name synchronises batch
   statistics across that named axis (under shard_map) in training mode. fold_bn: a BatchNorm
   using its running statistics (inference; a frozen part in training) is folded into its
-  convolution (`ConvNorm`).
+  convolution (`ConvNorm`). hand_grads: the training gradients of BatchNorm (with the residual
+  add and ReLU after it) and of the stem max-pool are written out (`layers`: the same values,
+  fewer bytes moved on a GPU); False: JAX derives them.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -150,9 +158,9 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
-  act: Callable = nn.relu
   frozen_parts: int = 0
   fold_bn: bool = True
+  hand_grads: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -164,7 +172,8 @@ class ResNet(nn.Module):
 
     def layer(part: int) -> ConvNorm:  # a frozen part's BatchNorm keeps its running statistics
       running = not train or part < self.frozen_parts
-      norm = functools.partial(nn.BatchNorm, use_running_average=running,
+      norm = functools.partial(layers.BatchNorm, hand_grads=self.hand_grads,
+                               use_running_average=running,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                dtype=self.dtype, param_dtype=jnp.float32,
                                axis_name=self.bn_axis_name)
@@ -174,8 +183,9 @@ class ResNet(nn.Module):
       return jax.lax.stop_gradient(x) if part + 1 == self.frozen_parts else x
 
     x = jnp.asarray(x, self.dtype)
-    x = self.act(layer(0)(self, x, self.width, (7, 7), (2, 2), conv_padding(7), 'conv1', 'bn1'))
-    x = end_of_part(max_pool_3x3_s2(x, self.stem_pool), 0)
+    x = layer(0)(self, x, self.width, (7, 7), (2, 2), conv_padding(7), 'conv1', 'bn1',
+                 relu=True)
+    x = end_of_part(max_pool_3x3_s2(x, self.stem_pool, self.hand_grads), 0)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = self.block_cls(self.width * 2**i, layer=layer(i + 1),

@@ -1,0 +1,196 @@
+"""BatchNorm (with the residual add and ReLU after it) and the stem's max-pool, with their
+training gradients written out, for the training step's memory traffic.
+
+They compute what `flax.linen.BatchNorm` (then `x + residual`, then `nn.relu`) and
+`flax.linen.max_pool` compute: the same variables, the same forward values, the same
+gradients up to rounding. Their backward passes are written out rather than derived by JAX,
+because the derived ones move more bytes than they need on a GPU (`benchmarks/deviceless.py`
+reads the compiled programs; ResNet50's train step at batch 256 moves about 8% fewer bytes):
+
+- BatchNorm in training: JAX differentiates the mean and the variance separately, and XLA's
+  fusion of that derivative writes float32 copies of whole activations where the reductions
+  are small (ResNet50's layer4). The written-out backward is the textbook one: the two
+  reductions of the incoming gradient (its sum, and its sum against the centred input) in
+  one pass, then one elementwise pass, reading the activations in their compute dtype. The
+  ReLU's mask is kept from the forward pass, one byte an element: XLA keeps it anyway when
+  it can share the forward's computation, and recomputing it behind a barrier made XLA write
+  it out in the backward pass instead (more bytes in all).
+- The max-pool: JAX differentiates `reduce_window` into a select-and-scatter, which XLA turns
+  into a scatter over four int32 index arrays. Here the forward keeps, for each output, which
+  of its nine window positions held the maximum (int8), and the backward places each gradient
+  back with nine strided pads that XLA fuses into one elementwise pass. Ties go to the first
+  maximum in row-major window order, as in select-and-scatter and PyTorch.
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def batch_statistics(x: jax.Array, axis_name: Optional[str] = None) -> tuple:
+  """Per-channel (mean, variance) of `x` over all but its last axis, in float32, averaged
+  across `axis_name` when given: E[x^2] - E[x]^2 clipped at zero, as flax computes them."""
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  moments = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
+  if axis_name is not None:
+    moments = lax.pmean(moments, axis_name)
+  mean, mean_sq = moments[0], moments[1]
+  return mean, jnp.maximum(0.0, mean_sq - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def batch_norm(x, scale, bias, residual, epsilon: float, axis_name: Optional[str], dtype,
+               relu: bool) -> jax.Array:
+  """Normalises `x` with its own batch statistics (see `batch_statistics`), scales and shifts
+  it per channel, casts it to `dtype`, adds `residual` (None: nothing) and, with `relu`,
+  applies a ReLU. Differentiable in x, scale, bias and residual."""
+  return _batch_norm_fwd(x, scale, bias, residual, epsilon, axis_name, dtype, relu)[0]
+
+
+def add_relu(y, residual=None, relu: bool = False):
+  """`y` plus `residual` (None: nothing), through a ReLU with `relu`."""
+  y = y if residual is None else y + residual
+  return nn.relu(y) if relu else y
+
+
+def _pre_activation(x, mean, inv, scale, bias, residual, dtype):
+  """The normalised x in `dtype`, plus `residual`: what `batch_norm`'s ReLU sees."""
+  return add_relu(((x.astype(jnp.float32) - mean) * (scale * inv) + bias).astype(dtype),
+                  residual)
+
+
+def _batch_norm_fwd(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
+  mean, var = batch_statistics(x, axis_name)
+  inv = lax.rsqrt(var + epsilon)
+  pre = _pre_activation(x, mean, inv, scale, bias, residual, dtype)
+  mask = pre > 0 if relu else None  # kept: one byte an element (the module's docstring)
+  return add_relu(pre, relu=relu), (x, mean, inv, scale, residual, mask)
+
+
+def _batch_norm_bwd(epsilon, axis_name, dtype, relu, residuals, dy):
+  del epsilon, dtype, relu
+  x, mean, inv, scale, residual, mask = residuals
+  g = dy.astype(jnp.float32)
+  if mask is not None:
+    g = jnp.where(mask, g, 0.0)
+  axes = tuple(range(x.ndim - 1))
+  centred = x.astype(jnp.float32) - mean
+  sums = jnp.stack([jnp.sum(g, axes), jnp.sum(g * centred, axes)])  # this device's
+  count = x.size // x.shape[-1]
+  total = sums
+  if axis_name is not None:  # the statistics came from every device: so do their gradients
+    total, count = lax.psum(sums, axis_name), count * lax.psum(1, axis_name)
+  dx = (scale * inv) * (g - total[0] / count - centred * (inv * inv) * (total[1] / count))
+  d_residual = None if residual is None else g.astype(residual.dtype)
+  return (dx.astype(x.dtype), _sum_to(sums[1] * inv, scale),
+          _sum_to(sums[0], scale),  # (the bias is a parameter like the scale)
+          d_residual)
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def _sum_to(cotangent, primal):
+  """`cotangent` summed over the manual axes along which it varies and `primal` does not (under
+  `shard_map`: the transpose of JAX's implicit replicated-to-varying cast of a replicated
+  parameter, which a derived gradient would contain)."""
+  axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
+  return lax.psum(cotangent, axes) if axes else cotangent
+
+
+def _varying(x) -> frozenset:
+  """The manual (`shard_map`) axes along which `x` varies: `manual_axis_type.varying` of its
+  type since jax 0.8, `vma` before."""
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, 'manual_axis_type', None)
+  return frozenset(axis_type.varying if axis_type is not None else getattr(aval, 'vma', ()))
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """`flax.linen.BatchNorm` over the last axis (the same variables: params 'scale' and 'bias',
+  batch_stats 'mean' and 'var'; the same values and running averages), optionally followed by
+  a residual add and a ReLU, with `batch_norm`'s gradient in training (`hand_grads=False`:
+  the same computation differentiated by JAX, as flax's BatchNorm would be)."""
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+  hand_grads: bool = True
+
+  @nn.compact
+  def __call__(self, x, residual=None, relu: bool = False):
+    """The normalised `x`, plus `residual` when given, through a ReLU with `relu`."""
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', self.scale_init, features, self.param_dtype)
+    bias = self.param('bias', self.bias_init, features, self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    if self.use_running_average:
+      inv = lax.rsqrt(ra_var.value + self.epsilon)
+      return add_relu(_pre_activation(x, ra_mean.value, inv, scale, bias, residual, dtype),
+                      relu=relu)
+    initializing = self.is_initializing()  # (no axis to average across yet)
+    axis_name = None if initializing else self.axis_name
+    if not initializing:
+      mean, var = jax.tree_util.tree_map(lax.stop_gradient, batch_statistics(x, axis_name))
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if self.hand_grads:
+      return batch_norm(x, scale, bias, residual, self.epsilon, axis_name, dtype, relu)
+    mean, var = batch_statistics(x, axis_name)
+    inv = lax.rsqrt(var + self.epsilon)
+    return add_relu(_pre_activation(x, mean, inv, scale, bias, residual, dtype), relu=relu)
+
+
+def max_pool_3x3_s2(x: jax.Array, padding: tuple, hand_grads: bool = True) -> jax.Array:
+  """Max-pool of NHWC `x` over 3x3 windows at stride 2; `padding` ((top, bottom), (left,
+  right)) with -inf. The same values and gradient as `nn.max_pool(x, (3, 3), (2, 2),
+  padding)`, which hand_grads=False returns."""
+  if not hand_grads:
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
+  (top, _), (left, _) = padding
+  low = jnp.array(-jnp.inf, x.dtype)
+  out_h, out_w = ((size + sum(pads) - 3) // 2 + 1 for size, pads in zip(x.shape[1:3], padding))
+
+  def windows(x):  # the nine [B, Ho, Wo, C] strided views, in row-major window order
+    xp = lax.pad(x, low, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    return [xp[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :]
+            for i in range(3) for j in range(3)]
+
+  @jax.custom_vjp
+  def pool(x):
+    return functools.reduce(jnp.maximum, windows(x))
+
+  def fwd(x):
+    views = windows(x)
+    y = functools.reduce(jnp.maximum, views)
+    where = jnp.full(y.shape, len(views) - 1, jnp.int8)  # the first position of the maximum
+    for k in reversed(range(len(views) - 1)):
+      where = jnp.where(views[k] == y, jnp.int8(k), where)
+    return y, where
+
+  def bwd(where, dy):
+    zero = jnp.float32(0)
+    dx = jnp.zeros(x.shape, jnp.float32)
+    for k in range(9):  # output (r, c) of window position (i, j) is input (2r+i-top, 2c+j-left)
+      i, j = divmod(k, 3)
+      rows = (i - top, x.shape[1] - (i - top) - (2 * out_h - 1), 1)
+      cols = (j - left, x.shape[2] - (j - left) - (2 * out_w - 1), 1)
+      part = jnp.where(where == k, dy.astype(jnp.float32), zero)
+      dx = dx + lax.pad(part, zero, ((0, 0, 0), rows, cols, (0, 0, 0)))
+    return (dx.astype(dy.dtype),)
+
+  pool.defvjp(fwd, bwd)
+  return pool(x)
