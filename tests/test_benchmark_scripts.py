@@ -92,11 +92,16 @@ def test_hard_preset_stats_replay_the_generators_tracks(tmp_path, monkeypatch):
     assert f"| {counted['dipping']} of {counted['segments']} | {counted['changes']} |" in out
 
 
-def test_bench_fold_times_folded_and_unfolded_inference_on_the_same_state():
-  """benchmarks/bench_fold.py at a tiny size: both eval steps run, their outputs agree."""
-  result = _script('bench_fold').main(['--arch', 'resnet18', '--width', '4', '--image-size',
-                                       '32', '--batch', '2', '--steps', '1', '--reps', '2'])
-  assert set(result['images_per_s']) == {'folded', 'unfolded'}
-  assert all(rate > 0 for rate in result['images_per_s'].values())
-  assert result['folded_over_unfolded'] > 0
-  assert result['max_abs_output_difference'] <= 1e-4 * max(result['largest_output'], 1.0)
+def test_bench_backbone_times_each_optimisation_against_its_plain_version():
+  """benchmarks/bench_backbone.py at a tiny size: the train steps with written and derived
+  gradients, and the folded and unfolded eval steps, run on the same state; outputs agree."""
+  result = _script('bench_backbone').main(['--arch', 'resnet18', '--width', '4',
+                                           '--image-size', '32', '--batch', '2', '--steps', '1',
+                                           '--reps', '2'])
+  assert set(result['steps']) == {'train', 'eval'}
+  for step, (name, plain) in (('train', ('written gradients', 'derived')),
+                              ('eval', ('folded', 'unfolded'))):
+    r = result['steps'][step]
+    assert set(r['images_per_s']) == {name, plain}
+    assert all(rate > 0 for rate in r['images_per_s'].values()) and r['ratio'] > 0
+    assert r['max_abs_output_difference'] <= 1e-4 * max(r['largest_output'], 1.0)

@@ -41,6 +41,30 @@ def random_variables(model, x, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def training_step(model, variables, x, loss) -> tuple:
+  """((gradients of loss(outputs), (outputs, new batch_stats)), the jitted step's StableHLO)
+  of `model` in training."""
+  def step(params):
+    out, new = model.apply(dict(variables, params=params), x, train=True,
+                           mutable=['batch_stats'])
+    return loss(out), (out, new['batch_stats'])
+  fn = jax.jit(jax.grad(step, has_aux=True))
+  return fn(variables['params']), fn.lower(variables['params']).as_text()
+
+
+def assert_same_training(got, want, out_rtol=1e-5, grad_atol=1e-3):
+  """Two `training_step` results agree: outputs, new statistics and gradients (atol relative
+  to each gradient's largest entry)."""
+  (grads, (out, stats)), (grads0, (out0, stats0)) = got, want
+  np.testing.assert_allclose(out, out0, rtol=out_rtol, atol=out_rtol * np.abs(out0).max())
+  assert jax.tree.structure(stats) == jax.tree.structure(stats0)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(grads0)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=grad_atol * np.abs(b).max() + 1e-12)
+
+
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -129,19 +153,12 @@ def test_training_folds_only_the_frozen_parts():
   model = resnet.resnet(18, width=8, frozen_parts=2)  # the stem and layer1
   variables = _moved_statistics(model.init(jax.random.key(0), x), seed=3)
 
-  def run(m):
-    def loss(params):
-      out, new = m.apply(dict(variables, params=params), x, train=True, mutable=['batch_stats'])
-      return jnp.sum(out ** 2), (out, new['batch_stats'])
-    return jax.grad(loss, has_aux=True)(variables['params'])
-
-  (grads, (out, stats)), (grads0, (out0, stats0)) = run(model), run(model.clone(fold_bn=False))
-  np.testing.assert_allclose(out, out0, rtol=1e-4, atol=1e-4 * np.abs(out0).max())
-  for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(stats0)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(stats0)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max() + 1e-12)
+  def loss(out):
+    return jnp.sum(out ** 2)
+  got = training_step(model, variables, x, loss)[0]
+  assert_same_training(got, training_step(model.clone(fold_bn=False), variables, x, loss)[0],
+                       out_rtol=1e-4)
+  grads = got[0]
   # The frozen parts get no gradient; the parts after them do.
   assert not np.any(np.asarray(grads['layer1_0']['conv1']['kernel']))
   assert np.any(np.asarray(grads['layer2_0']['conv1']['kernel']))

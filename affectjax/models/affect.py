@@ -46,6 +46,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   config.bn_momentum = 0.9        # flax convention: 0.9 == torch momentum 0.1
   config.bn_epsilon = 1e-5
   config.zero_init_last_bn = False
+  # BatchNorm's and the stem max-pool's training gradients written out (models/layers.py: the
+  # same values, fewer bytes moved on a GPU); False: JAX derives them.
+  config.hand_grads = True
   # The first part that trains (resnet.PARTS, 'all' or 'head'): the parts before it are frozen
   # (BatchNorm statistics fixed, no gradient, no update), as method 2 trains only layer4 + heads.
   config.trainable = 'all'
@@ -74,6 +77,7 @@ def create_backbone(model_config) -> resnet.ResNet:
                        bn_momentum=model_config.bn_momentum,
                        bn_epsilon=model_config.bn_epsilon,
                        zero_init_last_bn=model_config.get('zero_init_last_bn', False),
+                       hand_grads=model_config.get('hand_grads', True),
                        frozen_parts=resnet.frozen_parts(model_config.get('trainable', 'all')))
 
 
