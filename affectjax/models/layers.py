@@ -19,7 +19,9 @@ reads the compiled programs; ResNet50's train step at batch 256 moves about 8% f
   into a scatter over four int32 index arrays. Here the forward keeps, for each output, which
   of its nine window positions held the maximum (int8), and the backward places each gradient
   back with nine strided pads that XLA fuses into one elementwise pass. Ties go to the first
-  maximum in row-major window order, as in select-and-scatter and PyTorch.
+  maximum in row-major window order, as in select-and-scatter and PyTorch; a window holding
+  a NaN gives its gradient to its first NaN, as PyTorch does (JAX's derived gradient spreads
+  it differently).
 """
 import functools
 from typing import Any, Callable, Optional
@@ -68,12 +70,13 @@ def _batch_norm_fwd(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
   inv = lax.rsqrt(var + epsilon)
   pre = _pre_activation(x, mean, inv, scale, bias, residual, dtype)
   mask = pre > 0 if relu else None  # kept: one byte an element (the module's docstring)
-  return add_relu(pre, relu=relu), (x, mean, inv, scale, residual, mask)
+  # (residual only for its type: jit drops what the backward pass does not read)
+  return add_relu(pre, relu=relu), (x, mean, inv, scale, bias, residual, mask)
 
 
 def _batch_norm_bwd(epsilon, axis_name, dtype, relu, residuals, dy):
   del epsilon, dtype, relu
-  x, mean, inv, scale, residual, mask = residuals
+  x, mean, inv, scale, bias, residual, mask = residuals
   g = dy.astype(jnp.float32)
   if mask is not None:
     g = jnp.where(mask, g, 0.0)
@@ -81,30 +84,27 @@ def _batch_norm_bwd(epsilon, axis_name, dtype, relu, residuals, dy):
   centred = x.astype(jnp.float32) - mean
   sums = jnp.stack([jnp.sum(g, axes), jnp.sum(g * centred, axes)])  # this device's
   count = x.size // x.shape[-1]
-  total = sums
-  if axis_name is not None:  # the statistics came from every device: so do their gradients
-    total, count = lax.psum(sums, axis_name), count * lax.psum(1, axis_name)
-  dx = (scale * inv) * (g - total[0] / count - centred * (inv * inv) * (total[1] / count))
-  d_residual = None if residual is None else g.astype(residual.dtype)
-  return (dx.astype(x.dtype), _sum_to(sums[1] * inv, scale),
-          _sum_to(sums[0], scale),  # (the bias is a parameter like the scale)
-          d_residual)
-
-
-batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+  # What reaches x through the statistics: from every device's loss when they were averaged
+  # across `axis_name` (each device's own scale: a parameter may differ between devices).
+  total = scale * sums
+  if axis_name is not None:
+    total, count = lax.psum(total, axis_name), count * lax.psum(1, axis_name)
+  dx = inv * (scale * g - total[0] / count - centred * (inv * inv) * (total[1] / count))
+  return (_sum_to(dx, x), _sum_to(sums[1] * inv, scale), _sum_to(sums[0], bias),
+          None if residual is None else _sum_to(g, residual))
 
 
 def _sum_to(cotangent, primal):
-  """`cotangent` summed over the manual axes along which it varies and `primal` does not (under
-  `shard_map`: the transpose of JAX's implicit replicated-to-varying cast of a replicated
-  parameter, which a derived gradient would contain)."""
+  """`cotangent` in `primal`'s dtype, summed over the manual axes along which it varies and
+  `primal` does not (under `shard_map`: the transpose of JAX's implicit replicated-to-varying
+  cast, which a derived gradient would contain; e.g. a replicated parameter's)."""
   axes = tuple(sorted(_varying(cotangent) - _varying(primal)))
-  return lax.psum(cotangent, axes) if axes else cotangent
+  return (lax.psum(cotangent, axes) if axes else cotangent).astype(primal.dtype)
 
 
 def _varying(x) -> frozenset:
   """The manual (`shard_map`) axes along which `x` varies: `manual_axis_type.varying` of its
-  type since jax 0.8, `vma` before."""
+  type (`vma` in older jax)."""
   aval = jax.typeof(x)
   axis_type = getattr(aval, 'manual_axis_type', None)
   return frozenset(axis_type.varying if axis_type is not None else getattr(aval, 'vma', ()))
@@ -156,8 +156,8 @@ class BatchNorm(nn.Module):
 
 def max_pool_3x3_s2(x: jax.Array, padding: tuple, hand_grads: bool = True) -> jax.Array:
   """Max-pool of NHWC `x` over 3x3 windows at stride 2; `padding` ((top, bottom), (left,
-  right)) with -inf. The same values and gradient as `nn.max_pool(x, (3, 3), (2, 2),
-  padding)`, which hand_grads=False returns."""
+  right)) with -inf. The same values and (but for windows holding a NaN) the same gradient as
+  `nn.max_pool(x, (3, 3), (2, 2), padding)`, which hand_grads=False returns."""
   if not hand_grads:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
   (top, _), (left, _) = padding
@@ -176,19 +176,21 @@ def max_pool_3x3_s2(x: jax.Array, padding: tuple, hand_grads: bool = True) -> ja
   def fwd(x):
     views = windows(x)
     y = functools.reduce(jnp.maximum, views)
-    where = jnp.full(y.shape, len(views) - 1, jnp.int8)  # the first position of the maximum
+    # The first position holding the maximum (or a NaN, which the maximum then is).
+    where = jnp.full(y.shape, len(views) - 1, jnp.int8)
     for k in reversed(range(len(views) - 1)):
-      where = jnp.where(views[k] == y, jnp.int8(k), where)
+      where = jnp.where((views[k] == y) | jnp.isnan(views[k]), jnp.int8(k), where)
     return y, where
 
   def bwd(where, dy):
-    zero = jnp.float32(0)
-    dx = jnp.zeros(x.shape, jnp.float32)
+    acc = jnp.promote_types(dy.dtype, jnp.float32)  # (up to four windows overlap)
+    zero = jnp.zeros((), acc)
+    dx = jnp.zeros(x.shape, acc)
     for k in range(9):  # output (r, c) of window position (i, j) is input (2r+i-top, 2c+j-left)
       i, j = divmod(k, 3)
       rows = (i - top, x.shape[1] - (i - top) - (2 * out_h - 1), 1)
       cols = (j - left, x.shape[2] - (j - left) - (2 * out_w - 1), 1)
-      part = jnp.where(where == k, dy.astype(jnp.float32), zero)
+      part = jnp.where(where == k, dy.astype(acc), zero)
       dx = dx + lax.pad(part, zero, ((0, 0, 0), rows, cols, (0, 0, 0)))
     return (dx.astype(dy.dtype),)
 
