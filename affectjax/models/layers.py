@@ -138,18 +138,16 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', self.bias_init, features, self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale, bias)
     if self.use_running_average:
-      inv = lax.rsqrt(ra_var.value + self.epsilon)
-      return add_relu(_pre_activation(x, ra_mean.value, inv, scale, bias, residual, dtype),
-                      relu=relu)
-    initializing = self.is_initializing()  # (no axis to average across yet)
-    axis_name = None if initializing else self.axis_name
-    if not initializing:
-      mean, var = jax.tree_util.tree_map(lax.stop_gradient, batch_statistics(x, axis_name))
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    if self.hand_grads:
-      return batch_norm(x, scale, bias, residual, self.epsilon, axis_name, dtype, relu)
-    mean, var = batch_statistics(x, axis_name)
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      initializing = self.is_initializing()  # (no axis to average across yet)
+      axis_name = None if initializing else self.axis_name
+      mean, var = batch_statistics(x, axis_name)
+      if not initializing:
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      if self.hand_grads:  # (its forward computes the same statistics: XLA merges the two)
+        return batch_norm(x, scale, bias, residual, self.epsilon, axis_name, dtype, relu)
     inv = lax.rsqrt(var + self.epsilon)
     return add_relu(_pre_activation(x, mean, inv, scale, bias, residual, dtype), relu=relu)
 
@@ -171,7 +169,7 @@ def max_pool_3x3_s2(x: jax.Array, padding: tuple, hand_grads: bool = True) -> ja
 
   @jax.custom_vjp
   def pool(x):
-    return functools.reduce(jnp.maximum, windows(x))
+    return fwd(x)[0]  # (without the gradient, XLA drops the positions)
 
   def fwd(x):
     views = windows(x)
