@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Batches put on the devices ahead of the step (their transfers overlap its compute).
   c.prefetch_to_device = 2
-  c.prefetch_thread = False  # True: read and put on a thread of their own, one more (BUILD.md)
+  c.prefetch_thread = True  # read and put on a thread of their own, one more (BUILD.md)
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0  # also evaluates at the end
   c.eval_split = 'validation'

@@ -6,6 +6,8 @@ ResNet as the project runs it and with one optimisation off:
   - train: BatchNorm (with its residual add and ReLU) and the stem max-pool with their
     gradients written out (`models/layers.py`), against the same network differentiated by
     JAX (`hand_grads=False`);
+  - mask: those BatchNorms keeping their ReLU's mask in bits, against a byte an element
+    (`mask_bits=False`), the train step both times;
   - eval: each BatchNorm folded into the convolution before it (`resnet.ConvNorm`), against a
     convolution then a normalisation pass (`fold_bn=False`).
 Timed interleaved after warm-up (medians; the ratio within each repetition), with the largest
@@ -29,14 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accelerator
 import common
 
-# step: (the optimisation's name, the ResNet field that turns it off, the plain version's name)
-COMPARISONS = {'train': ('written gradients', 'hand_grads', 'derived'),
-               'eval': ('folded', 'fold_bn', 'unfolded')}
+# part: (the step, the optimisation's name, the ResNet field that turns it off, the plain
+# version's name)
+COMPARISONS = {'train': ('train', 'written gradients', 'hand_grads', 'derived'),
+               'mask': ('train', 'mask in bits', 'mask_bits', 'mask in bytes'),
+               'eval': ('eval', 'folded', 'fold_bn', 'unfolded')}
 
 
-def compare(run, state, batch, step: str, args) -> dict:
-  """Images/s of `step` with the network as it runs and with COMPARISONS[step] turned off."""
-  name, field, plain = COMPARISONS[step]
+def compare(run, state, batch, part: str, args) -> dict:
+  """Images/s of `part`'s step with the network as it runs and with COMPARISONS[part]
+  turned off."""
+  step, name, field, plain = COMPARISONS[part]
   model = run.model
   states = {name: state, plain: state.replace(apply_fn=model.clone(
       backbone=model.backbone.clone(**{field: False})).apply)}
@@ -77,7 +82,7 @@ def main(argv=None) -> dict:
   p.add_argument('--dtype', default='auto', help="'auto': bf16 on accelerators, float32 on CPU")
   p.add_argument('--steps', type=int, default=3, help='steps per timed window')
   p.add_argument('--reps', type=int, default=5)
-  p.add_argument('--parts', default='train,eval', help='train and/or eval')
+  p.add_argument('--parts', default='train,mask,eval', help=', '.join(COMPARISONS))
   args = p.parse_args(argv)
   args.variant = ''
   run, state, batch = accelerator.build(
@@ -87,14 +92,14 @@ def main(argv=None) -> dict:
                       f'{platform.machine()}', 'arch': args.arch, 'dtype': run.config.model.dtype,
             'batch': run.config.global_batch_size, 'steps': {}}
   rows = []
-  for step in args.parts.split(','):
-    if step not in COMPARISONS:
-      p.error(f'--parts: unknown step {step!r}; expected train and/or eval')
-    print(f'[backbone] {step}, {args.arch}, {result["dtype"]}, batch {result["batch"]}: '
+  for part in args.parts.split(','):
+    if part not in COMPARISONS:
+      p.error(f'--parts: unknown part {part!r}; expected some of {", ".join(COMPARISONS)}')
+    print(f'[backbone] {part}, {args.arch}, {result["dtype"]}, batch {result["batch"]}: '
           f'compiling both, then {args.reps} x {args.steps} steps each ...', flush=True)
-    r = result['steps'][step] = compare(run, state, batch, step, args)
+    r = result['steps'][part] = compare(run, state, batch, part, args)
     name, plain = r['compared']
-    rows.append((step, f'{name} / {plain}', f"{r['images_per_s'][name]:.1f}",
+    rows.append((COMPARISONS[part][0], f'{name} / {plain}', f"{r['images_per_s'][name]:.1f}",
                  f"{r['images_per_s'][plain]:.1f}", f"{r['ratio']:.3f}",
                  f"{r['max_abs_output_difference']:.2e} (of {r['largest_output']:.3g})"))
   print(common.format_table(('step', 'compared', 'img/s', 'plain img/s', 'paired ratio',

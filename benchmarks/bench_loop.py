@@ -21,12 +21,24 @@ wall time added per save).
 Two loop variants per repetition: `jpeg` decodes the crops every epoch (the default input
 path) and `cached` reads them from the decoded-frame cache (`data.decoded_cache`, built before
 timing), which takes the JPEG decoding off the two cores the XLA step runs on.
+`--variant NAME:field=value,...` adds a loop with those config overrides on the JPEG loop's
+config (Python literals), for example
+`--variant cached-thread:data.decoded_cache=True,prefetch_thread=True`.
+
+`--launch-ms X` stands in for a GPU's launching: every train step call (the loop's and the
+bare step's) then holds the thread that makes it X ms longer with the GIL released, as jaxlib
+holds it while XLA's GPU runtime queues a step's kernels (the third GPU loan measured 12.6 ms
+per ResNet50 step at batch 256). With a small model the loop is then bound by that thread, as
+on a GPU, and the benchmark shows what the loop's other host work costs it.
 
   python benchmarks/bench_loop.py            # demo model (ResNet18/16, 64x64), 200 steps
   python benchmarks/bench_loop.py --reps 5 --steps 300
   python benchmarks/bench_loop.py --checkpoint-every-epochs 1 --checkpoint-every 200
+  python benchmarks/bench_loop.py --launch-ms 12 --width 2 --inputs cached \
+      --variant cached-thread:data.decoded_cache=True,prefetch_thread=True
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +48,7 @@ import time
 
 import jax
 
+import common
 from affectjax import config as config_lib
 from affectjax import kinds, parallel, runs, trainer
 from affectjax.data import pipeline, sources
@@ -53,7 +66,34 @@ def bench_config(args):
     c.checkpoint_every_epochs = args.checkpoint_every_epochs
   c.eval_every_epochs = 1e9  # only the final evaluation, after the timed window
   c.data.worker_count = args.workers
+  if args.width:
+    c.model.width = args.width
   return c
+
+
+@contextlib.contextmanager
+def held_dispatch(ms: float):
+  """Every train step built inside holds its calling thread `ms` more milliseconds, the GIL
+  released (`time.sleep`): a stand-in for the host time a GPU step takes to launch."""
+  original = runs.Run.train_step
+  if not ms:
+    yield
+    return
+
+  def train_step(self):
+    step_fn = original(self)
+
+    def held(state, batch):
+      out = step_fn(state, batch)
+      time.sleep(ms / 1e3)
+      return out
+    return held
+
+  runs.Run.train_step = train_step
+  try:
+    yield
+  finally:
+    runs.Run.train_step = original
 
 
 def save_steps(config, steps_per_epoch: int, steps: int) -> set:
@@ -134,6 +174,11 @@ def main():
   parser.add_argument('--workers', type=int, default=0)
   parser.add_argument('--inputs', default='jpeg,cached',
                       help='loop variants: jpeg (decode every epoch), cached (data.decoded_cache)')
+  parser.add_argument('--variant', action='append', default=[], help='one more loop, as '
+                      'NAME:field=value,... (config overrides on jpeg, Python literals)')
+  parser.add_argument('--launch-ms', type=float, default=0.0,
+                      help='host milliseconds each step call holds, GIL released (a GPU stand-in)')
+  parser.add_argument('--width', type=int, default=0, help='model.width (0: the demo\'s)')
   args = parser.parse_args()
   config = bench_config(args)
   index = kinds.load_index(config, 'train')
@@ -142,28 +187,30 @@ def main():
                                           seed=config.seed)
   batches = [next(iterator) for _ in range(min(args.steps, 60))]
   variants = {}
-  for name in args.inputs.split(','):
+  for name, overrides in common.named_settings([*args.inputs.split(','), *args.variant]).items():
     c = config.copy_and_resolve_references()
     c.data.decoded_cache = name == 'cached'
+    c.update_from_flattened_dict(overrides)
     if c.data.decoded_cache:  # built (or found) before timing, as a previous run would have
       sources.make_source(index, c.data)
     variants[name] = c
   bare, loops = [], {name: [] for name in variants}
   for rep in range(args.reps):
-    bare.append(bare_step_images_per_second(config, batches, args.steps))
-    line = f'rep {rep}: bare step {bare[-1]:.1f} img/s'
-    for name, c in variants.items():
-      r = loop_images_per_second(c, args.steps)
-      loops[name].append(r)
-      line += (f'; loop ({name}) {r["rate"]:.1f} img/s ({r["clean_rate"]:.1f} without a save; '
-               f'{r["saves"]} saves, {1e3 * r["seconds_per_save"]:.0f} ms each)')
+    with held_dispatch(args.launch_ms):
+      bare.append(bare_step_images_per_second(config, batches, args.steps))
+      line = f'rep {rep}: bare step {bare[-1]:.1f} img/s'
+      for name, c in variants.items():
+        r = loop_images_per_second(c, args.steps)
+        loops[name].append(r)
+        line += (f'; loop ({name}) {r["rate"]:.1f} img/s ({r["clean_rate"]:.1f} without a '
+                 f'save; {r["saves"]} saves, {1e3 * r["seconds_per_save"]:.0f} ms each)')
     print(line, flush=True)
   b = statistics.median(bare)
   print('\n| what | images/s (median) | of bare |\n|---|---|---|')
   print(f'| bare jitted step, batches in memory | {b:.1f} | 1.000 |')
   for name, results in loops.items():
-    print('\n'.join(summarise(
-        'JPEG decoded every epoch' if name == 'jpeg' else 'decoded-frame cache', results, bare)))
+    label = {'jpeg': 'JPEG decoded every epoch', 'cached': 'decoded-frame cache'}.get(name, name)
+    print('\n'.join(summarise(label, results, bare)))
   for name, results in loops.items():
     per_save = statistics.median(r['seconds_per_save'] for r in results)
     ratios = ', '.join(f'{r["rate"] / x:.3f}' for r, x in zip(results, bare))
@@ -174,7 +221,8 @@ def main():
         f'{config.model.arch}/{config.model.width} at {config.data.image_size}px, batch '
         f'{config.global_batch_size}, {args.steps} loop steps, {args.reps} reps; log every '
         f'{config.log_every_steps} steps, checkpoint every {config.checkpoint_every_steps} '
-        f'steps and every {config.checkpoint_every_epochs} epochs (0 = none)')
+        f'steps and every {config.checkpoint_every_epochs} epochs (0 = none); each step call '
+        f'held {args.launch_ms} ms more, GIL released')
   print('command: python ' + ' '.join(sys.argv))
 
 

@@ -146,6 +146,29 @@ def test_batchnorm_matches_flax_in_training(dtype, residual, relu):
       np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
+@pytest.mark.parametrize('channels', [16, 6])
+def test_relu_mask_is_kept_as_bits_and_read_back(channels):
+  mask = np.random.default_rng(4).random((2, 3, 5, channels)) > 0.5
+  packed = layers.pack_bits(jnp.asarray(mask))
+  if channels % 8:  # kept as it is
+    assert packed.dtype == jnp.bool_ and packed.shape == mask.shape
+  else:  # NumPy's little-endian bit order along the channels
+    assert packed.dtype == jnp.uint8 and packed.shape == (2, 3, 5, channels // 8)
+    np.testing.assert_array_equal(packed, np.packbits(mask, axis=-1, bitorder='little'))
+  np.testing.assert_array_equal(layers.unpack_bits(packed, channels), mask)
+  # What the written-out backward keeps of a ReLU: the bits, with the right gradient.
+  x = jnp.asarray(np.random.default_rng(5).normal(size=mask.shape), jnp.float32)
+  ones, zeros = jnp.ones(channels), jnp.zeros(channels)
+  _, kept = layers._batch_norm_fwd(x, ones, zeros, None, 1e-5, None, jnp.float32, True)
+  assert kept[-1].dtype == packed.dtype and kept[-1].shape == packed.shape
+  dx = jax.grad(lambda x: jnp.sum(layers.batch_norm(x, ones, zeros, None, 1e-5, None,
+                                                    jnp.float32, True) * x))(x)
+  want = jax.grad(lambda x: jnp.sum(nn.relu(nn.BatchNorm(use_running_average=False).apply(
+      {'params': {'scale': ones, 'bias': zeros}, 'batch_stats': {
+          'mean': zeros, 'var': ones}}, x, mutable=['batch_stats'])[0]) * x))(x)
+  np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5)
+
+
 def test_batchnorm_with_running_statistics_matches_flax():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 3, 3, 8)), jnp.float32)
@@ -254,19 +277,25 @@ def test_batch_norm_gradients_under_shard_map_layouts(layout, check_vma):
 def test_model_config_reaches_the_backbone():
   config = affect.default_model_config()
   assert affect.create_backbone(config).hand_grads
-  config.hand_grads = False
-  assert not affect.create_backbone(config).hand_grads
+  assert affect.create_backbone(config).mask_bits
+  config.hand_grads, config.mask_bits = False, False
+  backbone = affect.create_backbone(config)
+  assert not backbone.hand_grads and not backbone.mask_bits
 
 
-@pytest.mark.parametrize('depth,stem_pool,frozen', [(18, 'torch', 0), (18, 'torch', 2),
-                                                    (50, 'ceil', 0)])
-def test_resnet_training_with_written_gradients_matches_derived(depth, stem_pool, frozen):
+@pytest.mark.parametrize('depth,stem_pool,frozen,bits', [(18, 'torch', 0, True),
+                                                         (18, 'torch', 2, True),
+                                                         (18, 'torch', 0, False),
+                                                         (50, 'ceil', 0, True)])
+def test_resnet_training_with_written_gradients_matches_derived(depth, stem_pool, frozen, bits):
   """A whole ResNet's training step: outputs, new statistics and gradients with the written
-  gradients against JAX's derived ones (with frozen parts too), and no select-and-scatter left
-  in the program. (bf16: the layer tests above, against flax.)"""
+  gradients (the ReLU masks kept in bits, and in bytes) against JAX's derived ones (with frozen
+  parts too), and no select-and-scatter left in the program. (bf16: the layer tests above,
+  against flax.)"""
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(4, 33, 33, 3)), jnp.float32)
-  model = resnet.resnet(depth, width=4, stem_pool=stem_pool, frozen_parts=frozen)
+  model = resnet.resnet(depth, width=4, stem_pool=stem_pool, frozen_parts=frozen,
+                        mask_bits=bits)
   variables = model.init(jax.random.key(0), x)
 
   def loss(out):
@@ -275,6 +304,8 @@ def test_resnet_training_with_written_gradients_matches_derived(depth, stem_pool
   want, text0 = test_models.training_step(model.clone(hand_grads=False), variables, x, loss)
   test_models.assert_same_training(got, want, grad_atol=1e-4)
   assert ('select_and_scatter' in text0) == (frozen == 0) and 'select_and_scatter' not in text
+  # Width 4: the 4-channel layers keep a byte an element, those of 8 and more channels bits.
+  assert ('xui8>' in text) == bits and 'xui8>' not in text0
 
 
 def test_sync_batchnorm_resnet_gradients_match_derived():

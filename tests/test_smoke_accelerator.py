@@ -17,7 +17,7 @@ def test_accelerator_check_smoke(tmp_path):
   done = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'), '--smoke',
        '--out', str(tmp_path), '--cache-dir', str(tmp_path / 'cache'),
-       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True,prefetch_thread=True',
+       '--loop-variant', 'w0:data.worker_count=0,data.decoded_cache=True,prefetch_thread=False',
        '--xla-variant', 'fastminmax:xla_cpu_enable_fast_min_max=True'],
       env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

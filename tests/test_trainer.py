@@ -51,13 +51,14 @@ def test_run_trains_evaluates_and_writes_its_records(uninterrupted, config):
   checkpoints.close()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run_from_a_reading_thread_and_decoded_frames(
+def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from_decoded_frames(
     uninterrupted, config, tmp_path):
   summary, _ = uninterrupted
   c = config.copy_and_resolve_references()
-  # Batches read ahead on a thread (the uninterrupted run reads them in its own): the
-  # checkpoints still hold the input state of the batch each one trained last.
-  c.prefetch_thread = True
+  # Batches read ahead by the thread that dispatches the steps (the uninterrupted run reads
+  # them on a thread of their own, the default): the checkpoints still hold the input state of
+  # the batch each one trained last.
+  c.prefetch_thread = False
   c.halt_after_steps = 8
   c.checkpoint_every_steps = 3  # saves at 3, 5 (evaluation), 6 and 8 (halt); keeps 6 and 8
   first = trainer.train_and_evaluate(c, str(tmp_path / 'run'))

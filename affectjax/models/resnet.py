@@ -146,7 +146,8 @@ class ResNet(nn.Module):
   using its running statistics (inference; a frozen part in training) is folded into its
   convolution (`ConvNorm`). hand_grads: the training gradients of BatchNorm (with the residual
   add and ReLU after it) and of the stem max-pool are written out (`layers`: the same values,
-  fewer bytes moved on a GPU); False: JAX derives them.
+  fewer bytes moved on a GPU); False: JAX derives them. mask_bits: those BatchNorms keep their
+  ReLU's mask in bits (False: a byte an element).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -161,6 +162,7 @@ class ResNet(nn.Module):
   frozen_parts: int = 0
   fold_bn: bool = True
   hand_grads: bool = True
+  mask_bits: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -173,6 +175,7 @@ class ResNet(nn.Module):
     def layer(part: int) -> ConvNorm:  # a frozen part's BatchNorm keeps its running statistics
       running = not train or part < self.frozen_parts
       norm = functools.partial(layers.BatchNorm, hand_grads=self.hand_grads,
+                               mask_bits=self.mask_bits,
                                use_running_average=running,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                dtype=self.dtype, param_dtype=jnp.float32,
