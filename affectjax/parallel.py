@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'  # the mesh's one axis: the global batch is split along it
@@ -74,8 +75,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
 
 
 def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2,
-                     state_fn: Callable[[], Any] | None = None,
-                     threaded: bool = False) -> Iterator[tuple[dict, Any]]:
+                     state_fn: Callable[[], Any] | None = None, threaded: bool = False,
+                     join_seconds: float = 30.0) -> Iterator[tuple[dict, Any]]:
   """Keeps `size` batches in flight to the devices (transfers are asynchronous).
 
   Yields `(global_batch, input_state)` where `input_state = state_fn()` was taken right after
@@ -86,7 +87,8 @@ def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, si
   batches wait in its queue, one more in its hands), so the thread that dispatches the steps
   only takes them; an error there is raised here, after the batches read before it (without
   the thread, up to `size - 1` of those are never yielded). Close the generator to stop that
-  thread. (grain's `experimental.device_put` would `jax.device_put` each process's share as
+  thread: closing waits up to `join_seconds` for a read in progress to end, then leaves it
+  to finish on its own (a daemon thread), with a warning. (grain's `experimental.device_put` would `jax.device_put` each process's share as
   if it were the whole batch, and it wraps a grain dataset, not the training iterator whose
   state holds the reading counts.)
   """
@@ -97,7 +99,7 @@ def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, si
     for batch in batches:
       yield global_batch(batch, mesh), state_fn() if state_fn else None
 
-  return _in_thread(read(), size) if threaded else _ahead(read(), size)
+  return _in_thread(read(), size, join_seconds) if threaded else _ahead(read(), size)
 
 
 def _ahead(items: Iterator, size: int) -> Iterator:
@@ -108,7 +110,7 @@ def _ahead(items: Iterator, size: int) -> Iterator:
     queue.extend(itertools.islice(items, 1))
 
 
-def _in_thread(items: Iterator, size: int) -> Iterator:
+def _in_thread(items: Iterator, size: int, join_seconds: float) -> Iterator:
   """`items`, read on a daemon thread into a queue of `size`."""
   ready, stop, done = queue_lib.Queue(maxsize=size), threading.Event(), object()
 
@@ -139,7 +141,10 @@ def _in_thread(items: Iterator, size: int) -> Iterator:
       yield item
   finally:
     stop.set()
-    thread.join()
+    thread.join(join_seconds)
+    if thread.is_alive():  # e.g. a read from stalled storage
+      logging.warning('prefetch_to_mesh: the reading thread is still in a read after %.0f s; '
+                      'left to finish on its own', join_seconds)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

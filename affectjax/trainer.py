@@ -1,6 +1,7 @@
 """The training loop: `train_and_evaluate` trains a run with periodic evaluation and
 checkpoints, and resumes from its workdir. Building the run is `affectjax.runs`, the evaluation
 pass `affectjax.evaluation`, the steps `affectjax.train`."""
+import contextlib
 import os
 import signal
 import time
@@ -243,17 +244,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           break
       ledger.finish()
   finally:
-    # Also on errors (NaN stop): let the last good checkpoint finish writing; the rest is
-    # closed even if that save failed (or stopping the reading thread, prefetch_thread, did).
-    try:
-      prefetched.close()
-    finally:
-      try:
-        checkpoints.wait()
-        checkpoints.close()
-      finally:
-        progress.close()
-        writer.close()
+    # Also on errors (NaN stop): the last good checkpoint finishes writing first (stopping the
+    # reading thread may wait on a read in progress), then each is closed even if one before
+    # failed (an ExitStack: the last callback runs first).
+    with contextlib.ExitStack() as closing:
+      for close in (writer.close, progress.close, checkpoints.close, prefetched.close,
+                    checkpoints.wait):
+        closing.callback(close)
   read, bad = evaluation.reading_counts(trained_input)
   summary = {'stop_reason': stop_reason, 'steps': step, 'train_frames_read': read,
              'train_bad_frames': bad, 'seconds': time.time() - t_start,

@@ -239,11 +239,7 @@ def loop_part(args) -> dict:
          'input_cores_at_bare_rate': bare * cpu_per_image,
          'workers': iterator_lib.worker_count(config.data)}
   jax.block_until_ready(placed)
-  # 'jpeg', 'cached' or 'NAME:data.FIELD=VALUE,...' (on jpeg)
-  for name, overrides in common.named_settings(args.loop_inputs).items():
-    c = config.copy_and_resolve_references()
-    c.data.decoded_cache = name == 'cached'
-    c.update_from_flattened_dict(overrides)
+  for name, c in bench_loop.loop_configs(config, index, args.loop_inputs).items():
     r = bench_loop.loop_images_per_second(c, args.loop_steps)
     fed = input_images_per_second(c, index, args.loop_steps)
     out[name] = {'images_per_s': r['rate'], 'of_bare': r['rate'] / bare,

@@ -2,12 +2,12 @@
 
 The project's real steps (`Run.train_step` / `Run.eval_step` of configs/mtl3.py, the
 multi-task heads and losses, the Adam update) twice each on the same state and batch, with the
-ResNet as the project runs it and with one optimisation off:
+ResNet as the project runs it, one option set both ways:
   - train: BatchNorm (with its residual add and ReLU) and the stem max-pool with their
     gradients written out (`models/layers.py`), against the same network differentiated by
     JAX (`hand_grads=False`);
-  - mask: those BatchNorms keeping their ReLU's mask in bits, against a byte an element
-    (`mask_bits=False`), the train step both times;
+  - mask: those BatchNorms keeping their ReLU's mask in bits (`mask_bits=True`), against a
+    byte an element, the train step both times;
   - eval: each BatchNorm folded into the convolution before it (`resnet.ConvNorm`), against a
     convolution then a normalisation pass (`fold_bn=False`).
 Timed interleaved after warm-up (medians; the ratio within each repetition), with the largest
@@ -31,20 +31,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accelerator
 import common
 
-# part: (the step, the optimisation's name, the ResNet field that turns it off, the plain
-# version's name)
+# part: (the step, the optimisation's name, the ResNet field that turns it on (True) or off,
+# the plain version's name)
 COMPARISONS = {'train': ('train', 'written gradients', 'hand_grads', 'derived'),
                'mask': ('train', 'mask in bits', 'mask_bits', 'mask in bytes'),
                'eval': ('eval', 'folded', 'fold_bn', 'unfolded')}
 
 
 def compare(run, state, batch, part: str, args) -> dict:
-  """Images/s of `part`'s step with the network as it runs and with COMPARISONS[part]
-  turned off."""
+  """Images/s of `part`'s step with COMPARISONS[part] turned on and off."""
   step, name, field, plain = COMPARISONS[part]
   model = run.model
-  states = {name: state, plain: state.replace(apply_fn=model.clone(
-      backbone=model.backbone.clone(**{field: False})).apply)}
+  states = {key: state.replace(apply_fn=model.clone(
+      backbone=model.backbone.clone(**{field: on})).apply)
+            for key, on in ((name, True), (plain, False))}
   fn = run.train_step() if step == 'train' else run.eval_step()
   # Train steps take their state (donated) and return the next: each candidate keeps its own
   # copy, and the first step's outputs (its metrics) are compared.

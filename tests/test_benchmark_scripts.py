@@ -107,3 +107,48 @@ def test_bench_backbone_times_each_optimisation_against_its_plain_version():
     assert set(r['images_per_s']) == {name, plain}
     assert all(rate > 0 for rate in r['images_per_s'].values()) and r['ratio'] > 0
     assert r['max_abs_output_difference'] <= 1e-4 * max(r['largest_output'], 1.0)
+
+
+def test_bench_loop_launch_stand_in_holds_each_step_call_and_restores_the_step(monkeypatch):
+  """bench_loop's --launch-ms: every train step built inside `held_dispatch` holds its caller
+  that much longer with Python's lock let go (another thread runs meanwhile), returns the
+  step's own outputs, and `Run.train_step` is itself again afterwards, after an error too."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from affectjax import runs  # pylint: disable=import-outside-toplevel
+  bench_loop = _script('bench_loop')
+  monkeypatch.setattr(runs.Run, 'train_step', lambda self: lambda state, batch: (state + 1, {}))
+  original = runs.Run.train_step
+  ran = []
+  with bench_loop.held_dispatch(50):
+    step = runs.Run.train_step(None)
+    other = threading.Thread(target=lambda: ran.append(time.perf_counter()))
+    start = time.perf_counter()
+    other.start()
+    assert step(1, None) == (2, {})
+    held = time.perf_counter() - start
+    other.join()
+  assert held >= 0.05 and ran and ran[0] - start < 0.05
+  assert runs.Run.train_step is original
+  with pytest.raises(RuntimeError, match='stop'), bench_loop.held_dispatch(1):
+    raise RuntimeError('stop')
+  assert runs.Run.train_step is original
+  with bench_loop.held_dispatch(0):  # 0: nothing patched
+    assert runs.Run.train_step is original
+
+
+def test_bench_loop_variants_are_config_overrides_on_the_jpeg_loop(config):
+  """bench_loop.loop_configs (also the accelerator check's loop part): 'jpeg', 'cached', and
+  NAME:field=value,... on jpeg's config, Python literals."""
+  from affectjax import kinds  # pylint: disable=import-outside-toplevel
+  bench_loop = _script('bench_loop')
+  index = kinds.load_index(config, 'train')
+  got = bench_loop.loop_configs(config, index, [
+      'jpeg', 'cached', 'cached-nothread:data.decoded_cache=True,prefetch_thread=False',
+      'w2:data.worker_count=2,log_every_steps=7'])
+  assert list(got) == ['jpeg', 'cached', 'cached-nothread', 'w2']
+  assert not got['jpeg'].data.decoded_cache and got['jpeg'].prefetch_thread
+  assert got['cached'].data.decoded_cache and got['cached'].prefetch_thread
+  assert got['cached-nothread'].data.decoded_cache and not got['cached-nothread'].prefetch_thread
+  assert got['w2'].data.worker_count == 2 and got['w2'].log_every_steps == 7
+  assert config.data.worker_count != 2 or config.log_every_steps != 7  # the base is untouched

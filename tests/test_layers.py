@@ -91,12 +91,13 @@ class _NormAddRelu(nn.Module):
   train: bool
   axis_name: object = None
   hand_grads: bool = True
+  mask_bits: bool = False
 
   @nn.compact
   def __call__(self, x, residual=None):
     return layers.BatchNorm(use_running_average=not self.train, momentum=0.9, dtype=self.dtype,
                             axis_name=self.axis_name, hand_grads=self.hand_grads,
-                            name='bn')(x, residual, self.relu)
+                            mask_bits=self.mask_bits, name='bn')(x, residual, self.relu)
 
 
 def _apply_and_grad(module, variables, x, residual, dy):
@@ -159,10 +160,10 @@ def test_relu_mask_is_kept_as_bits_and_read_back(channels):
   # What the written-out backward keeps of a ReLU: the bits, with the right gradient.
   x = jnp.asarray(np.random.default_rng(5).normal(size=mask.shape), jnp.float32)
   ones, zeros = jnp.ones(channels), jnp.zeros(channels)
-  _, kept = layers._batch_norm_fwd(x, ones, zeros, None, 1e-5, None, jnp.float32, True)
+  _, kept = layers._batch_norm_fwd(x, ones, zeros, None, 1e-5, None, jnp.float32, True, True)
   assert kept[-1].dtype == packed.dtype and kept[-1].shape == packed.shape
   dx = jax.grad(lambda x: jnp.sum(layers.batch_norm(x, ones, zeros, None, 1e-5, None,
-                                                    jnp.float32, True) * x))(x)
+                                                    jnp.float32, True, True) * x))(x)
   want = jax.grad(lambda x: jnp.sum(nn.relu(nn.BatchNorm(use_running_average=False).apply(
       {'params': {'scale': ones, 'bias': zeros}, 'batch_stats': {
           'mean': zeros, 'var': ones}}, x, mutable=['batch_stats'])[0]) * x))(x)
@@ -232,9 +233,10 @@ def test_sync_batchnorm_gradients_match_flax_and_one_device(check_vma):
                                     'varying parameters'])
 def test_batch_norm_gradients_under_shard_map_layouts(layout, check_vma):
   """`batch_norm` in any mix of replicated and per-device inputs under shard_map, synchronised
-  and not: the gradient JAX derives for the same computation (`hand_grads=False`)."""
+  and not, the ReLU masks in bytes and in bits: the gradient JAX derives for the same
+  computation (`hand_grads=False`)."""
   rng = np.random.default_rng(8)
-  c, n = 4, 8
+  c, n = 8, 8
   split = {'replicated x': (False, True, False, False),
            'replicated residual': (True, False, False, False),
            'varying bias': (True, True, False, True),
@@ -250,8 +252,9 @@ def test_batch_norm_gradients_under_shard_map_layouts(layout, check_vma):
   dy = array(split[0] or split[1], activation, rng.normal)
   mesh = Mesh(np.array(jax.devices()[:n]), ('data',))
 
-  def grads(hand, axis_name):
-    module = _NormAddRelu(True, jnp.float32, True, axis_name=axis_name, hand_grads=hand)
+  def grads(hand, axis_name, bits=False):
+    module = _NormAddRelu(True, jnp.float32, True, axis_name=axis_name, hand_grads=hand,
+                          mask_bits=bits)
 
     def step(x, res, scale, bias, dy):
       def loss(x, res, scale, bias):
@@ -269,18 +272,20 @@ def test_batch_norm_gradients_under_shard_map_layouts(layout, check_vma):
   for axis_name in (None, 'data'):
     if axis_name and not split[0]:
       continue  # (statistics averaged across devices that all hold the same x: not a use)
-    got, want = grads(True, axis_name), grads(False, axis_name)
-    for a, b in zip(got, want):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    want = grads(False, axis_name)
+    for bits in (False, True):
+      for a, b in zip(grads(True, axis_name, bits), want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
 def test_model_config_reaches_the_backbone():
   config = affect.default_model_config()
   assert affect.create_backbone(config).hand_grads
+  assert not affect.create_backbone(config).mask_bits
+  config.mask_bits = True
   assert affect.create_backbone(config).mask_bits
-  config.hand_grads, config.mask_bits = False, False
-  backbone = affect.create_backbone(config)
-  assert not backbone.hand_grads and not backbone.mask_bits
+  config.hand_grads = False
+  assert not affect.create_backbone(config).hand_grads
 
 
 @pytest.mark.parametrize('depth,stem_pool,frozen,bits', [(18, 'torch', 0, True),

@@ -81,3 +81,27 @@ def test_closing_early_stops_the_thread_and_reads_at_most_size_plus_two():
   assert not _reader_threads()
   # 1 consumed, 2 in the queue, 1 in the thread's hands when it saw the stop.
   assert source.read <= 4
+
+
+def test_closing_while_a_read_hangs_returns_after_the_wait_and_warns(caplog):
+  """A read stuck in storage does not hold up the end of a run: closing waits `join_seconds`,
+  warns, and leaves the (daemon) thread to finish its read."""
+  release = threading.Event()
+
+  class Stalling(Source):
+    def __next__(self):
+      if self.read == 2:
+        release.wait(30)
+      return super().__next__()
+
+  source = Stalling(10)
+  batches = parallel.prefetch_to_mesh(source, parallel.make_mesh(), 1, source.get_state,
+                                      threaded=True, join_seconds=0.2)
+  assert next(batches)[1] == {'read': 1}
+  with caplog.at_level('WARNING'):
+    batches.close()
+  assert 'still in a read after 0 s' in caplog.text and _reader_threads()
+  release.set()  # the read ends; the thread sees the stop and ends
+  for thread in _reader_threads():
+    thread.join(5)
+  assert not _reader_threads() and source.read == 3

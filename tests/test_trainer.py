@@ -55,10 +55,8 @@ def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from
     uninterrupted, config, tmp_path):
   summary, _ = uninterrupted
   c = config.copy_and_resolve_references()
-  # Batches read ahead by the thread that dispatches the steps (the uninterrupted run reads
-  # them on a thread of their own, the default): the checkpoints still hold the input state of
-  # the batch each one trained last.
-  c.prefetch_thread = False
+  # Batches read ahead on a thread of their own (the default), as in the uninterrupted run:
+  # the checkpoints hold the input state of the batch each one trained last.
   c.halt_after_steps = 8
   c.checkpoint_every_steps = 3  # saves at 3, 5 (evaluation), 6 and 8 (halt); keeps 6 and 8
   first = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -67,7 +65,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from
   # (mid-epoch), and metrics.jsonl has a row of step 8 that the resumed run will redo.
   shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')
   c.halt_after_steps = 0
-  # Resumed reading decoded pixels (data.decoded_cache): the same batches, the same run.
+  # Resumed reading decoded pixels (data.decoded_cache), by the thread that dispatches the
+  # steps (prefetch_thread=False): the same batches, the same run.
+  c.prefetch_thread = False
   c.data.decoded_cache, c.data.decoded_cache_dir = True, str(tmp_path / 'decoded')
   resumed = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   assert resumed['steps'] == summary['steps']

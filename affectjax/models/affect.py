@@ -49,7 +49,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   # BatchNorm's and the stem max-pool's training gradients written out (models/layers.py: the
   # same values, fewer bytes moved on a GPU); False: JAX derives them.
   config.hand_grads = True
-  config.mask_bits = True         # with hand_grads: each ReLU's mask kept in bits, not bytes
+  # With hand_grads: each ReLU's mask kept in bits rather than bytes (8% fewer bytes moved on a
+  # GPU, more host launches: off until a GPU run measures it; BUILD.md).
+  config.mask_bits = False
   # The first part that trains (resnet.PARTS, 'all' or 'head'): the parts before it are frozen
   # (BatchNorm statistics fixed, no gradient, no update), as method 2 trains only layer4 + heads.
   config.trainable = 'all'
@@ -79,7 +81,7 @@ def create_backbone(model_config) -> resnet.ResNet:
                        bn_epsilon=model_config.bn_epsilon,
                        zero_init_last_bn=model_config.get('zero_init_last_bn', False),
                        hand_grads=model_config.get('hand_grads', True),
-                       mask_bits=model_config.get('mask_bits', True),
+                       mask_bits=model_config.get('mask_bits', False),
                        frozen_parts=resnet.frozen_parts(model_config.get('trainable', 'all')))
 
 

@@ -147,7 +147,7 @@ class ResNet(nn.Module):
   convolution (`ConvNorm`). hand_grads: the training gradients of BatchNorm (with the residual
   add and ReLU after it) and of the stem max-pool are written out (`layers`: the same values,
   fewer bytes moved on a GPU); False: JAX derives them. mask_bits: those BatchNorms keep their
-  ReLU's mask in bits (False: a byte an element).
+  ReLU's mask in bits (default: a byte an element).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -162,7 +162,7 @@ class ResNet(nn.Module):
   frozen_parts: int = 0
   fold_bn: bool = True
   hand_grads: bool = True
-  mask_bits: bool = True
+  mask_bits: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
