@@ -83,14 +83,15 @@ def test_closing_early_stops_the_thread_and_reads_at_most_size_plus_two():
   assert source.read <= 4
 
 
-def test_closing_while_a_read_hangs_returns_after_the_wait_and_warns(caplog):
+def test_closing_while_a_read_hangs_returns_after_the_wait_and_warns(monkeypatch):
   """A read stuck in storage does not hold up the end of a run: closing waits `join_seconds`,
   warns, and leaves the (daemon) thread to finish its read."""
-  release = threading.Event()
+  stalled, release = threading.Event(), threading.Event()
 
   class Stalling(Source):
     def __next__(self):
       if self.read == 2:
+        stalled.set()
         release.wait(30)
       return super().__next__()
 
@@ -98,9 +99,12 @@ def test_closing_while_a_read_hangs_returns_after_the_wait_and_warns(caplog):
   batches = parallel.prefetch_to_mesh(source, parallel.make_mesh(), 1, source.get_state,
                                       threaded=True, join_seconds=0.2)
   assert next(batches)[1] == {'read': 1}
-  with caplog.at_level('WARNING'):
-    batches.close()
-  assert 'still in a read after 0 s' in caplog.text and _reader_threads()
+  assert stalled.wait(10)  # the thread is in its third read
+  warned = []
+  monkeypatch.setattr(parallel.logging, 'warning', lambda *args: warned.append(args[0] % args[1:]))
+  batches.close()
+  assert warned == ['prefetch_to_mesh: the reading thread is still in a read after 0 s; left '
+                    'to finish on its own'] and _reader_threads()
   release.set()  # the read ends; the thread sees the stop and ends
   for thread in _reader_threads():
     thread.join(5)
