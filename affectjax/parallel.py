@@ -88,9 +88,10 @@ def prefetch_to_mesh(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, si
   only takes them; an error there is raised here, after the batches read before it (without
   the thread, up to `size - 1` of those are never yielded). Close the generator to stop that
   thread: closing waits up to `join_seconds` for a read in progress to end, then leaves it
-  to finish on its own (a daemon thread), with a warning. (grain's `experimental.device_put` would `jax.device_put` each process's share as
-  if it were the whole batch, and it wraps a grain dataset, not the training iterator whose
-  state holds the reading counts.)
+  to finish on its own (a daemon thread, which may still call `state_fn` and start that one
+  batch's transfer), with a warning. (grain's `experimental.device_put` would
+  `jax.device_put` each process's share as if it were the whole batch, and it wraps a grain
+  dataset, not the training iterator whose state holds the reading counts.)
   """
   if size < 1:
     raise ValueError(f'prefetch_to_mesh: size={size}, must be >= 1')
@@ -143,7 +144,7 @@ def _in_thread(items: Iterator, size: int, join_seconds: float) -> Iterator:
     stop.set()
     thread.join(join_seconds)
     if thread.is_alive():  # e.g. a read from stalled storage
-      logging.warning('prefetch_to_mesh: the reading thread is still in a read after %.0f s; '
+      logging.warning('prefetch_to_mesh: the reading thread is still in a read after %g s; '
                       'left to finish on its own', join_seconds)
 
 

@@ -199,7 +199,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   prefetched = parallel.prefetch_to_mesh(  # a generator: nothing is read before the loop
       train_iter, run.mesh, size=config.prefetch_to_device, state_fn=train_iter.get_state,
       threaded=config.prefetch_thread)
-  try:
+  # On the way out, also on errors (NaN stop): the last good checkpoint finishes writing first
+  # (stopping the reading thread may wait on a read in progress), then each is closed even if
+  # one before failed (an ExitStack runs its callbacks last first; the loop's own error stays
+  # the context of any they raise).
+  with contextlib.ExitStack() as closing:
+    for close in (writer.close, progress.close, checkpoints.close, prefetched.close,
+                  checkpoints.wait):
+      closing.callback(close)
     with _Preemption() as preemption:
       for batch, input_state in progress.timed(prefetched):
         if step >= run.total_steps:
@@ -243,14 +250,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           stop_reason = f'halted after step {step} (config.halt_after_steps)'
           break
       ledger.finish()
-  finally:
-    # Also on errors (NaN stop): the last good checkpoint finishes writing first (stopping the
-    # reading thread may wait on a read in progress), then each is closed even if one before
-    # failed (an ExitStack: the last callback runs first).
-    with contextlib.ExitStack() as closing:
-      for close in (writer.close, progress.close, checkpoints.close, prefetched.close,
-                    checkpoints.wait):
-        closing.callback(close)
   read, bad = evaluation.reading_counts(trained_input)
   summary = {'stop_reason': stop_reason, 'steps': step, 'train_frames_read': read,
              'train_bad_frames': bad, 'seconds': time.time() - t_start,

@@ -235,7 +235,8 @@ def main(argv=None):
         f'{config.log_every_steps} steps, checkpoint every {config.checkpoint_every_steps} '
         f'steps and every {config.checkpoint_every_epochs} epochs (0 = none); each step call '
         f'held {args.launch_ms} ms more, GIL released')
-  print('command: python ' + ' '.join(sys.argv))
+  print('command: ' + (common.command_line() if argv is None
+                        else 'python benchmarks/bench_loop.py ' + ' '.join(argv)))
 
 
 if __name__ == '__main__':

@@ -128,7 +128,7 @@ def test_bench_loop_launch_stand_in_holds_each_step_call_and_restores_the_step(m
     assert step(1, None) == (2, {})
     held = time.perf_counter() - start
     other.join()
-  assert held >= 0.05 and ran and ran[0] - start < 0.05
+  assert held >= 0.05 and ran and ran[0] < start + held  # (the other thread ran meanwhile)
   assert runs.Run.train_step is original
   with pytest.raises(RuntimeError, match='stop'), bench_loop.held_dispatch(1):
     raise RuntimeError('stop')

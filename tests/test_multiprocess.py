@@ -51,12 +51,13 @@ def test_two_processes_train_like_one_process_with_two_devices(uninterrupted, co
   # reduction-order difference in it moves that parameter's update by a fraction of the
   # learning rate, so parameters agree to 1e-5 (1 % of one step), not to rounding, but for
   # the odd one (one of 45,674 in the test model, by 3.5e-6 to 1.3e-5 depending on the
-  # initial values; the rest within 1.4e-6), which stays within one step's largest move.
+  # initial values; the rest within 1.4e-6): at most one in 10,000, and none beyond a tenth of
+  # a nominal step (the peak learning rate), a sanity bound.
   diffs = {key: np.abs(multi_params[key] - value) for key, value in single_params.items()}
   total = sum(d.size for d in diffs.values())
   assert sum(int(np.sum(d > 1e-5)) for d in diffs.values()) <= total // 10000
   for key, d in diffs.items():
-    assert d.max() <= config.optim.learning_rate, key
+    assert d.max() <= 0.1 * config.optim.learning_rate, key
   for key in ('expr_f1', 'au_f1', 'va_ccc', 'count_expr', 'count_au', 'count_va'):
     np.testing.assert_allclose(multi['metrics'][key], single['final_metrics'][key], rtol=1e-5,
                                atol=1e-6, err_msg=key)

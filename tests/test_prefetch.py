@@ -98,14 +98,17 @@ def test_closing_while_a_read_hangs_returns_after_the_wait_and_warns(monkeypatch
   source = Stalling(10)
   batches = parallel.prefetch_to_mesh(source, parallel.make_mesh(), 1, source.get_state,
                                       threaded=True, join_seconds=0.2)
-  assert next(batches)[1] == {'read': 1}
-  assert stalled.wait(10)  # the thread is in its third read
   warned = []
   monkeypatch.setattr(parallel.logging, 'warning', lambda *args: warned.append(args[0] % args[1:]))
-  batches.close()
-  assert warned == ['prefetch_to_mesh: the reading thread is still in a read after 0 s; left '
-                    'to finish on its own'] and _reader_threads()
-  release.set()  # the read ends; the thread sees the stop and ends
+  try:
+    assert next(batches)[1] == {'read': 1}
+    assert stalled.wait(10)  # the thread is in its third read
+    batches.close()
+    assert warned == ['prefetch_to_mesh: the reading thread is still in a read after 0.2 s; '
+                      'left to finish on its own'] and _reader_threads()
+  finally:
+    release.set()  # the read ends; the thread sees the stop and ends
+    batches.close()
   for thread in _reader_threads():
     thread.join(5)
   assert not _reader_threads() and source.read == 3
