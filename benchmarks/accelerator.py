@@ -112,8 +112,11 @@ def jax_image_rows(args, arch: str, batch: int, checks: dict, xla: str = '') -> 
   """Train and eval step figures of one (arch, per-device batch), compiled with the XLA
   options of `args.xla_variants[xla]` where given."""
   config = image_config(args, arch, batch, args.dtype, args.variant)
+  start = time.perf_counter()  # the run's initial state: one compiled program, then replicated
   run, state, device_batch = build(config)
-  out, options, where = {}, args.xla_variants.get(xla), f' {xla}' if xla else ''
+  jax.block_until_ready(state)
+  out, options, where = ({'init_s': time.perf_counter() - start}, args.xla_variants.get(xla),
+                         f' {xla}' if xla else '')
   for name, fn in (('train', run.train_step()), ('eval', run.eval_step())):
     start = time.perf_counter()
     compiled, _ = bench_step.compile_step(fn, state, device_batch, options)

@@ -27,6 +27,11 @@ def tables(result: dict) -> str:
     lines += [f"## {arch}, {result['dtype']}", '', common.format_table(
         ('batch/device', 'step', 'JAX img/s', 'ms/step', 'host ms/step', 'compile s',
          'TFLOP/s (of matmul)', 'PyTorch img/s (JAX/PyTorch)'), rows), '']
+    started = [f"{r['init_s']:.1f} s at batch {batch}" for batch, r in by_batch.items()
+               if 'init_s' in r]
+    if started:
+      lines += ['The initial state (parameters, BatchNorm statistics, optimiser state; one '
+                'compiled program, then replicated): ' + ', '.join(started) + '.', '']
     for batch, r in by_batch.items():
       if 'profile' in r:
         lines += [f'### Profile of the train step, {arch}, batch {batch}', ''] + (

@@ -24,6 +24,7 @@ def test_accelerator_check_smoke(tmp_path):
   result = json.loads((tmp_path / 'accelerator.json').read_text())
   text = (tmp_path / 'accelerator.md').read_text()
   step = result['step']['resnet18']['16']
+  assert step['init_s'] > 0 and 'The initial state (parameters' in text
   for kind in ('train', 'eval'):
     assert step[kind]['images_per_s'] > 0 and step[kind]['compile_s'] > 0
     # The host's time to queue a step: within the step's own time (issued before it ends).
