@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import jax
 
@@ -80,10 +81,10 @@ def bench_config(args):
 def held_dispatch(ms: float):
   """Every train step built inside holds its calling thread `ms` more milliseconds, the GIL
   released (`time.sleep`): a stand-in for the host time a GPU step takes to launch."""
-  original = runs.Run.train_step
   if not ms:
     yield
     return
+  original = runs.Run.train_step
 
   def train_step(self):
     step_fn = original(self)
@@ -94,11 +95,8 @@ def held_dispatch(ms: float):
       return out
     return held
 
-  runs.Run.train_step = train_step
-  try:
+  with mock.patch.object(runs.Run, 'train_step', train_step):
     yield
-  finally:
-    runs.Run.train_step = original
 
 
 def loop_configs(config, index, specs) -> dict:
