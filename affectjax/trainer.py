@@ -271,9 +271,12 @@ def init_warning(config: ml_collections.ConfigDict) -> str | None:
   if not config.paper_init or config.init_from:
     return None
   rule = '!' * 78
+  trainable = config.model.get('trainable', 'all')
+  frozen = ('' if trainable == 'all' else f'\nIts frozen stages (model.trainable={trainable}: '
+            'only that part and what follows train)\nkeep their random initial weights.')
   return (f'{rule}\nWARNING: the paper behind this config starts from {config.paper_init} weights; '
           'this run\ntrains from scratch (config.init_from is unset), so its scores are not the '
-          "paper's.\nConvert the weights with python -m affectjax.convert and pass "
+          f"paper's.{frozen}\nConvert the weights with python -m affectjax.convert and pass "
           f'--config.init_from=DIR\n(README: VGGFace2 or ImageNet weights).\n{rule}')
 
 

@@ -246,6 +246,18 @@ def test_every_config_has_demo_and_test_variants(name):
   assert full.model.arch == 'resnet50' and full.data.image_size == 112
 
 
+def test_temporal_statistical_frame_model_trains_its_last_stage():
+  """methods.md, ABAW 2020: the face feature model has "all weights frozen except the last
+  stage and the classifier", lr 1e-4 with no schedule named; its small variants start from
+  random weights, so they train every stage."""
+  for name, variant in (('mtl_va', ''), ('temporal_stat', 'model1'), ('temporal_stat', 'model2')):
+    full = load_config(name, variant)
+    assert (full.model.trainable, full.optim.schedule) == ('layer4', 'constant')
+    assert full.optim.learning_rate == 1e-4 and full.optim.optimizer == 'adam'
+  for variant in ('demo', 'test'):
+    assert load_config('mtl_va', variant).model.trainable == 'all'
+
+
 def test_unitask_config_variants():
   for task, tasks in (('va', 'va'), ('expr', 'expr'), ('au', 'au'), ('mtl', 'expr,au,va')):
     full = load_config('unitask', task)

@@ -64,3 +64,6 @@ def test_a_run_its_paper_starts_from_weights_warns_when_started_from_scratch():
   assert trainer.init_warning(c) is None
   assert 'ImageNet' in trainer.init_warning(load('unitask.py:va,test'))
   assert trainer.init_warning(load('mtl3.py:test')) is None  # its paper names no weights
+  assert 'frozen stages' not in warning  # mtl.py trains every stage
+  frozen = trainer.init_warning(load('mtl_va.py'))  # only layer4 and the heads train
+  assert 'model.trainable=layer4' in frozen and 'random initial weights' in frozen
