@@ -167,7 +167,7 @@ def test_eight_classes_with_other_and_seven_class_error(tmp_path):
   np.testing.assert_array_equal(index.expr, [0, 7])
   with pytest.raises(AnnotationError) as e:
     build_index(root, 'train', tasks=('expr',), num_expr_classes=7, use_cache=False)
-  assert path in str(e.value) and 'line 3' in str(e.value) and 'num_expr_classes=8' in str(e.value)
+  assert path in str(e.value) and 'line 3' in str(e.value) and 'use 8 EXPR classes' in str(e.value)
 
 
 def test_windows_line_endings_and_trailing_blank_lines(tmp_path):

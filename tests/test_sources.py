@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+from affectjax import labels
+from affectjax.data import annotations
 from affectjax.data import index as index_lib
 from affectjax.data import pack
 from affectjax.data import pipeline
@@ -124,6 +126,38 @@ def test_one_pack_serves_every_layout_task_and_class_count(dataset_root, tmp_pat
       r'python -m affectjax\.data\.pack --root \S+ --out \S+_mtl_8 --layout mtl '
       r'--num-expr-classes 8 --tasks expr,au,va$')):
     sources.check_packed_labels(alone, str(tmp_path), 'mtl', ('expr', 'au', 'va'), 8)
+
+
+def test_pack_picks_8_expr_classes_where_the_labels_hold_other(tmp_path):
+  """The pack command's default class count: 8 where the EXPR labels hold Other (7, ABAW3
+  onwards), else 7; a run without EXPR reads a root with Other under 7 classes (it does not
+  read the expression column's classes), one with EXPR is stopped naming the line."""
+  root = generate.ensure_synthetic(tmp_path / 'synthetic', progress=False, num_videos=6,
+                                   frames_per_video=16, seed=2)
+  assert pack.expr_classes_of(root, ('train', 'validation'), 'mtl', labels.TASKS) == 7
+  path = root / 'training_set_annotations.txt'  # the s-Aff-Wild2 file: one frame made Other
+  lines = path.read_text().splitlines()
+  row = next(i for i, line in enumerate(lines[1:], 1) if line.split(',')[3] != '-1')
+  fields = lines[row].split(',')
+  lines[row] = ','.join(fields[:3] + ['7'] + fields[4:])
+  path.write_text('\n'.join(lines) + '\n')
+  assert pack.expr_classes_of(root, ('train', 'validation'), 'mtl', labels.TASKS) == 8
+  assert pack.expr_classes_of(root, ('train',), 'per_task', labels.TASKS) == 7
+  assert pack.expr_classes_of(root, ('train',), 'mtl', ('au', 'va')) == 7
+  pack.main(['--root', str(root), '--out', str(tmp_path / 'packed'), '--split', 'train',
+             '--layout', 'mtl'])
+  assert sources.packed_index(str(tmp_path / 'packed'), 'train').summary[
+      'num_expr_classes'] == 8
+  eight = index_lib.build_index(root, 'train', layout='mtl', num_expr_classes=8,
+                                use_cache=False)
+  va = index_lib.build_index(root, 'train', layout='mtl', tasks=('va',), num_expr_classes=7,
+                             use_cache=False)
+  np.testing.assert_array_equal(va.va, eight.va[(eight.va > -5).any(axis=1)])
+  with pytest.raises(annotations.AnnotationError, match=(
+      rf'training_set_annotations\.txt, line {row + 1}: expression label 7 outside -1\.\.6 '
+      r'\(7 is Other: use 8 EXPR classes\)')):
+    index_lib.build_index(root, 'train', layout='mtl', tasks=('expr',), num_expr_classes=7,
+                          use_cache=False)
 
 
 def test_pack_and_tfds_command_lines_print_one_error(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Videos in (affectjax/data/video.py): frames, numbers and times as written, rotation metadata as
 players apply it (OpenCV's FFmpeg backend as the reference), corrupt packets counted and skipped
 within the tolerance, and a clear error for each kind of bad input."""
+import fractions
 import struct
 
 import cv2
@@ -95,6 +96,33 @@ def test_a_corrupt_packet_is_counted_and_skipped_keeping_the_numbers(tmp_path):
   bad.write_bytes(bytes(data))
   with pytest.raises(video.VideoError, match=r'bad\.avi: 2 packets did not decode'):
     list(video.read(str(bad), max_bad_fraction=0.05))
+
+
+def test_variable_frame_rate_frames_are_numbered_in_order(tmp_path):
+  """A phone's variable frame rate: 40 frames at a nominal 25 fps, their intervals 0.8x to 1.25x
+  the nominal one. Every frame decodes, so the numbers are 0..39 (as OpenCV counts them), not
+  the timestamps times the nominal rate, which skip numbers; the times are the timestamps."""
+  path = str(tmp_path / 'vfr.mkv')
+  container = av.open(path, 'w')
+  stream = container.add_stream('mpeg4', rate=25)
+  stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+  stream.codec_context.time_base = fractions.Fraction(1, 1000)
+  intervals = np.random.default_rng(0).uniform(0.8, 1.25, 40) * 40  # milliseconds
+  pts = np.round(np.concatenate([[0], np.cumsum(intervals[:-1])])).astype(int)
+  assert (np.diff(np.round(pts / 40)) > 1).any()  # timestamps times the rate would skip
+  for image, t in zip(_frames(40), pts):
+    frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+    frame.pts, frame.time_base = int(t), fractions.Fraction(1, 1000)
+    for packet in stream.encode(frame):
+      container.mux(packet)
+  for packet in stream.encode():
+    container.mux(packet)
+  container.close()
+  counts = {}
+  chunks = list(video.read(path, chunk=16, counts=counts))
+  np.testing.assert_array_equal(np.concatenate([c.index for c in chunks]), np.arange(40))
+  np.testing.assert_allclose(np.concatenate([c.time for c in chunks]), pts / 1000)
+  assert counts == {'frames': 40, 'bad': 0}
 
 
 @pytest.mark.parametrize('content, message', [

@@ -204,7 +204,7 @@ def checked_expr(table: Table, expr: np.ndarray, num_classes: int) -> np.ndarray
   bad = (expr < labels.EXPR_MISSING) | (expr >= num_classes)
   if bad.any():
     row = int(np.argmax(bad))
-    hint = ' (7 is Other: pass num_expr_classes=8)' if num_classes == 7 and expr[row] == 7 else ''
+    hint = ' (7 is Other: use 8 EXPR classes)' if num_classes == 7 and expr[row] == 7 else ''
     raise table.error(row, f'expression label {expr[row]} outside -1..{num_classes - 1}{hint}')
   return expr.astype(np.int8, copy=False)
 

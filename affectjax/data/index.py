@@ -311,8 +311,9 @@ def _collect_per_task(sources, tasks, num_expr_classes, collector):
 
 
 def _collect_mtl(sources, tasks, num_expr_classes, collector):
-  """Reads the s-Aff-Wild2 file; labels of tasks not requested become sentinels."""
-  rows = annotations.read_mtl_file(sources.mtl_file, num_expr_classes)
+  """Reads the s-Aff-Wild2 file; labels of tasks not requested become sentinels (the expression
+  column is then read with 8 classes: a run without EXPR does not care about Other)."""
+  rows = annotations.read_mtl_file(sources.mtl_file, num_expr_classes if 'expr' in tasks else 8)
   bounds = np.searchsorted(rows.video_id, np.arange(len(rows.video_names) + 1))
   for v, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
     merged = labels.missing_labels(hi - lo, 'index')

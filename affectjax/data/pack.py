@@ -11,7 +11,8 @@ which `sources.ArrayRecordSource` validates.
 Every frame with a crop that any config of the root uses is packed (both annotation layouts,
 7 or 8 EXPR classes, every task: `frames_of_every_config`), so one pack serves every config;
 `--layout`, `--tasks` and `--num-expr-classes` choose the labels the records carry, which a run
-uses when it trains from the pack alone (no `data.root`). A wrong root or a malformed
+uses when it trains from the pack alone (no `data.root`); the class count is by default 8 where
+the EXPR labels hold Other (ABAW3 onwards), else 7. A wrong root or a malformed
 annotation line ends with `error: ...` and status 1.
 """
 import argparse
@@ -49,6 +50,16 @@ def frames_of_every_config(index, cache_dir=None):
     except layout_lib.DatasetLayoutError:
       continue  # the root does not hold this layout (or all of its tasks)
   return index_lib.union_frames(index, others)
+
+
+def expr_classes_of(root, splits, layout: str, tasks, cache_dir=None) -> int:
+  """8 where the EXPR labels of `splits` hold Other (7: ABAW3 onwards), else 7 (ABAW1/2); 7
+  where the packed labels have no EXPR."""
+  if 'expr' not in tasks:
+    return 7
+  return 8 if any((index_lib.build_index(root, split, layout=layout, tasks=tasks,
+                                         num_expr_classes=8, cache_dir=cache_dir).expr == 7).any()
+                  for split in splits) else 7
 
 
 def default_num_shards(num_records: int) -> int:
@@ -144,7 +155,9 @@ def main(argv=None):
                       help='annotations whose labels the records carry')
   parser.add_argument('--tasks', default=','.join(labels.TASKS),
                       help='comma-separated tasks whose labels the records carry')
-  parser.add_argument('--num-expr-classes', type=int, default=7, choices=(7, 8))
+  parser.add_argument('--num-expr-classes', default='auto', choices=('auto', '7', '8'),
+                      help='EXPR classes of the labels the records carry; auto: 8 where the '
+                      "root's EXPR labels hold Other (7, ABAW3 onwards), else 7")
   parser.add_argument('--shards', type=int, default=0, help='shards per split (0 = ~100k frames each)')
   parser.add_argument('--threads', type=int, default=8, help='concurrent file reads')
   parser.add_argument('--cache-dir', default=None, help='where build_index caches the index')
@@ -152,11 +165,15 @@ def main(argv=None):
   tasks = labels.parse_tasks(args.tasks)
   splits = ('train', 'validation') if args.split == 'both' else (args.split,)
   manifests = []
+  try:
+    num_classes = (expr_classes_of(args.root, splits, args.layout, tasks, args.cache_dir)
+                   if args.num_expr_classes == 'auto' else int(args.num_expr_classes))
+  except (layout_lib.DatasetLayoutError, annotations.AnnotationError) as e:
+    parser.exit(1, f'error: {e}\n')
   for split in splits:
     try:
       index = index_lib.build_index(args.root, split, layout=args.layout, tasks=tasks,
-                                    num_expr_classes=args.num_expr_classes,
-                                    cache_dir=args.cache_dir)
+                                    num_expr_classes=num_classes, cache_dir=args.cache_dir)
       index = frames_of_every_config(index, args.cache_dir)
       print(index.describe(), flush=True)
       manifests.append(pack_split(index, args.out, num_shards=args.shards,

@@ -2,9 +2,11 @@
 
 - Streaming: frames come in chunks of `chunk` frames, so memory stays flat whatever the video's
   length (benchmarks/bench_analyze.py measures peak RSS against video length).
-- Frame numbers are 0-based decode positions, advanced by the timestamps when the stream skips
-  (a corrupt packet that decodes to nothing leaves its number unused), so the numbers stay those
-  of the video's frames; times are presentation times in seconds from the stream's start.
+- Frame numbers are 0-based decode positions, so the numbers stay those of the video's frames
+  (Aff-Wild2's crop k is its video's k-th frame). After a corrupt packet that decodes to nothing,
+  the next frame's number is advanced by its timestamp, so the lost frame leaves its number
+  unused; otherwise frames are numbered in order, whatever the timestamps (a variable-frame-rate
+  video's intervals vary). Times are presentation times in seconds from the stream's start.
 - Rotation metadata (the display matrix of phone videos) is applied, as players do.
 - A corrupt packet is counted and skipped within `max_bad_fraction` of the frames; an unreadable
   file, a file without a video stream and a video without frames are VideoErrors naming the file.
@@ -127,17 +129,20 @@ def read(path: str, chunk: int = 64, max_bad_fraction: float = 0.01,
   fps, base = _fps(stream), stream.time_base
   start = stream.start_time or 0
   index, times, images, last, size = [], [], [], -1, None
+  lost = False  # a packet failed to decode since the last frame
   try:
     for packet in container.demux(stream):
       try:
         decoded = packet.decode()
       except av.error.InvalidDataError:
         counts['bad'] += 1
+        lost = True
         continue
       for frame in decoded:
         t = float((frame.pts - start) * base) if frame.pts is not None and base else \
             (last + 1) / fps
-        last = max(last + 1, int(round(t * fps)))
+        last = max(last + 1, int(round(t * fps))) if lost else last + 1
+        lost = False
         image = upright(rgb(frame), _rotation(frame))
         if size is None:
           size = image.shape
