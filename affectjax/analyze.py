@@ -42,6 +42,7 @@ from affectjax import weights as weights_lib
 from affectjax.data import crop as crop_lib
 from affectjax.data import layout as layout_lib
 from affectjax.data import sequences
+from affectjax.data import unlabelled
 from affectjax.data import video as video_lib
 from affectjax.face import faces as faces_lib
 
@@ -121,6 +122,7 @@ def _for_crops(config, root: str, list_path: str, batch: int) -> ml_collections.
   """A copy of `config` that predicts the faces listed in list_path under root/cropped_aligned."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.root, config.data.cache_dir = root, os.path.join(root, '.cache')
+  config.predict.root = root  # (a run's own predict.root, if it had one, names other crops)
   config.predict.videos, config.predict.images = list_path, ''
   config.eval_batch_size = batch or config.eval_batch_size
   config.mode = 'predict'
@@ -162,6 +164,8 @@ def face_values(member, name: str, frames: np.ndarray, tasks: tuple, thresholds,
     full = np.zeros((len(frames), member.probs[task].shape[1]))
     full[at] = member.probs[task][rows]
     values[task] = full
+  if 'va' in tasks:  # as mode=predict decides them (a linear VA head can leave the range)
+    values['va'] = predictions.decode_outputs({'va': values['va']}, ('va',))['va']
   if 'au' in tasks:
     values['au_on'] = values['au'] >= np.asarray(thresholds)
   if 'va' in tasks and window > 1:
@@ -181,7 +185,7 @@ def write_abaw(folder: str, member, tasks: tuple, num_expr_classes: int, thresho
     decided['au'] = (member.probs['au'] >= np.asarray(thresholds)).astype(np.int64)
   if 'va' in tasks:
     got = np.flatnonzero(member.got)
-    decided['va'] = member.probs['va'].copy()
+    decided['va'] = predictions.decode_outputs({'va': member.probs['va']}, ('va',))['va']
     decided['va'][got] = metrics_lib.smooth_per_video(
         decided['va'][got], member.index.video_id[got], window, member.index.frame[got])
   return predictions.write_per_video(folder, member.index, decided, member.got, tasks,
@@ -210,6 +214,10 @@ def analyze_video(path: str, out: str, config, run: str, detector, args) -> dict
     summary, dets, found = crop_lib.crop_video(
         path, detector, crop_root, all_faces=args.all_faces, smooth=args.smooth,
         chunk=args.chunk, max_bad_fraction=args.max_bad_fraction, progress=not args.quiet)
+    if not found and summary['frames_with_a_face']:
+      raise AnalyzeError(f'{path}: faces were found in {summary["frames_with_a_face"]} of its '
+                         f'{summary["frames"]} frames, but --all-faces keeps only a face '
+                         f'tracked over at least {faces_lib.MIN_FRAMES} frames')
     if not found:
       raise AnalyzeError(f'{path}: no face found in any of its {summary["frames"]} frames')
     start = time.perf_counter()
@@ -292,7 +300,7 @@ def main(argv=None) -> int:
     print(f'[{number}/{len(jobs)}] {path} -> {out}', flush=True)
     try:
       summary = analyze_video(path, out, config, args.run, detector, args)
-    except (AnalyzeError, video_lib.VideoError) as e:
+    except (AnalyzeError, video_lib.VideoError, unlabelled.FrameListError) as e:
       print(f'  error: {e}', file=sys.stderr, flush=True)
       failed.append(path)
       continue

@@ -130,15 +130,22 @@ def combine(passes: list) -> tuple:
   return tasks, [(outputs, batch)], extra
 
 
+def expr_classes(configs: list) -> int:
+  """The EXPR class count of the members that predict EXPR (they must agree); the first
+  member's config value where none does."""
+  counts = {c.num_expr_classes for c in configs if 'expr' in c.tasks.split(',')}
+  if len(counts) > 1:
+    raise ValueError(f'config.ensemble.members: the members predict different EXPR classes '
+                     f'({sorted(counts)}); an average needs the same classes')
+  return next(iter(counts)) if counts else configs[0].num_expr_classes
+
+
 def run_ensemble(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """mode=ensemble (see the module docstring)."""
   workdir = os.path.abspath(workdir)
   members = parse_members(config.ensemble.members)
   configs = [member_config(config, folder, which) for folder, which in members]
-  num_classes = {c.num_expr_classes for c in configs if 'expr' in c.tasks.split(',')}
-  if len(num_classes) > 1:
-    raise ValueError(f'config.ensemble.members: the members predict different EXPR classes '
-                     f'({sorted(num_classes)}); an average needs the same classes')
+  classes = expr_classes(configs)
   summary = {'members': []}
   out = {}
   for test in (False, True) if (config.predict.videos or config.predict.images) else (False,):
@@ -156,7 +163,7 @@ def run_ensemble(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              'frames_beyond_shared': e}
                             for (folder, which), (p, step, _), e in zip(members, passes, extra)]
       summary['shared_frames'] = len(rows[0][1]['index'])
-      accumulator = metrics_lib.MetricsAccumulator(tasks, passes[0][2], keep_predictions=True)
+      accumulator = metrics_lib.MetricsAccumulator(tasks, classes, keep_predictions=True)
       accumulator.update(*rows[0])
       out['eval'] = evaluation.metrics_of(accumulator, tasks, index, tune=True)
       os.makedirs(workdir, exist_ok=True)
@@ -169,7 +176,7 @@ def run_ensemble(config: ml_collections.ConfigDict, workdir: str) -> dict:
       target = config.predict.out or os.path.join(
           workdir, f'predictions_{kinds.list_name(list_path)}_ensemble')
       out['files'], _ = inference.write_test_predictions(
-          config, fmt, target, rows, index, tasks, passes[0][2],
+          config, fmt, target, rows, index, tasks, classes,
           f'{list_path}) with the ensemble of {len(members)} members')
   summary.update(out)
   if parallel.is_main_process():

@@ -25,6 +25,7 @@ import numpy as np
 from affectjax import files
 from affectjax import labels
 from affectjax import metrics
+from affectjax.data import index as index_lib
 
 MTL_HEADER = 'image,valence,arousal,expression,aus'
 FORMATS = ('mtl', 'per_task', 'per_video')
@@ -171,9 +172,10 @@ def read_frame_counts(path: str) -> dict:
 
 
 def every_frame_rows(index, predicted: np.ndarray, frame_counts: dict | None = None) -> dict:
-  """{video: int64 [N]}: for each frame 1..N of each video (N from `frame_counts`, else its last
-  crop), the index row whose decision it takes: its own, else its nearest predicted frame's."""
-  frame_counts = frame_counts or {}
+  """{video: int64 [N]}: for each frame 1..N of each video (N from `frame_counts`, by its name
+  or its source video's, 'v' for 'v_left'; else its last crop), the index row whose decision it
+  takes: its own, else its nearest predicted frame's. Given counts that name neither, a
+  ValueError names the video."""
   rows_by_video = {}
   for video_id, video in enumerate(index.video_names):
     rows = np.flatnonzero(index.video_id == video_id)
@@ -181,7 +183,13 @@ def every_frame_rows(index, predicted: np.ndarray, frame_counts: dict | None = N
     if have.size == 0:
       raise ValueError(f'no frame of video {video} could be read: nothing to predict from')
     last = int(index.frame[rows].max())
-    count = frame_counts.get(video, last)
+    count = last
+    if frame_counts:
+      count = frame_counts.get(video, frame_counts.get(index_lib.source_video(video)))
+      if count is None:
+        raise ValueError(f'the frame counts (predict.frame_counts) do not list video {video}'
+                         + (f' or {index_lib.source_video(video)}'
+                            if index_lib.source_video(video) != video else ''))
     if count < last:
       raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
     frames = np.arange(1, count + 1, dtype=np.int64)

@@ -74,7 +74,15 @@ def test_tracks_link_across_gaps_and_come_largest_first():
   assert ids[20, 2] not in (a, b) and (ids[~valid] == -1).all()
   assert align.tracks_by_size(ids, boxes) == [a, b, ids[20, 2]]
   assert align.tracks_by_size(ids, boxes, min_frames=2) == [a, b]
-  assert align.link(boxes, valid, max_gap=2)[13, 1] != a  # a gap over max_gap starts anew
+  # A face back where it was last rejoins its track after a longer gap too (it turned away,
+  # was hidden, left the picture); one found elsewhere after the gap starts a new track.
+  assert (align.link(boxes, valid, max_gap=2)[valid[:, 1], 1] == a).all()
+  moved = boxes.copy()
+  moved[13:, 1] += np.float32([400, 0, 400, 0])
+  for gap in (2, 5):
+    later = align.link(moved, valid, max_gap=gap)
+    assert later[13, 1] not in (later[0, 1], later[5, 0]) and (
+        later[13:, 1][valid[13:, 1]] == later[13, 1]).all()
 
 
 def test_faces_are_named_as_aff_wild2_names_them():
@@ -90,6 +98,10 @@ def test_faces_are_named_as_aff_wild2_names_them():
   np.testing.assert_array_equal(both[1].boxes[valid[:, 0]], boxes[valid[:, 0], 0])
   assert [f.name for f in faces.faces_of(dets, 'clip', all_faces=True, min_frames=1)] == [
       'clip_face1', 'clip_face2', 'clip_face3']
+  short = faces.VideoDetections(None, np.arange(3), np.arange(3) / 25, boxes[:3],
+                                np.ones((3, 3), np.float32), np.zeros((3, 3, 5, 2), np.float32),
+                                valid[:3], {}, {})  # shorter than min_frames: all 3 frames do
+  assert [f.name for f in faces.faces_of(short, 'clip', all_faces=True)] == ['clip']
   none = dets.valid.copy()
   none[:] = False
   assert faces.faces_of(faces.VideoDetections(*[getattr(dets, k) for k in (

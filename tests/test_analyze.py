@@ -6,6 +6,7 @@ mode=predict's on the same crops; bad input is refused with its name and leaves 
 import csv
 import json
 import os
+import types
 
 import cv2
 import ml_collections
@@ -133,6 +134,25 @@ def test_bad_input_is_refused_and_leaves_nothing(clips, analysed, uninterrupted,
                        '--quiet']) == 1
   assert 'grey.mp4: no face found in any of its 10 frames' in capsys.readouterr().err
   assert not [n for n in os.listdir(tmp_path) if n.startswith('grey')]  # not even a temporary
+
+
+def test_the_analysis_predicts_its_own_crops_and_keeps_va_in_range():
+  """The crops predicted are the analysis's, whatever predict.root the run was saved with; VA
+  is clipped to [-1, 1] as mode=predict decides it (a linear VA head can leave the range)."""
+  config = ml_collections.ConfigDict({
+      'data': {'root': '/runs/data', 'cache_dir': ''}, 'eval_batch_size': 8, 'mode': 'train',
+      'predict': {'root': '/stale/crops', 'videos': '', 'images': 'old.txt'}})
+  crops = analyze._for_crops(config, '/tmp/analysis', '/tmp/analysis/faces.txt', 0)
+  assert crops.predict.root == crops.data.root == '/tmp/analysis'
+  assert (crops.predict.videos, crops.predict.images) == ('/tmp/analysis/faces.txt', '')
+  va = np.array([[1.4, -1.2], [0.2, 0.1], [-3.0, 3.0]])
+  member = types.SimpleNamespace(
+      index=types.SimpleNamespace(video_names=('v',), video_id=np.zeros(3, int),
+                                  frame=np.array([1, 2, 4])),
+      got=np.ones(3, bool), probs={'va': va})
+  predicted, values = analyze.face_values(member, 'v', np.arange(4), ('va',), 0.5, 1)
+  np.testing.assert_array_equal(predicted, [True, True, False, True])
+  np.testing.assert_array_equal(values['va'][predicted], np.clip(va, -1, 1))
 
 
 def test_crop_command_over_a_folder(clips, tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from affectjax import config as config_lib
+from affectjax import ensemble
 from affectjax import kinds
 from affectjax.models import temporal
 
@@ -173,6 +174,15 @@ def test_ensemble_needs_run_folders_and_checkpoints(tmp_path):
     config_lib.check_config(_base(mode='ensemble', **{'ensemble.members': f'{tmp_path}@last'}))
   config_lib.check_config(_base(mode='ensemble',
                                 **{'ensemble.members': f'{tmp_path}, {tmp_path}@12'}))
+
+
+def test_an_ensemble_takes_its_expr_classes_from_the_members_that_predict_expr():
+  va_only, mtl = load_config('va', 'test'), load_config('mtl3', 'test')  # 7 (unused) and 8
+  assert (va_only.num_expr_classes, mtl.num_expr_classes) == (7, 8)
+  assert ensemble.expr_classes([va_only, mtl]) == ensemble.expr_classes([mtl, va_only]) == 8
+  assert ensemble.expr_classes([va_only]) == 7
+  with pytest.raises(ValueError, match=r'different EXPR classes \(\[7, 8\]\)'):
+    ensemble.expr_classes([load_config('mtl', 'test'), mtl])
 
 
 def test_predict_needs_exactly_one_existing_test_list(tmp_path):

@@ -1,4 +1,5 @@
 """Submission-file helpers: test lists, nearest-frame filling, frame counts, formats."""
+import dataclasses
 import os
 
 import numpy as np
@@ -103,7 +104,17 @@ def test_submissions_keep_the_list_order_and_cover_every_frame(tmp_path):
   # A video list: frames 1..N of each video (b/1 has no crop; N = 4 for b from frame_counts).
   index = unlabelled.frames_index(str(tmp_path), videos=['a', 'b'])
   paths = predictions.write_submission('per_task', str(tmp_path / 'videos'), index, decided,
-                                       np.ones(3, bool), ('expr',), 8, {'b': 4})
+                                       np.ones(3, bool), ('expr',), 8, {'a': 3, 'b': 4})
   assert open(paths[0]).read().splitlines()[1:] == [
       'a/00001.jpg,4', 'a/00002.jpg,4', 'a/00003.jpg,5',
       'b/00001.jpg,6', 'b/00002.jpg,6', 'b/00003.jpg,6', 'b/00004.jpg,6']
+  # Counts given, each video needs one: by its name or its source video's ('v' for 'v_left').
+  with pytest.raises(ValueError, match=r'frame counts \(predict\.frame_counts\) do not list '
+                     r'video a$'):
+    predictions.write_submission('per_task', str(tmp_path / 'videos'), index, decided,
+                                 np.ones(3, bool), ('expr',), 8, {'b': 4})
+  left = dataclasses.replace(index, video_names=('v_left', 'v_right'))
+  rows = predictions.every_frame_rows(left, np.ones(3, bool), {'v': 5, 'v_right': 3})
+  assert {k: len(v) for k, v in rows.items()} == {'v_left': 5, 'v_right': 3}
+  with pytest.raises(ValueError, match=r'do not list video v_left or v$'):
+    predictions.every_frame_rows(left, np.ones(3, bool), {'v_right': 3})

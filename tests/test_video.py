@@ -147,3 +147,8 @@ def test_a_folder_of_videos_and_one_mixing_other_files(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(video.VideoError, match='holds no videos'):
     video.list_videos(str(tmp_path / 'empty'))
+  (tmp_path / 'notes.txt').unlink()
+  (tmp_path / 'empty').rmdir()
+  (tmp_path / 'b.mov').write_bytes(b'x')  # both b.mov and b.mp4 would write folder b
+  with pytest.raises(video.VideoError, match=r"b\.mov and b\.mp4 would both be named 'b'"):
+    video.list_videos(str(tmp_path))

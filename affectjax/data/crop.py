@@ -78,7 +78,8 @@ def write_crops(path: str, dets, found: list, crop_root: str, size: int, chunk: 
 
 
 def crop_video(path: str, detector, crop_root: str, *, all_faces: bool = False,
-               smooth: int = 1, size: int = 112, chunk: int = 32, min_frames: int = 5,
+               smooth: int = 1, size: int = 112, chunk: int = 32,
+               min_frames: int = faces_lib.MIN_FRAMES,
                max_bad_fraction: float = 0.01, progress: bool = True) -> tuple:
   """(summary dict, detections, faces) of one video, its faces' crops written under
   crop_root."""

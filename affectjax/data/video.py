@@ -169,9 +169,15 @@ def read(path: str, chunk: int = 64, max_bad_fraction: float = 0.01,
                      f'{max_bad_fraction:.1%} of {counts["frames"]} frames (max_bad_fraction)')
 
 
+def video_name(path: str) -> str:
+  """The name a video's faces and outputs are given: its file name without the suffix."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
 def list_videos(folder: str) -> list:
   """The videos of `folder` (by suffix), sorted; other files are named in an error, since a
-  folder mixing videos and other files is likely the wrong folder (hidden files are ignored)."""
+  folder mixing videos and other files is likely the wrong folder (hidden files are ignored),
+  and so are two videos of one name (clip.mp4 and clip.avi), whose outputs would collide."""
   if not os.path.isdir(folder):
     raise VideoError(f'{folder}: no such folder')
   names = sorted(n for n in os.listdir(folder) if not n.startswith('.'))
@@ -182,6 +188,12 @@ def list_videos(folder: str) -> list:
                      f'{" ..." if len(other) > 5 else ""}); videos end in {", ".join(SUFFIXES)}')
   if not names:
     raise VideoError(f'{folder}: holds no videos')
+  seen = {}
+  for n in names:
+    if (name := video_name(n)) in seen:
+      raise VideoError(f'{folder}: {seen[name]} and {n} would both be named {name!r}; rename '
+                       'one of them')
+    seen[name] = n
   return [os.path.join(folder, n) for n in names]
 
 

@@ -93,22 +93,27 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def link(boxes: np.ndarray, valid: np.ndarray, min_iou: float = 0.3, max_gap: int = 10
          ) -> np.ndarray:
   """int [T, K] track ids (-1 where not valid) of the detections boxes [T, K, 4] of T frames:
-  each detection joins the track whose last box (seen within `max_gap` frames) overlaps it most
-  (IoU at least `min_iou`, greedy, best pairs first), or starts a new track."""
+  each detection joins the track whose last box overlaps it most (IoU at least `min_iou`,
+  greedy, best pairs first), the tracks seen within `max_gap` frames first, then those seen
+  longer ago (a face found again where it was last, after it turned away, was hidden or left
+  the picture for a while, rejoins its track); else it starts a new track."""
   ids = np.full(valid.shape, -1, np.int64)
   last_box, last_seen = [], []
   for t in range(len(boxes)):
-    here = np.flatnonzero(valid[t])
-    live = [k for k in range(len(last_box)) if t - last_seen[k] <= max_gap]
-    if len(here) and live:
-      overlap = iou(boxes[t, here], np.stack([last_box[k] for k in live]))
+    recent = [k for k in range(len(last_box)) if t - last_seen[k] <= max_gap]
+    for tracks in (recent, [k for k in range(len(last_box)) if k not in recent]):
+      here = [i for i in np.flatnonzero(valid[t]) if ids[t, i] < 0]
+      tracks = [k for k in tracks if k not in ids[t]]
+      if not here or not tracks:
+        continue
+      overlap = iou(boxes[t, here], np.stack([last_box[k] for k in tracks]))
       for flat in np.argsort(-overlap, axis=None):
         i, j = np.unravel_index(flat, overlap.shape)
         if overlap[i, j] < min_iou:
           break
-        if ids[t, here[i]] < 0 and live[j] not in ids[t]:
-          ids[t, here[i]] = live[j]
-    for i in here:
+        if ids[t, here[i]] < 0 and tracks[j] not in ids[t]:
+          ids[t, here[i]] = tracks[j]
+    for i in np.flatnonzero(valid[t]):
       if ids[t, i] < 0:
         ids[t, i] = len(last_box)
         last_box.append(None)

@@ -2,16 +2,16 @@
 
 1. `detect_video` decodes the video in chunks and runs the detector on each (boxes, scores and
    five landmarks per frame; only these small arrays are kept, so memory stays flat).
-2. `faces_of` links the detections into tracks (affectjax.face.align.link) and picks the faces
-   to output: the largest track by default (the sum of its box areas), or every track of at
-   least `min_frames` frames (`all_faces`), named as Aff-Wild2 names them: the video's name for
+2. `faces_of` links the detections into tracks (affectjax.face.align.link: a face found again
+   where it was last seen rejoins its track after any gap) and picks the faces to output: the
+   largest track by default (the sum of its box areas), or every track of at least
+   `min_frames` frames (`all_faces`; all of a shorter video's frames), named as Aff-Wild2 names them: the video's name for
    one face, `<video>_left` / `<video>_right` for two (by their mean horizontal position), and
    `<video>_face<k>` (largest first) for more. Landmarks are optionally smoothed over time.
 3. `aligned` decodes the video again and yields each face's aligned crops, warped on the device
    in fixed-size chunks (one compilation per video resolution).
 """
 import dataclasses
-import os
 import time
 from typing import Callable, Iterator
 
@@ -21,6 +21,9 @@ import tqdm
 
 from affectjax.data import video as video_lib
 from affectjax.face import align
+
+
+MIN_FRAMES = 5  # the fewest frames of a face that `all_faces` keeps
 
 
 @dataclasses.dataclass
@@ -45,8 +48,7 @@ class Face:
   landmarks: np.ndarray  # float32 [T, 5, 2], smoothed where asked
 
 
-def video_name(path: str) -> str:
-  return os.path.splitext(os.path.basename(path))[0]
+video_name = video_lib.video_name
 
 
 def _timed(iterator, seconds: dict, key: str):
@@ -88,10 +90,12 @@ def detect_video(path: str, detect: Callable, chunk: int = 32, max_bad_fraction:
 
 
 def faces_of(dets: VideoDetections, name: str, all_faces: bool = False, smooth_window: int = 1,
-             min_frames: int = 5, min_iou: float = 0.3, max_gap: int = 10) -> list:
+             min_frames: int = MIN_FRAMES, min_iou: float = 0.3, max_gap: int = 10) -> list:
   """The faces to output (see the module's docstring); [] when no face was found."""
   ids = align.link(dets.boxes, dets.valid, min_iou, max_gap)
-  order = align.tracks_by_size(ids, dets.boxes, 1 if not all_faces else min_frames)
+  # (a video shorter than min_frames keeps the faces seen in all of its frames)
+  order = align.tracks_by_size(ids, dets.boxes,
+                               min(min_frames, len(dets.index)) if all_faces else 1)
   order = order if all_faces else order[:1]
   found = []
   for track in order:
