@@ -148,6 +148,22 @@ def abstract_step_inputs(config, mesh) -> tuple:
   return run, state, batch
 
 
+def auto_state_layout(step, state, batch):
+  """The train `step` lowered with its state's layouts left to XLA (`Layout.AUTO` for each
+  array of two or more dimensions, as argument and as result; the batch and the metrics as
+  they are): what the step would move if the state lived in the layouts its update prefers."""
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+  auto = lambda x: Format(Layout.AUTO, x.sharding) if len(x.shape) >= 2 else x.sharding
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  rep = jax.tree_util.tree_leaves(state)[0].sharding
+  return jax.jit(step, in_shardings=(jax.tree_util.tree_map(auto, state),
+                                     jax.tree_util.tree_map(lambda x: x.sharding, batch)),
+                 out_shardings=(jax.tree_util.tree_map(lambda x: auto(
+                     jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)), new_state),
+                                jax.tree_util.tree_map(lambda _: rep, metrics)),
+                 donate_argnums=(0,)).lower(state, batch)
+
+
 def compile_and_read(lowered, options: dict, dump: str, name: str) -> dict:
   """Compiles with XLA `options` (dumping to `dump`) and summarises the dumps."""
   start = time.perf_counter()
@@ -175,6 +191,9 @@ def parse_args(argv=None):
   p.add_argument('--steps', default='train,eval', help='train and/or eval')
   p.add_argument('--variant', action='append', default=[],
                  help="NAME:xla_option=VALUE,... (Python literals), besides 'default'")
+  p.add_argument('--auto-state-layout', action='store_true',
+                 help="also the train step with the state's layouts chosen by XLA "
+                 '(Layout.AUTO for its arguments and results): variants named <variant>+auto')
   p.add_argument('--smoke', action='store_true', help='ResNet18 at width 4, 32 px, batch 4')
   args = p.parse_args(argv)
   args.archs, args.steps = args.archs.split(','), args.steps.split(',')
@@ -215,11 +234,15 @@ def main(argv=None) -> dict:
     run, state, batch = abstract_step_inputs(config, mesh)
     for step in args.steps:
       fn = run.train_step() if step == 'train' else run.eval_step()
-      lowered = fn.lower(state, batch)
-      for variant, options in args.variants.items():
-        print(f'[deviceless] {arch} {step}, {variant} ...', flush=True)
-        result['steps'][f'{arch} {step} {variant}'] = compile_and_read(
-            lowered, options, os.path.join(dumps, f'{arch}-{step}-{variant}'), f'{step}_step')
+      programs = [('', fn.lower(state, batch))]
+      if step == 'train' and args.auto_state_layout:
+        programs.append(('+auto', auto_state_layout(fn, state, batch)))
+      for suffix, lowered in programs:
+        for variant, options in args.variants.items():
+          name = variant + suffix
+          print(f'[deviceless] {arch} {step}, {name} ...', flush=True)
+          result['steps'][f'{arch} {step} {name}'] = compile_and_read(
+              lowered, options, os.path.join(dumps, f'{arch}-{step}-{name}'), f'{step}_step')
   text = tables(result)
   with open(os.path.join(args.out, 'deviceless.json'), 'w') as f:
     json.dump(result, f, indent=1)
