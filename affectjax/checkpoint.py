@@ -153,6 +153,10 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def score(self, step: int) -> float:
+    """The score saved with `step` (-inf without one)."""
+    return _score(self.manager.metrics(step) or {})
+
   def best_step(self) -> int | None:
     """The kept step with the highest score (the later one on a tie); None if no kept step
     has a score (Orbax's own `best_step` would also return unscored periodic saves)."""
@@ -337,13 +341,13 @@ def read_variables(path: str) -> dict:
     return variables
   if kind == 'step':
     restored = ocp.StandardCheckpointer().restore(os.path.join(folder, 'state'))
-  else:
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    manager = ocp.CheckpointManager(folder, options=options, item_names=('state', 'input'))
-    step = manager.best_step() or manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    restored = restored['state']
-    manager.close()
+  else:  # (the scores are read as Checkpoints reads them: a plain manager has no best_fn)
+    checkpoints = Checkpoints(folder, read_only=True, async_save=False)
+    step = checkpoints.best_step()
+    step = checkpoints.latest_step() if step is None else step
+    restored = checkpoints.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    checkpoints.manager.close()
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
 

@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -29,7 +30,11 @@ def is_periodic_save(config: ml_collections.ConfigDict, step: int, steps_per_epo
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+  """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits).
+
+  With several processes the stop must be joint (the save is a collective): each process's
+  flag is combined with the others' at `agreed(at_sync=True)`, which every process calls at
+  the same steps (the logging steps), so all of them stop after the same step."""
 
   def __init__(self):
     self.requested = False
@@ -49,6 +54,15 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self, at_sync: bool) -> bool:
+    """Whether to stop after this step: this process's flag alone, or with several processes,
+    at a step where every process calls this with at_sync=True, whether any was signalled."""
+    if jax.process_count() == 1:
+      return self.requested
+    if not at_sync:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str):
@@ -169,22 +183,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                      keep_latest=config.keep_checkpoints,
                                      keep_best=config.keep_best_checkpoints)
+  state = run.state
+  best = {'score': -np.inf, 'step': None}
+  try:  # restored first: a refused resume leaves config.json and metrics.jsonl as they were
+    if checkpoints.latest_step() is not None:
+      state, input_state = checkpoints.restore(parallel.replicate(state, run.mesh))
+      train_iter.set_state(input_state)
+      print(f'Resumed from {checkpoints.directory} at step {int(state.step)}', flush=True)
+      if (best_step := checkpoints.best_step()) is not None:  # (scores stored by Orbax)
+        best = {'score': checkpoints.score(best_step), 'step': best_step}
+    else:
+      warning = init_warning(config)
+      if warning and parallel.is_main_process():
+        print(warning, flush=True)
+      if config.init_from:
+        state, _ = ckpt_lib.init_from(state, config.init_from)
+      state = parallel.replicate(state, run.mesh)
+  except BaseException:
+    checkpoints.close()
+    raise
   writer = logs.RunWriter(workdir, enabled=parallel.is_main_process(),
                           resume_step=checkpoints.latest_step())
   if parallel.is_main_process():
     _save_config(config, workdir)
-  state = run.state
-  if checkpoints.latest_step() is not None:
-    state, input_state = checkpoints.restore(parallel.replicate(state, run.mesh))
-    train_iter.set_state(input_state)
-    print(f'Resumed from {checkpoints.directory} at step {int(state.step)}', flush=True)
-  else:
-    warning = init_warning(config)
-    if warning and parallel.is_main_process():
-      print(warning, flush=True)
-    if config.init_from:
-      state, _ = ckpt_lib.init_from(state, config.init_from)
-    state = parallel.replicate(state, run.mesh)
 
   step_fn, eval_fn = run.train_step(), run.eval_step()
   snapshot_fn = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
@@ -193,7 +214,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   progress = logs.Progress(run.total_steps, step, config.global_batch_size,
                            enabled=config.progress_bar and parallel.is_main_process())
   ledger = StepLedger(checkpoints, writer, progress, run.steps_per_epoch)
-  best = {'score': -np.inf, 'step': None, 'metrics': None}
   last_metrics, stop_reason = {}, 'finished'
   trained_input = train_iter.get_state()  # the input state after the latest trained batch
   prefetched = parallel.prefetch_to_mesh(  # a generator: nothing is read before the loop
@@ -235,15 +255,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                          evaluation.format_frame_counts(eval_metrics, prefix='\n  '))
           last_metrics = eval_metrics
           if score > best['score']:
-            best = {'score': score, 'step': step, 'metrics': eval_metrics}
+            best = {'score': score, 'step': step}
         halt = bool(config.halt_after_steps) and step >= config.halt_after_steps
-        if last or preemption.requested or halt or score is not None:
+        preempted = preemption.agreed(step % config.log_every_steps == 0 or last)
+        if last or preempted or halt or score is not None:
           ledger.save(step, state, evaluation.with_counts_of_every_process(input_state),
                       score=score)
         elif is_periodic_save(config, step, run.steps_per_epoch):
           ledger.save_later(step, snapshot_fn(state),
                             evaluation.with_counts_of_every_process(input_state))
-        if preemption.requested:
+        if preempted:
           stop_reason = 'preempted (SIGTERM): checkpoint saved'
           break
         if halt:

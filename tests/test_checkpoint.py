@@ -162,3 +162,28 @@ def test_init_from_a_checkpoints_folder_or_a_step_folder(tmp_path):
   for path in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '3'):
     np.testing.assert_array_equal(ckpt_lib.read_variables(str(path))['params']['w'],
                                   State.params['w'])
+
+
+def test_init_from_a_run_reads_its_best_step_else_its_latest(tmp_path):
+  class State:  # the TrainState fields the checkpoint saves
+    batch_stats, opt_state, rng = {}, {}, np.zeros(2, np.uint32)
+
+  def state(step):
+    s = State()
+    s.step, s.params = step, {'w': np.full(2, step, np.float32)}
+    return s
+
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False,
+                                     keep_latest=1, keep_best=1)
+  checkpoints.save(1, state(1), {'step': 1}, score=0.9)  # the best
+  checkpoints.save(2, state(2), {'step': 2}, score=0.1)
+  checkpoints.save(3, state(3), {'step': 3})  # the latest, unscored
+  assert (checkpoints.best_step(), checkpoints.latest_step()) == (1, 3)
+  checkpoints.close()
+  np.testing.assert_array_equal(ckpt_lib.read_variables(str(tmp_path))['params']['w'], [1, 1])
+  unscored = ckpt_lib.Checkpoints(str(tmp_path / 'other'), async_save=False)
+  unscored.save(4, state(4), {'step': 4})
+  unscored.save(5, state(5), {'step': 5})
+  unscored.close()
+  np.testing.assert_array_equal(ckpt_lib.read_variables(str(tmp_path / 'other'))['params']['w'],
+                                [5, 5])

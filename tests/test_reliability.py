@@ -272,3 +272,13 @@ def test_bad_frame_counts_are_part_of_the_resumable_state(dataset_root, train_in
                                         process_index=1, process_count=2)
   second.set_state(dict(first.get_state(), frames_read=[40, 41], bad_frames=[3, 4]))
   assert (second.bad_frames['read'], second.bad_frames['bad']) == (41, 4)
+  # Resumed on another number of processes: the run's total, all of it on process 0.
+  for process, count, expected in ((0, 4, (81, 7)), (3, 4, (0, 0)), (0, 1, (81, 7))):
+    other = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
+                                         process_index=process, process_count=count)
+    other.set_state(dict(first.get_state(), frames_read=[40, 41], bad_frames=[3, 4]))
+    assert (other.bad_frames['read'], other.bad_frames['bad']) == expected
+  one = pipeline.make_train_iterator(index, config, global_batch_size=BATCH, seed=0,
+                                     process_index=1, process_count=2)
+  one.set_state(dict(first.get_state(), frames_read=112, bad_frames=5))  # saved by 1 process
+  assert (one.bad_frames['read'], one.bad_frames['bad']) == (0, 0)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,6 +85,16 @@ def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from
   assert [r['step'] for r in records if r['split'] == 'validation'] == [5, 10]
   marker = [r for r in records if r['split'] == 'resume']
   assert [(m['step'], m['superseded_rows']) for m in marker] == [(6, 1)]
+  # The best score over the whole run, also where it came before the resume (Orbax keeps it).
+  assert (resumed['best_score'], resumed['best_step']) == (summary['best_score'],
+                                                           summary['best_step'])
+  # A resume that is refused (another network) leaves the run's records as they were.
+  kept = {n: (tmp_path / 'run' / n).read_bytes() for n in ('config.json', 'metrics.jsonl')}
+  c.model.width *= 2
+  c.num_epochs *= 2
+  with pytest.raises(ValueError):
+    trainer.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert {n: (tmp_path / 'run' / n).read_bytes() for n in kept} == kept
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(config, tmp_path, monkeypatch):
@@ -102,6 +113,30 @@ def test_sigterm_saves_a_checkpoint_and_stops(config, tmp_path, monkeypatch):
   checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
   assert checkpoints.latest_step() == 3
   checkpoints.close()
+
+
+def test_several_processes_stop_together_at_a_logging_step(monkeypatch):
+  """A SIGTERM reaches each process at its own step; the save that follows is a collective, so
+  with several processes the stop is decided jointly, at the logging steps, which every
+  process reaches in turn (one signalled process stops them all there)."""
+  gathered = []
+
+  def allgather(flag):  # this process's flag and another's, which was not signalled
+    gathered.append(int(flag))
+    return np.array([int(flag), 0])
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(trainer.multihost_utils, 'process_allgather', allgather)
+  with trainer._Preemption() as preemption:  # pylint: disable=protected-access
+    assert not preemption.agreed(at_sync=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested and not preemption.agreed(at_sync=False)
+    assert preemption.agreed(at_sync=True)
+  assert gathered == [0, 1]  # gathered at the logging steps only
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  with trainer._Preemption() as preemption:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.agreed(at_sync=False)  # one process: at once
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):

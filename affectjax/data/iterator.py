@@ -94,10 +94,20 @@ class AffectIterator(grain.DatasetIterator):
     self._ctx = self._parent._ctx
     previous.close()
     self.step = int(state['step'])
-    counts = [state.get(key, 0) for key in ('frames_read', 'bad_frames')]
-    process = getattr(self.maker, 'process_index', 0)  # several processes: one entry each
-    counts = [c[process] if isinstance(c, list) else c for c in counts]
-    self.counter = sources.BadFrameCounter(self.counter.max_fraction, *counts)
+    self.counter = sources.BadFrameCounter(self.counter.max_fraction, *(
+        _share(state.get(key, 0), getattr(self.maker, 'process_index', 0),
+               getattr(self.maker, 'process_count', 1)) for key in ('frames_read', 'bad_frames')))
+
+
+def _share(saved, process: int, processes: int) -> int:
+  """This process's part of a saved reading count: its own entry where the state was saved by
+  as many processes (one entry each); else the total, all of it on process 0 (a resume on
+  another number of processes keeps the run's total, not a share or a multiple of it)."""
+  if isinstance(saved, list):
+    if len(saved) == processes:
+      return int(saved[process])
+    saved = sum(saved)
+  return int(saved) if process == 0 else 0
 
 
 def worker_count(data_config, platform: str | None = None, cores: int | None = None,

@@ -113,7 +113,7 @@ class BatchMaker:
     self.global_batch = int(global_batch_size)
     self.batch = self.global_batch // process_count
     self.offset = process_index * self.batch
-    self.process_index, self.seed = process_index, int(seed)
+    self.process_index, self.process_count, self.seed = process_index, process_count, int(seed)
     self.groups, self.eval_rows = groups, eval_rows
     self.training = eval_rows is None
     augment = data_config.augment
