@@ -215,9 +215,10 @@ def analyze_video(path: str, out: str, config, run: str, detector, args) -> dict
         path, detector, crop_root, all_faces=args.all_faces, smooth=args.smooth,
         chunk=args.chunk, max_bad_fraction=args.max_bad_fraction, progress=not args.quiet)
     if not found and summary['frames_with_a_face']:
+      need = min(faces_lib.MIN_FRAMES, summary['frames'])
       raise AnalyzeError(f'{path}: faces were found in {summary["frames_with_a_face"]} of its '
                          f'{summary["frames"]} frames, but --all-faces keeps only a face '
-                         f'tracked over at least {faces_lib.MIN_FRAMES} frames')
+                         f'tracked over at least {need} frames')
     if not found:
       raise AnalyzeError(f'{path}: no face found in any of its {summary["frames"]} frames')
     start = time.perf_counter()

@@ -62,6 +62,13 @@ def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from
   c.checkpoint_every_steps = 3  # saves at 3, 5 (evaluation), 6 and 8 (halt); keeps 6 and 8
   first = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   assert first['steps'] == 8 and first['stop_reason'].startswith('halted')
+  # A resumed run's best score is the whole run's, also one from before the resume (Orbax
+  # keeps it): a copy resumed for one step, with no evaluation after the resume.
+  shutil.copytree(tmp_path / 'run', tmp_path / 'copy')
+  c.halt_after_steps = 9
+  one_step = trainer.train_and_evaluate(c, str(tmp_path / 'copy'))
+  assert (one_step['steps'], first['best_step'], one_step['best_step']) == (9, 5, 5)
+  assert one_step['best_score'] == first['best_score']
   # As if killed (SIGKILL) before the save of step 8: the latest checkpoint is step 6
   # (mid-epoch), and metrics.jsonl has a row of step 8 that the resumed run will redo.
   shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')
@@ -85,7 +92,6 @@ def test_resumed_run_reproduces_the_uninterrupted_run_read_without_a_thread_from
   assert [r['step'] for r in records if r['split'] == 'validation'] == [5, 10]
   marker = [r for r in records if r['split'] == 'resume']
   assert [(m['step'], m['superseded_rows']) for m in marker] == [(6, 1)]
-  # The best score over the whole run, also where it came before the resume (Orbax keeps it).
   assert (resumed['best_score'], resumed['best_step']) == (summary['best_score'],
                                                            summary['best_step'])
   # A resume that is refused (another network) leaves the run's records as they were.

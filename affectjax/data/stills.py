@@ -9,7 +9,7 @@ reads Aff-Wild2:
   python -m affectjax.data.stills --affectnet /data/AffectNet --rafdb /data/RAF-DB \
     --out /data/stills
   python -m affectjax.main --config=configs/mtl_va.py --workdir=runs/stills \
-    --config.data.root=/data/stills
+    --config.data.root=/data/stills --config.init_from=/weights/vggface2_r50
   python -m affectjax.main --config=configs/mtl_va.py --workdir=runs/frames \
     --config.data.root=/data/affwild2 --config.init_from=runs/stills
 

@@ -128,7 +128,7 @@ def read(path: str, chunk: int = 64, max_bad_fraction: float = 0.01,
   stream.thread_type = 'AUTO'
   fps, base = _fps(stream), stream.time_base
   start = stream.start_time or 0
-  index, times, images, last, size = [], [], [], -1, None
+  index, times, images, last, size, previous = [], [], [], -1, None, None
   lost = False  # a packet failed to decode since the last frame
   try:
     for packet in container.demux(stream):
@@ -141,8 +141,13 @@ def read(path: str, chunk: int = 64, max_bad_fraction: float = 0.01,
       for frame in decoded:
         t = float((frame.pts - start) * base) if frame.pts is not None and base else \
             (last + 1) / fps
-        last = max(last + 1, int(round(t * fps))) if lost else last + 1
-        lost = False
+        if not lost:
+          last += 1
+        elif previous is None:  # lost before the first frame
+          last = max(0, int(round(t * fps)))
+        else:  # the frames the time since the previous frame holds (a variable rate drifts)
+          last += max(1, int(round((t - previous) * fps)))
+        lost, previous = False, t
         image = upright(rgb(frame), _rotation(frame))
         if size is None:
           size = image.shape

@@ -100,10 +100,14 @@ def link(boxes: np.ndarray, valid: np.ndarray, min_iou: float = 0.3, max_gap: in
   ids = np.full(valid.shape, -1, np.int64)
   last_box, last_seen = [], []
   for t in range(len(boxes)):
-    recent = [k for k in range(len(last_box)) if t - last_seen[k] <= max_gap]
-    for tracks in (recent, [k for k in range(len(last_box)) if k not in recent]):
+    if not valid[t].any():
+      continue
+    seen = np.asarray(last_seen)
+    recent = np.flatnonzero(t - seen <= max_gap) if len(seen) else seen
+    for tracks in (recent, np.flatnonzero(t - seen > max_gap) if len(seen) else seen):
       here = [i for i in np.flatnonzero(valid[t]) if ids[t, i] < 0]
-      tracks = [k for k in tracks if k not in ids[t]]
+      taken = set(ids[t].tolist())
+      tracks = [int(k) for k in tracks if k not in taken]
       if not here or not tracks:
         continue
       overlap = iou(boxes[t, here], np.stack([last_box[k] for k in tracks]))
