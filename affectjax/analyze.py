@@ -164,8 +164,8 @@ def face_values(member, name: str, frames: np.ndarray, tasks: tuple, thresholds,
     full = np.zeros((len(frames), member.probs[task].shape[1]))
     full[at] = member.probs[task][rows]
     values[task] = full
-  if 'va' in tasks:  # as mode=predict decides them (a linear VA head can leave the range)
-    values['va'] = predictions.decode_outputs({'va': values['va']}, ('va',))['va']
+  if 'va' in tasks:  # as mode=predict decides them
+    values['va'] = predictions.clip_va(values['va'])
   if 'au' in tasks:
     values['au_on'] = values['au'] >= np.asarray(thresholds)
   if 'va' in tasks and window > 1:
@@ -185,7 +185,7 @@ def write_abaw(folder: str, member, tasks: tuple, num_expr_classes: int, thresho
     decided['au'] = (member.probs['au'] >= np.asarray(thresholds)).astype(np.int64)
   if 'va' in tasks:
     got = np.flatnonzero(member.got)
-    decided['va'] = predictions.decode_outputs({'va': member.probs['va']}, ('va',))['va']
+    decided['va'] = predictions.clip_va(member.probs['va'])
     decided['va'][got] = metrics_lib.smooth_per_video(
         decided['va'][got], member.index.video_id[got], window, member.index.frame[got])
   return predictions.write_per_video(folder, member.index, decided, member.got, tasks,

@@ -347,7 +347,7 @@ def read_variables(path: str) -> dict:
     step = checkpoints.latest_step() if step is None else step
     restored = checkpoints.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-    checkpoints.manager.close()
+    checkpoints.close()
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
 

@@ -166,7 +166,7 @@ def frame_predictions(outputs: dict) -> np.ndarray:
   labels.TASKS order: EXPR class probabilities, AU probabilities, valence and arousal (clipped
   to [-1, 1]): what `temporal.inputs='predictions'` reads."""
   parts = {'expr': lambda x: jax.nn.softmax(x, axis=-1), 'au': metrics_lib.sigmoid,
-           'va': lambda x: np.clip(x, -1.0, 1.0)}
+           'va': predictions.clip_va}
   return np.concatenate([np.asarray(parts[t](np.asarray(outputs[t], np.float32)), np.float32)
                          for t in labels.TASKS if t in outputs], axis=-1)
 

@@ -32,6 +32,11 @@ FORMATS = ('mtl', 'per_task', 'per_video')
 FILE_ORDER = ('va', 'expr', 'au')  # per-task files are written in the organisers' task order
 
 
+def clip_va(va) -> np.ndarray:
+  """Valence and arousal within their range, [-1, 1] (a linear VA head can leave it)."""
+  return np.clip(va, -1.0, 1.0)
+
+
 def decode_outputs(outputs: dict, tasks: tuple, au_threshold=0.5) -> dict:
   """Model outputs (NumPy) -> per-frame decisions: EXPR class, AU 0/1 (probability at least
   `au_threshold`, a scalar or one per AU), VA values.
@@ -44,7 +49,7 @@ def decode_outputs(outputs: dict, tasks: tuple, au_threshold=0.5) -> dict:
   if 'au' in tasks:
     decided['au'] = (metrics.sigmoid(outputs['au']) >= au_threshold).astype(np.int64)
   if 'va' in tasks:
-    decided['va'] = np.clip(outputs['va'], -1.0, 1.0)
+    decided['va'] = clip_va(outputs['va'])
   return decided
 
 
@@ -185,11 +190,11 @@ def every_frame_rows(index, predicted: np.ndarray, frame_counts: dict | None = N
     last = int(index.frame[rows].max())
     count = last
     if frame_counts:
-      count = frame_counts.get(video, frame_counts.get(index_lib.source_video(video)))
+      source = index_lib.source_video(video)
+      count = frame_counts.get(video, frame_counts.get(source))
       if count is None:
         raise ValueError(f'the frame counts (predict.frame_counts) do not list video {video}'
-                         + (f' or {index_lib.source_video(video)}'
-                            if index_lib.source_video(video) != video else ''))
+                         + (f' or {source}' if source != video else ''))
     if count < last:
       raise ValueError(f'frame count {count} of video {video} is below its last crop ({last})')
     frames = np.arange(1, count + 1, dtype=np.int64)

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from affectjax import labels
+from affectjax import labels, predictions
 
 VA_BINS = 40
 TRACE_VIDEOS = 4
@@ -56,7 +56,7 @@ def _va_numbers(rows, index) -> dict:
   at, pred, label = (np.concatenate(x) if x else np.zeros((0, 2)) for x in (at, pred, label))
   edges = np.linspace(-1, 1, VA_BINS + 1)
   density = {name: np.histogram2d(v[:, 0], v[:, 1], [edges, edges])[0].astype(int).tolist()
-             for name, v in (('labels', label), ('predictions', np.clip(pred, -1, 1)))}
+             for name, v in (('labels', label), ('predictions', predictions.clip_va(pred)))}
   video = np.asarray(index.video_id)[at.astype(np.int64)] if len(at) else np.zeros(0, int)
   traces = {}
   for v in np.argsort(-np.bincount(video, minlength=1), kind='stable')[:TRACE_VIDEOS]:

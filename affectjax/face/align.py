@@ -102,9 +102,8 @@ def link(boxes: np.ndarray, valid: np.ndarray, min_iou: float = 0.3, max_gap: in
   for t in range(len(boxes)):
     if not valid[t].any():
       continue
-    seen = np.asarray(last_seen)
-    recent = np.flatnonzero(t - seen <= max_gap) if len(seen) else seen
-    for tracks in (recent, np.flatnonzero(t - seen > max_gap) if len(seen) else seen):
+    since = t - np.asarray(last_seen, np.int64)  # frames since each track was last seen
+    for tracks in (np.flatnonzero(since <= max_gap), np.flatnonzero(since > max_gap)):
       here = [i for i in np.flatnonzero(valid[t]) if ids[t, i] < 0]
       taken = set(ids[t].tolist())
       tracks = [int(k) for k in tracks if k not in taken]
