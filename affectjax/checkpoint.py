@@ -23,6 +23,7 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from affectjax import logs, weights
+from affectjax.models import resnet
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 SCORE_KEY = 'score'
@@ -65,8 +66,7 @@ def _root_cause(error: BaseException) -> str:
 
 def state_bytes(tree) -> int:
   """Bytes of a state's arrays (their global sizes), about what a checkpoint of it takes."""
-  return int(sum(x.nbytes if hasattr(x, 'nbytes') else np.asarray(x).nbytes
-                 for x in jax.tree_util.tree_leaves(tree)))
+  return int(sum(getattr(x, 'nbytes', None) or np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
 def _mute_closed_loop_errors() -> None:
@@ -145,8 +145,8 @@ class Checkpoints:
         preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=_score,
         best_mode='max', enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'input'))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        'state': ocp.StandardCheckpointHandler(), 'input': ocp.JsonCheckpointHandler()})
     self.failure = None  # the CheckpointSaveError of a failed save
     self._pending = None  # the step of the latest save started
 
@@ -232,21 +232,27 @@ class Checkpoints:
     return self.failure
 
   def restore(self, state, step: int | None = None) -> tuple[Any, dict]:
-    """Restores `step` (default latest) into the structure and shardings of `state`."""
+    """Restores `step` (default latest) into the structure and shardings of `state`, its
+    kernels in `state`'s layout whatever layout they were saved in (`resnet.relayout`)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), input=ocp.args.JsonRestore()))
-    return state.replace(**restored['state']), dict(restored['input'] or {})
+    saved = self.manager.item_metadata(step)['state']  # (a tree, or a TreeMetadata of one)
+    saved = resnet.kernel_layout_of(getattr(saved, 'tree', saved)['params'])
+    layout, tree = resnet.kernel_layout_of(state.params), state_tree(state)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    restored = self.manager.restore(step, args=ocp.args.Composite(input=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(resnet.relayout(abstract, saved, layout))))
+    state = state.replace(**resnet.relayout(restored['state'], layout, saved))
+    return state, dict(restored['input'] or {})
 
   def restore_model(self, state, step: int):
     """`state` with the model of checkpoint `step` (its step, params and BatchNorm statistics,
-    in `state`'s shardings), whatever optimiser the run trained with: for inference, whose
-    config may set the optimiser otherwise."""
+    in `state`'s shardings and kernel layout), whatever optimiser the run trained with: for
+    inference, whose config may set the optimiser otherwise."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))['state']
+    restored['params'] = resnet.relayout(restored['params'], resnet.kernel_layout_of(state.params))
     try:
       model = {k: jax.tree_util.tree_map(
           lambda old, new: jax.device_put(np.asarray(new, old.dtype), old.sharding),
@@ -376,7 +382,7 @@ def merge_variables(target: dict, loaded: dict) -> tuple[dict, dict]:
 
 def init_from(state, path: str):
   """Weights-only initialisation (params and batch_stats) from `path`; logs what matched."""
-  loaded = read_variables(path)
+  loaded = resnet.relayout(read_variables(path), resnet.kernel_layout_of(state.params))
   params, report = merge_variables(jax.device_get(state.params), loaded['params'])
   stats, stats_report = merge_variables(jax.device_get(state.batch_stats),
                                         loaded.get('batch_stats', {}))

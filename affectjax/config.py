@@ -263,9 +263,8 @@ def _existing(config, field: str, folder: bool, why: str = '') -> None:
   """A set path must name an existing folder (or file)."""
   path = _value(config, field)
   if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
-    what = 'folder' if folder else 'file'
-    problem = 'a file, not a folder' if folder and os.path.exists(path) else (
-        'a folder, not a file' if os.path.isdir(path) else f'no such {what}')
+    problem = ('a file, not a folder' if folder and os.path.exists(path) else 'a folder, not a '
+               'file' if os.path.isdir(path) else f'no such {"folder" if folder else "file"}')
     raise ConfigError(f'config.{field}={path}: {problem}{why}')
 
 
@@ -282,7 +281,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('temporal.encoder', (*temporal.ENCODERS, 'stat')), ('model.trainable', resnet.TRAINABLE),
       ('temporal.window', ('segment', 'block')), ('temporal.framework', temporal.FRAMEWORKS),
       ('temporal.va_heads', ('tanh', 'linear')), ('temporal.inputs', temporal.INPUTS),
-      ('distributed.initialize', ('auto', 'yes', 'no')), ('data.oof_eval', ('full', 'folds'))):
+      ('distributed.initialize', ('auto', 'yes', 'no')), ('data.oof_eval', ('full', 'folds')),
+      ('model.kernel_layout', tuple(resnet.KERNEL_LAYOUTS))):
     _one_of(config, field, allowed)
   try:
     tasks = labels.parse_tasks(config.tasks)

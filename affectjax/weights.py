@@ -1,7 +1,8 @@
 """Pretrained ResNet weights: safe loading of PyTorch / VGGFace2 files and mapping to Flax.
 
 A torchvision-style state dict (name -> array) maps onto `affectjax.models.resnet.ResNet`
-by renaming: `layer2.0.conv1.weight` -> params `layer2_0/conv1/kernel` (OIHW -> HWIO),
+by renaming: `layer2.0.conv1.weight` -> params `layer2_0/conv1/kernel` (OIHW -> the template's
+kernel layout, `resnet.KERNEL_LAYOUTS`),
 `bn1.weight/bias` -> `bn1/scale/bias`, `bn1.running_mean/var` -> batch_stats `bn1/mean/var`,
 `downsample.0/1` -> `downsample_conv/downsample_bn`. The classifier `fc` is dropped.
 """
@@ -229,6 +230,7 @@ def state_dict_to_variables(state: Mapping[str, np.ndarray], template: Mapping,
   Shape mismatches always raise; missing/unexpected raise when strict.
   """
   target = _flatten(template)
+  layout = resnet.kernel_layout_of(template) or 'HWIO'
   flat, seen, unexpected, dropped = {}, set(), [], []
   for name, value in state.items():
     path = flax_path(name)
@@ -240,7 +242,7 @@ def state_dict_to_variables(state: Mapping[str, np.ndarray], template: Mapping,
       continue
     value = np.asarray(value, np.float32)
     if path[-1] == 'kernel' and value.ndim == 4:  # (other shapes fail the check below)
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+      value = resnet.from_hwio(value.transpose(2, 3, 1, 0), layout)  # OIHW -> HWIO -> layout
     if value.shape != tuple(target[path].shape):
       raise ValueError(f'{name}: shape {value.shape} does not fit {"/".join(path)} '
                        f'{tuple(target[path].shape)}; wrong --arch or width?')

@@ -9,7 +9,9 @@ ResNet as the project runs it, one option set both ways:
   - mask: those BatchNorms keeping their ReLU's mask in bits (`mask_bits=True`), against a
     byte an element, the train step both times;
   - eval: each BatchNorm folded into the convolution before it (`resnet.ConvNorm`), against a
-    convolution then a normalisation pass (`fold_bn=False`).
+    convolution then a normalisation pass (`fold_bn=False`);
+  - layout: the convolution kernels (and their Adam moments) kept output channel first
+    (`kernel_layout='OHWI'`), against flax's HWIO, the train step both times.
 Timed interleaved after warm-up (medians; the ratio within each repetition), with the largest
 difference between the two outputs: the first train step's metrics, the eval outputs.
 
@@ -30,21 +32,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=wrong-import-position
 import accelerator
 import common
+from affectjax.models import resnet
 
-# part: (the step, the optimisation's name, the ResNet field that turns it on (True) or off,
-# the plain version's name)
-COMPARISONS = {'train': ('train', 'written gradients', 'hand_grads', 'derived'),
-               'mask': ('train', 'mask in bits', 'mask_bits', 'mask in bytes'),
-               'eval': ('eval', 'folded', 'fold_bn', 'unfolded')}
+# part: (the step, the optimisation's name, the ResNet field that turns it on, its value
+# there, the plain version's name, its value there)
+COMPARISONS = {'train': ('train', 'written gradients', 'hand_grads', True, 'derived', False),
+               'mask': ('train', 'mask in bits', 'mask_bits', True, 'mask in bytes', False),
+               'eval': ('eval', 'folded', 'fold_bn', True, 'unfolded', False),
+               'layout': ('train', 'kernels OHWI', 'kernel_layout', 'OHWI', 'kernels HWIO',
+                          'HWIO')}
 
 
 def compare(run, state, batch, part: str, args) -> dict:
   """Images/s of `part`'s step with COMPARISONS[part] turned on and off."""
-  step, name, field, plain = COMPARISONS[part]
-  model = run.model
-  states = {key: state.replace(apply_fn=model.clone(
-      backbone=model.backbone.clone(**{field: on})).apply)
-            for key, on in ((name, True), (plain, False))}
+  step, name, field, on, plain, off = COMPARISONS[part]
+  model, states = run.model, {}
+  for key, value in ((name, on), (plain, off)):
+    backbone = model.backbone.clone(**{field: value})
+    states[key] = resnet.relayout(state.replace(apply_fn=model.clone(backbone=backbone).apply),
+                                  backbone.kernel_layout)  # (the kernels and their moments)
   fn = run.train_step() if step == 'train' else run.eval_step()
   # Train steps take their state (donated) and return the next: each candidate keeps its own
   # copy, and the first step's outputs (its metrics) are compared.
@@ -82,7 +88,7 @@ def main(argv=None) -> dict:
   p.add_argument('--dtype', default='auto', help="'auto': bf16 on accelerators, float32 on CPU")
   p.add_argument('--steps', type=int, default=3, help='steps per timed window')
   p.add_argument('--reps', type=int, default=5)
-  p.add_argument('--parts', default='train,mask,eval', help=', '.join(COMPARISONS))
+  p.add_argument('--parts', default='train,mask,eval,layout', help=', '.join(COMPARISONS))
   args = p.parse_args(argv)
   args.variant = ''
   run, state, batch = accelerator.build(

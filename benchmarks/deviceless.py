@@ -19,6 +19,7 @@ Needs the CUDA plugin of the installed jax, in a virtualenv of its own (about 5 
   pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')" -e .
   python benchmarks/deviceless.py --out /tmp/deviceless                # ResNet50, b256, H200
   python benchmarks/deviceless.py --out /tmp/d --variant 'g1:xla_gpu_graph_min_graph_size=1'
+  python benchmarks/deviceless.py --out /tmp/d --config-variant 'hwio:model.kernel_layout=HWIO'
 Writes `deviceless.json` and `deviceless.md` under --out. About 30 s per variant and step on
 two cores for ResNet50.
 """
@@ -34,6 +35,7 @@ import collections
 import dataclasses
 import datetime
 import glob
+import itertools
 import importlib.metadata
 import json
 import re
@@ -148,22 +150,6 @@ def abstract_step_inputs(config, mesh) -> tuple:
   return run, state, batch
 
 
-def auto_state_layout(step, state, batch):
-  """The train `step` lowered with its state's layouts left to XLA (`Layout.AUTO` for each
-  array of two or more dimensions, as argument and as result; the batch and the metrics as
-  they are): what the step would move if the state lived in the layouts its update prefers."""
-  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
-  auto = lambda x: Format(Layout.AUTO, x.sharding) if len(x.shape) >= 2 else x.sharding
-  new_state, metrics = jax.eval_shape(step, state, batch)
-  rep = jax.tree_util.tree_leaves(state)[0].sharding
-  return jax.jit(step, in_shardings=(jax.tree_util.tree_map(auto, state),
-                                     jax.tree_util.tree_map(lambda x: x.sharding, batch)),
-                 out_shardings=(jax.tree_util.tree_map(lambda x: auto(
-                     jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)), new_state),
-                                jax.tree_util.tree_map(lambda _: rep, metrics)),
-                 donate_argnums=(0,)).lower(state, batch)
-
-
 def compile_and_read(lowered, options: dict, dump: str, name: str) -> dict:
   """Compiles with XLA `options` (dumping to `dump`) and summarises the dumps."""
   start = time.perf_counter()
@@ -191,9 +177,9 @@ def parse_args(argv=None):
   p.add_argument('--steps', default='train,eval', help='train and/or eval')
   p.add_argument('--variant', action='append', default=[],
                  help="NAME:xla_option=VALUE,... (Python literals), besides 'default'")
-  p.add_argument('--auto-state-layout', action='store_true',
-                 help="also the train step with the state's layouts chosen by XLA "
-                 '(Layout.AUTO for its arguments and results): variants named <variant>+auto')
+  p.add_argument('--config-variant', action='append', default=[],
+                 help='NAME:config.field=VALUE,... (as --set of affectjax.ablate): the steps '
+                 "also compiled with these settings, as variants named <variant>+NAME")
   p.add_argument('--smoke', action='store_true', help='ResNet18 at width 4, 32 px, batch 4')
   args = p.parse_args(argv)
   args.archs, args.steps = args.archs.split(','), args.steps.split(',')
@@ -206,6 +192,8 @@ def parse_args(argv=None):
   if 'default' in variants:
     p.error("--variant: 'default' names the program without options")
   args.variants = {'default': {}, **variants}
+  args.configs = {'': {}, **{'+' + k: v for k, v in
+                             common.named_settings(args.config_variant).items()}}
   return args
 
 
@@ -226,23 +214,22 @@ def main(argv=None) -> dict:
   result = {'date': f'{datetime.datetime.now():%Y-%m-%d %H:%M}', 'jax': jax.__version__,
             'command': common.command_line(), 'target': TARGETS[args.target]['name'],
             'cudnn': '.'.join(map(str, cudnn_version())),
-            'batch': args.batch, 'variants': args.variants, 'steps': {}}
+            'batch': args.batch, 'variants': args.variants,
+            'config_variants': {k[1:]: v for k, v in args.configs.items() if k}, 'steps': {}}
   dumps = tempfile.mkdtemp(prefix='deviceless-')
-  for arch in args.archs:
+  for arch, (suffix, settings) in itertools.product(args.archs, args.configs.items()):
     config = accelerator.image_config(args, arch, args.batch, args.dtype)
     config.global_batch_size = config.eval_batch_size = args.batch  # one GPU
+    config.update_from_flattened_dict(settings)
     run, state, batch = abstract_step_inputs(config, mesh)
     for step in args.steps:
       fn = run.train_step() if step == 'train' else run.eval_step()
-      programs = [('', fn.lower(state, batch))]
-      if step == 'train' and args.auto_state_layout:
-        programs.append(('+auto', auto_state_layout(fn, state, batch)))
-      for suffix, lowered in programs:
-        for variant, options in args.variants.items():
-          name = variant + suffix
-          print(f'[deviceless] {arch} {step}, {name} ...', flush=True)
-          result['steps'][f'{arch} {step} {name}'] = compile_and_read(
-              lowered, options, os.path.join(dumps, f'{arch}-{step}-{name}'), f'{step}_step')
+      lowered = fn.lower(state, batch)
+      for variant, options in args.variants.items():
+        name = variant + suffix
+        print(f'[deviceless] {arch} {step}, {name} ...', flush=True)
+        result['steps'][f'{arch} {step} {name}'] = compile_and_read(
+            lowered, options, os.path.join(dumps, f'{arch}-{step}-{name}'), f'{step}_step')
   text = tables(result)
   with open(os.path.join(args.out, 'deviceless.json'), 'w') as f:
     json.dump(result, f, indent=1)
@@ -266,7 +253,8 @@ def tables(result: dict) -> str:
   return '\n'.join([
       f"# The steps' GPU programs, compiled without a GPU, {result['date']}", '',
       f"Target {result['target']}, {result['batch']} images per GPU, jax {result['jax']}; "
-      f"command: `{result['command']}`; variants: {json.dumps(result['variants'])}", '',
+      f"command: `{result['command']}`; variants: {json.dumps(result['variants'])}; config "
+      f"variants: {json.dumps(result.get('config_variants', {}))}", '',
       common.format_table(
           ('network', 'step', 'variant', 'host launches/step', 'graphs', 'cuDNN convs',
            'kernels', 'copies', 'kernels in graphs', 'copies in graphs', 'HLO copies (written)',

@@ -94,14 +94,16 @@ def test_hard_preset_stats_replay_the_generators_tracks(tmp_path, monkeypatch):
 
 def test_bench_backbone_times_each_optimisation_against_its_plain_version():
   """benchmarks/bench_backbone.py at a tiny size: the train steps with written and derived
-  gradients, with the ReLU masks in bits and in bytes, and the folded and unfolded eval steps,
-  run on the same state; outputs agree."""
+  gradients, with the ReLU masks in bits and in bytes, with the kernels in OHWI and in HWIO
+  (the state transposed for the second), and the folded and unfolded eval steps, run on the
+  same state; outputs agree."""
   result = _script('bench_backbone').main(['--arch', 'resnet18', '--width', '4',
                                            '--image-size', '32', '--batch', '2', '--steps', '1',
                                            '--reps', '2'])
-  assert set(result['steps']) == {'train', 'mask', 'eval'}
+  assert set(result['steps']) == {'train', 'mask', 'eval', 'layout'}
   for part, (name, plain) in (('train', ('written gradients', 'derived')),
                               ('mask', ('mask in bits', 'mask in bytes')),
+                              ('layout', ('kernels OHWI', 'kernels HWIO')),
                               ('eval', ('folded', 'unfolded'))):
     r = result['steps'][part]
     assert set(r['images_per_s']) == {name, plain}

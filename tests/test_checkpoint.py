@@ -9,14 +9,14 @@ import pytest
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
 from affectjax import train, weights
-from affectjax.models import affect
+from affectjax.models import affect, resnet
 
 IMAGE = (16, 16, 3)
 
 
-def tiny_state(seed: int, tasks=('expr', 'au'), width: int = 4):
+def tiny_state(seed: int, tasks=('expr', 'au'), width: int = 4, kernel_layout: str = 'OHWI'):
   c = config_lib.base_config().model
-  c.arch, c.width, c.head_hidden = 'resnet18', width, 8
+  c.arch, c.width, c.head_hidden, c.kernel_layout = 'resnet18', width, 8, kernel_layout
   model = affect.create_model(c, tasks, 7)
   return train.create_train_state(model, optax.adam(1e-3), seed, IMAGE)
 
@@ -63,6 +63,73 @@ def test_init_from_a_run_restores_its_weights_not_its_optimizer(tmp_path):
   state, report = ckpt_lib.init_from(fresh, str(tmp_path))
   assert leaves_equal(state.params, source.params)
   assert int(state.step) == 0 and not report['missing']
+
+
+def _trained(state, seed: int):
+  """`state` after one Adam step on random gradients: moments that are not zero."""
+  rng = np.random.default_rng(seed)
+  return state.apply_gradients(grads=jax.tree_util.tree_map(
+      lambda p: rng.normal(size=p.shape).astype(np.float32), state.params))
+
+
+@pytest.mark.parametrize('saved,into', [('HWIO', 'OHWI'), ('OHWI', 'HWIO')])
+def test_checkpoints_and_weights_of_the_other_kernel_layout_read_exactly(tmp_path, saved, into):
+  """A run or converted weights whose kernels are in the other layout (HWIO: flax's, every run
+  and conversion before `model.kernel_layout`) are read into the model's layout, transposed
+  and otherwise bit for bit: the resume (params and Adam moments), the inference restore and
+  init_from."""
+  source = _trained(tiny_state(8, kernel_layout=saved), 9)
+  target = tiny_state(10, kernel_layout=into)
+  assert resnet.kernel_layout_of(source.params) == saved
+  assert resnet.kernel_layout_of(target.params) == into
+  stem = source.params['backbone']['conv1']['kernel']
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'run' / 'checkpoints'), async_save=False)
+  checkpoints.save(1, source, {'step': 1}, score=1.0)
+  state, input_state = checkpoints.restore(target)
+  assert input_state == {'step': 1} and int(state.step) == 1
+  want = resnet.relayout(ckpt_lib.state_tree(source), into)
+  np.testing.assert_array_equal(state.params['backbone']['conv1']['kernel'],
+                                np.transpose(stem, (3, 0, 1, 2) if into == 'OHWI'
+                                             else (1, 2, 3, 0)))
+  assert jax.tree_util.tree_structure(ckpt_lib.state_tree(state)) == (
+      jax.tree_util.tree_structure(want))
+  assert leaves_equal(ckpt_lib.state_tree(state), want)  # params, statistics, both moments
+  assert not leaves_equal(state.opt_state, target.opt_state)
+  model = checkpoints.restore_model(target, 1)
+  assert leaves_equal(model.params, want['params']) and leaves_equal(model.opt_state,
+                                                                     target.opt_state)
+  checkpoints.close()
+  for path in (tmp_path / 'run', tmp_path / 'converted'):
+    if path.name == 'converted':
+      weights.save_converted(str(path), {'params': jax.device_get(source.params),
+                                         'batch_stats': jax.device_get(source.batch_stats)},
+                             {'arch': 'resnet18'})
+    loaded, report = ckpt_lib.init_from(target, str(path))
+    assert not report['mismatched'] and not report['missing'], path.name
+    assert leaves_equal(loaded.params, want['params']), path.name
+
+
+def test_kernel_layouts_are_told_apart_by_the_stem():
+  """`kernel_layout_of` reads the stem kernel (never ambiguous: 3 input channels against a
+  7x7 window), also of shapes; `relayout` leaves other arrays and kernel-free trees alone."""
+  for width in (1, 3, 7, 64):
+    hwio = {'conv1': {'kernel': np.zeros((7, 7, 3, width))}, 'fc': {'kernel': np.zeros((3, 7))},
+            'layer1_0': {'conv2': {'kernel': np.zeros((3, 3, width, width))}}}
+    assert resnet.kernel_layout_of(hwio) == 'HWIO'
+    ohwi = resnet.relayout(hwio, 'OHWI')
+    assert ohwi['conv1']['kernel'].shape == (width, 7, 7, 3)
+    assert ohwi['layer1_0']['conv2']['kernel'].shape == (width, 3, 3, width)
+    assert ohwi['fc']['kernel'].shape == (3, 7)
+    assert resnet.kernel_layout_of(ohwi) == 'OHWI'
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ohwi)
+    assert resnet.kernel_layout_of(shapes) == 'OHWI'
+    back = resnet.relayout(shapes, 'HWIO')
+    assert back['conv1']['kernel'].shape == (7, 7, 3, width)
+  assert resnet.kernel_layout_of({'head': {'kernel': np.zeros((4, 2))}}) is None
+  tree = {'head': {'kernel': np.zeros((1, 2, 3, 4))}}  # no stem: as it is
+  assert resnet.relayout(tree, 'OHWI') is tree
+  with pytest.raises(ValueError, match='kernel_layout must be one of OHWI, HWIO'):
+    resnet.relayout(hwio, 'OIHW')
 
 
 def test_init_from_rejects_weights_that_match_nothing(tmp_path):

@@ -85,6 +85,8 @@ def _base(**fields):
     ('data.source', 'zip', "config.data.source='zip': must be one of jpeg, arrayrecord, tfds"),
     ('edition', 'abaw9', "config.edition='abaw9': must be one of abaw2, abaw3"),
     ('eval_checkpoint', 'last', "config.eval_checkpoint='last': must be best, latest or a step"),
+    ('model.kernel_layout', 'OIHW',
+     "config.model.kernel_layout='OIHW': must be one of OHWI, HWIO"),
     ('temporal.inputs', 'probs',
      "config.temporal.inputs='probs': must be one of embedding, predictions"),
 ])

@@ -150,11 +150,12 @@ def test_missing_and_unexpected_keys_are_reported_and_strict_fails(tmp_path, cap
   assert sorted(meta['report']['missing']) == ['batch_stats/layer1_0/bn1/var',
                                                'params/layer2_0/conv1/kernel']
   assert meta['report']['unexpected'] == ['layer9.0.conv1.weight']
-  # Missing entries keep their initial values: unit variances, a fresh He-normal kernel.
+  # Missing entries keep their initial values: unit variances, a fresh He-normal kernel (kept
+  # output channel first, resnet.KERNEL_LAYOUTS).
   np.testing.assert_array_equal(variables['batch_stats']['backbone']['layer1_0']['bn1']['var'],
                                 np.ones(4))
   kernel = variables['params']['backbone']['layer2_0']['conv1']['kernel']
-  assert kernel.shape == (3, 3, 4, 8) and 0 < kernel.std() < 1
+  assert kernel.shape == (8, 3, 3, 4) and 0 < kernel.std() < 1
 
 
 def test_shape_mismatch_and_architecture_inference():

@@ -104,24 +104,9 @@ def test_variants_parse_as_python_literals_and_default_is_reserved():
     deviceless.parse_args(['--out', 'x', '--steps', 'train,predict'])
 
 
-def test_auto_state_layout_leaves_the_states_layouts_to_xla():
-  """`--auto-state-layout`'s lowering compiles (here on the CPU, whose layouts XLA keeps at
-  their defaults), takes the state in the layouts it chose and computes what the step does."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec('data'))
-  values = {'w': np.arange(96, dtype=np.float32).reshape(2, 3, 2, 8), 'b': np.ones(8, np.float32)}
-  state = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in values.items()}
-  batch = {'x': jax.ShapeDtypeStruct((4, 8), np.float32, sharding=split)}
-  step = jax.jit(lambda s, b: ({'w': s['w'] * 2, 'b': s['b'] + b['x'].sum(0)},
-                               {'loss': b['x'].sum()}))
-  compiled = deviceless.auto_state_layout(step, state, batch).compile()
-  formats = compiled.input_formats[0][0]
-  assert formats['w'].layout is not None and formats['w'].sharding == rep
-  new, metrics = compiled(jax.device_put(values, formats),
-                          {'x': jax.device_put(np.ones((4, 8), np.float32), split)})
-  np.testing.assert_array_equal(new['w'], values['w'] * 2)
-  np.testing.assert_array_equal(new['b'], 5 * np.ones(8))
-  assert float(metrics['loss']) == 32.0
+def test_config_variants_parse_as_settings_beside_the_packages_config():
+  args = deviceless.parse_args(['--out', 'x', '--config-variant',
+                                'hwio:model.kernel_layout=HWIO,model.mask_bits=True'])
+  assert args.configs == {'': {}, '+hwio': {'model.kernel_layout': 'HWIO',
+                                            'model.mask_bits': True}}
+  assert deviceless.parse_args(['--out', 'x']).configs == {'': {}}

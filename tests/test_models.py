@@ -146,6 +146,34 @@ def test_inference_folds_each_batchnorm_into_its_convolution(depth, stride_on):
                                                    mutable=['batch_stats'])[0]))
 
 
+@pytest.mark.parametrize('depth', [18, 50])
+def test_kernel_layouts_start_equal_and_compute_the_same(depth):
+  """OHWI kernels (the default) against HWIO (flax's nn.Conv): the same initial values
+  transposed, the same outputs folded (inference) and in training, frozen parts included, and
+  the same gradients and new statistics."""
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 32, 3)), jnp.float32)
+  ohwi = resnet.resnet(depth, width=4, frozen_parts=1)
+  hwio = ohwi.clone(kernel_layout='HWIO')
+  v_hwio = _moved_statistics(hwio.init(jax.random.key(0), x), seed=5)
+  v_ohwi = _moved_statistics(ohwi.init(jax.random.key(0), x), seed=5)
+  assert ohwi.kernel_layout == 'OHWI' and resnet.kernel_layout_of(v_ohwi) == 'OHWI'
+  assert v_ohwi['params']['conv1']['kernel'].shape == (4, 7, 7, 3)
+  assert jax.tree.structure(v_ohwi) == jax.tree.structure(v_hwio)
+  for a, b in zip(jax.tree.leaves(v_ohwi), jax.tree.leaves(resnet.relayout(v_hwio, 'OHWI'))):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(ohwi.apply(v_ohwi, x), hwio.apply(v_hwio, x), rtol=1e-5,
+                             atol=1e-6)
+
+  def loss(out):
+    return jnp.sum(out ** 2)
+  (grads, aux), want = (training_step(ohwi, v_ohwi, x, loss)[0],
+                        training_step(hwio, v_hwio, x, loss)[0])
+  assert_same_training((grads, aux), (resnet.relayout(want[0], 'OHWI'), want[1]))
+  assert grads['layer1_0']['conv2']['kernel'].shape == (4, 3, 3, 4)
+  with pytest.raises(ValueError, match='kernel_layout must be one of OHWI, HWIO'):
+    ohwi.clone(kernel_layout='OIHW').init(jax.random.key(0), x)
+
+
 def test_training_folds_only_the_frozen_parts():
   """In training, a frozen part's BatchNorms use their running statistics and are folded; the
   outputs, the gradients and the new statistics equal the unfolded network's."""

@@ -52,6 +52,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   # With hand_grads: each ReLU's mask kept in bits rather than bytes (8% fewer bytes moved on a
   # GPU, more host launches: off until a GPU run measures it; BUILD.md).
   config.mask_bits = False
+  # Convolution kernels kept 'OHWI' (cuDNN's order: no copies in the GPU update) or 'HWIO'
+  # (flax's). Either reads checkpoints and weights of the other (resnet.relayout).
+  config.kernel_layout = 'OHWI'
   # The first part that trains (resnet.PARTS, 'all' or 'head'): the parts before it are frozen
   # (BatchNorm statistics fixed, no gradient, no update), as method 2 trains only layer4 + heads.
   config.trainable = 'all'
@@ -82,6 +85,7 @@ def create_backbone(model_config) -> resnet.ResNet:
                        zero_init_last_bn=model_config.get('zero_init_last_bn', False),
                        hand_grads=model_config.get('hand_grads', True),
                        mask_bits=model_config.get('mask_bits', False),
+                       kernel_layout=model_config.get('kernel_layout', 'OHWI'),
                        frozen_parts=resnet.frozen_parts(model_config.get('trainable', 'all')))
 
 

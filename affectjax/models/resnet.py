@@ -8,6 +8,13 @@ In inference (and in a frozen part) each BatchNorm is folded into the convolutio
 (`ConvNorm`): the same variables, one convolution with a bias per layer, which XLA fuses with
 the residual add and the ReLU (on a GPU one cuDNN call) instead of a convolution and a
 normalisation pass.
+
+Convolution kernels are kept output channel first (`kernel_layout='OHWI'`, flax's nn.Conv
+keeps HWIO): cuDNN takes NHWC convolutions' kernels, and returns their gradients, in that
+order, so the Adam update writes each kernel and its moments in place. In HWIO, XLA copies the
+three back every step (282 MB for ResNet50 at 112 px, `docs/benchmarks.md`). Trees of either
+layout are told apart by their stem kernel (`kernel_layout_of`) and converted where they are
+read (`relayout`): converted weights, runs and checkpoints from before, or flax HWIO trees.
 """
 import dataclasses
 import functools
@@ -25,6 +32,8 @@ ModuleDef = Any
 # torchvision's init (kaiming normal, fan_out, relu gain), for training from scratch.
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 STRIDE_ON = ('3x3', '1x1')
+# The axes of an HWIO kernel in the order each layout keeps them.
+KERNEL_LAYOUTS = {'OHWI': (3, 0, 1, 2), 'HWIO': (0, 1, 2, 3)}
 STEM_POOL = ('torch', 'ceil')
 
 
@@ -51,6 +60,85 @@ def max_pool_3x3_s2(x: jax.Array, mode: str, hand_grads: bool = True) -> jax.Arr
   raise ValueError(f'stem_pool must be one of {STEM_POOL}, got {mode!r}')
 
 
+def check_kernel_layout(layout: str) -> str:
+  if layout not in KERNEL_LAYOUTS:
+    raise ValueError(f'kernel_layout must be one of {", ".join(KERNEL_LAYOUTS)}, got {layout!r}')
+  return layout
+
+
+def _axes(source: str, target: str) -> tuple:
+  """The transpose taking a kernel in `source` layout to `target`."""
+  to_hwio = [KERNEL_LAYOUTS[source].index(a) for a in range(4)]
+  return tuple(to_hwio[a] for a in KERNEL_LAYOUTS[target])
+
+
+def from_hwio(kernel, layout: str):
+  """An HWIO kernel (an array or a jax.ShapeDtypeStruct) in `layout`."""
+  return _transpose(kernel, _axes('HWIO', layout))
+
+
+def _transpose(leaf, axes: tuple):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(leaf.shape[a] for a in axes), leaf.dtype,
+                                sharding=leaf.sharding)
+  return leaf.transpose(axes)
+
+
+def _is_kernel(path, leaf) -> bool:
+  return (len(getattr(leaf, 'shape', ())) == 4 and bool(path)
+          and getattr(path[-1], 'key', None) == 'kernel')
+
+
+def kernel_layout_of(tree) -> Optional[str]:
+  """The layout of a tree's convolution kernels ('OHWI' or 'HWIO'), read from the ResNet stem's
+  kernel (7x7 over 3 channels: (7, 7, 3, W) in HWIO, (W, 7, 7, 3) in OHWI; never both); None
+  for a tree without one. `tree`: params, a train state, optimiser moments, or their shapes."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _is_kernel(path, leaf):
+      shape = tuple(leaf.shape)
+      if shape[:3] == (7, 7, 3):
+        return 'HWIO'
+      if shape[1:] == (7, 7, 3):
+        return 'OHWI'
+  return None
+
+
+def relayout(tree, layout: Optional[str], source: Optional[str] = None):
+  """`tree` with its 4-D convolution kernels (leaves named 'kernel') in `layout`; `source`:
+  the layout they are in (default: `kernel_layout_of(tree)`). A tree already in `layout`, or
+  without kernels, and any tree when `layout` is None, are returned as they are."""
+  source = source or kernel_layout_of(tree)
+  if layout is None or source is None or check_kernel_layout(layout) == source:
+    return tree
+  axes = _axes(source, layout)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _transpose(leaf, axes) if _is_kernel(path, leaf) else leaf, tree)
+
+
+def _conv(x, kernel, strides, padding, layout: str, dtype):
+  return jax.lax.conv_general_dilated(jnp.asarray(x, dtype), kernel.astype(dtype), strides,
+                                      padding, dimension_numbers=('NHWC', layout, 'NHWC'))
+
+
+class Conv(nn.Module):
+  """A convolution without bias on NHWC, its kernel kept in `layout`. The kernel is drawn as
+  flax's nn.Conv draws it (CONV_INIT on HWIO, the same key), then transposed: both layouts
+  start from the same values."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int]
+  padding: Any
+  layout: str = 'OHWI'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', lambda key: from_hwio(CONV_INIT(key, shape, jnp.float32),
+                                                        self.layout))
+    return _conv(x, kernel, self.strides, self.padding, self.layout, self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvNorm:
   """A convolution and the BatchNorm after it: two submodules of the calling module, under
@@ -62,7 +150,7 @@ class ConvNorm:
   bias of bias - mean * that. Exact in float32 up to rounding; in bf16 the folded kernel is
   rounded once instead of the convolution's output.
   """
-  conv: ModuleDef  # nn.Conv without bias (a partial giving its dtype)
+  conv: ModuleDef  # Conv (a partial giving its layout and dtype)
   norm: ModuleDef  # layers.BatchNorm (a partial giving its epsilon)
   fold: bool = False
 
@@ -74,17 +162,17 @@ class ConvNorm:
     if not self.fold:
       y = self.conv(features, kernel_size, strides, padding=padding, name=conv_name)(x)
       return self.norm(name=norm_name, **norm_kwargs)(y, residual, relu)
-    dtype, epsilon = self.conv.keywords['dtype'], self.norm.keywords['epsilon']
+    dtype, layout = self.conv.keywords['dtype'], self.conv.keywords['layout']
     params = module.variables['params']
     kernel, bn = params[conv_name]['kernel'], params[norm_name]
-    if kernel.shape != (*kernel_size, x.shape[-1], features):  # as nn.Conv would check
-      raise ValueError(f'{module.path}/{conv_name}: kernel {kernel.shape}, expected '
-                       f'{(*kernel_size, x.shape[-1], features)}')
+    expected = from_hwio(jax.ShapeDtypeStruct((*kernel_size, x.shape[-1], features),
+                                              jnp.float32), layout).shape
+    if kernel.shape != expected:  # as Conv's parameter would check
+      raise ValueError(f'{module.path}/{conv_name}: kernel {kernel.shape}, expected {expected}')
     stats = module.variables['batch_stats'][norm_name]
-    scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + epsilon)
-    y = jax.lax.conv_general_dilated(
-        jnp.asarray(x, dtype), (kernel * scale).astype(dtype), strides, padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + self.norm.keywords['epsilon'])
+    per_output = scale.reshape([-1 if a == 3 else 1 for a in KERNEL_LAYOUTS[layout]])
+    y = _conv(x, kernel * per_output, strides, padding, layout, dtype)
     return layers.add_relu(y + (bn['bias'] - stats['mean'] * scale).astype(dtype), residual,
                            relu)
 
@@ -147,7 +235,8 @@ class ResNet(nn.Module):
   convolution (`ConvNorm`). hand_grads: the training gradients of BatchNorm (with the residual
   add and ReLU after it) and of the stem max-pool are written out (`layers`: the same values,
   fewer bytes moved on a GPU); False: JAX derives them. mask_bits: those BatchNorms keep their
-  ReLU's mask in bits (default: a byte an element).
+  ReLU's mask in bits (default: a byte an element). kernel_layout: 'OHWI' (the update writes
+  the kernels in place on a GPU) or 'HWIO' (flax's), see the module's docstring.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -163,14 +252,15 @@ class ResNet(nn.Module):
   fold_bn: bool = True
   hand_grads: bool = True
   mask_bits: bool = False
+  kernel_layout: str = 'OHWI'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if not 0 <= self.frozen_parts <= len(self.stage_sizes) + 1:
       raise ValueError(f'frozen_parts must be in [0, {len(self.stage_sizes) + 1}], got '
                        f'{self.frozen_parts}')
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=CONV_INIT)
+    conv = functools.partial(Conv, layout=check_kernel_layout(self.kernel_layout),
+                             dtype=self.dtype)
 
     def layer(part: int) -> ConvNorm:  # a frozen part's BatchNorm keeps its running statistics
       running = not train or part < self.frozen_parts
