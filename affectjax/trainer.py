@@ -14,7 +14,7 @@ import numpy as np
 
 from affectjax import checkpoint as ckpt_lib
 from affectjax import config as config_lib
-from affectjax import evaluation, kinds, logs, metrics as metrics_lib, optim, parallel, runs
+from affectjax import evaluation, kinds, logs, metrics as metrics_lib, optim, parallel, runs, train
 from affectjax import workdir as workdir_lib
 
 
@@ -90,11 +90,10 @@ class StepLedger:
     self.throughput = []  # images/s of each logging interval
     self.input_wait = []  # the fraction of each logging interval spent waiting for batches
 
-  def add_step(self, step: int, step_metrics: dict, ends_interval: bool) -> None:
+  def add_step(self, step: int, step_metrics: train.StepMetrics, ends_interval: bool) -> None:
     """Records a dispatched step; then writes the previous interval and the deferred save,
     whose steps are done or queued before this one."""
-    for value in step_metrics.values():
-      value.copy_to_host_async()
+    step_metrics.vector.copy_to_host_async()
     self.unlogged.append(step_metrics)
     self.write_interval()
     self.save_deferred()
@@ -104,7 +103,8 @@ class StepLedger:
   def _read(self, end: int, interval_metrics: list) -> dict:
     """An interval's mean step metrics; stops the run if any loss was non-finite."""
     host = jax.device_get(interval_metrics)
-    summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    means = np.mean([m.vector for m in host], axis=0)
+    summary = {k: float(v) for k, v in zip(host[0].names, means)}
     if summary['finite'] < 1.0:
       raise FloatingPointError(
           f'non-finite loss between steps {end - len(interval_metrics) + 1} and {end}: '

@@ -111,6 +111,15 @@ def test_bench_backbone_times_each_optimisation_against_its_plain_version():
     assert r['max_abs_output_difference'] <= 1e-4 * max(r['largest_output'], 1.0)
 
 
+def test_bench_dispatch_times_the_hosts_share_of_a_step():
+  """benchmarks/bench_dispatch.py at a tiny size: the step call and the metrics' one copy,
+  timed, beside the reference call of as many donated arrays as the state holds."""
+  result = _script('bench_dispatch').main(['--width', '1', '--steps', '3'])
+  assert result['state_arrays'] > 200 and result['metrics_outputs'] == 1
+  assert min(result['step_call_ms'], result['metrics_copies_ms'],
+             result['reference_call_ms']) > 0
+
+
 def test_bench_loop_launch_stand_in_holds_each_step_call_and_restores_the_step(monkeypatch):
   """bench_loop's --launch-ms: every train step built inside `held_dispatch` holds its caller
   that much longer with Python's lock let go (another thread runs meanwhile), returns the

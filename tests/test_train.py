@@ -184,6 +184,30 @@ def test_the_train_step_holds_no_conditional():
   assert ' conditional(' not in hlo
 
 
+def test_step_metrics_are_one_vector_read_by_name():
+  """The step's metrics leave it as one float32 vector (one output, one copy to the host per
+  step), read by name on the device and after `jax.device_get`, the values those of the
+  separate scalars they pack."""
+  state, step, mesh = make_state_and_step(tiny_config(), 1)
+  _, metrics = step(state, parallel.global_batch(random_batch(4), mesh))
+  assert isinstance(metrics, train.StepMetrics)
+  (vector,) = jax.tree_util.tree_leaves(metrics)
+  assert vector.shape == (len(metrics),) and vector.dtype == jnp.float32
+  assert {'loss', 'finite', 'grad_norm', 'learning_rate', 'count_expr'} <= set(metrics)
+  assert list(metrics) == sorted(metrics) and 'nothing' not in metrics
+  host = jax.device_get(metrics)
+  assert isinstance(host, train.StepMetrics) and isinstance(host.vector, np.ndarray)
+  for name in metrics:
+    assert float(metrics[name]) == float(host[name]) == host.vector[host.names.index(name)]
+  assert float(host['finite']) == 1.0 and float(host['count_expr']) == np.sum(
+      random_batch(4)['expr'] >= 0)
+  with pytest.raises(KeyError):
+    host['nothing']  # pylint: disable=pointless-statement
+  packed = train.StepMetrics.pack({'b': jnp.int32(3), 'a': jnp.float32(0.5), 'c': True})
+  assert packed.names == ('a', 'b', 'c') and dict(jax.device_get(packed)) == {
+      'a': 0.5, 'b': 3.0, 'c': 1.0}
+
+
 def test_schedule_warmup_then_cosine_and_decay_mask():
   c = config_lib.base_config().optim
   c.learning_rate, c.warmup_epochs, c.end_lr_factor = 0.1, 1.0, 0.0

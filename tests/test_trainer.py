@@ -151,8 +151,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_pa
   def poisoned_step(state, batch, **kwargs):
     new_state, metrics = real_step(state, batch, **kwargs)
     # From the 5th step on, report a non-finite loss (as an exploding model would).
-    metrics['finite'] = (state.step < 4).astype(metrics['finite'].dtype)
-    return new_state, metrics
+    return new_state, train.StepMetrics.pack(dict(metrics, finite=state.step < 4))
 
   monkeypatch.setattr(train, 'train_step', poisoned_step)
   c = config.copy_and_resolve_references()
