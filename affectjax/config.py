@@ -4,8 +4,7 @@ Each file in `configs/` builds on `base_config()`, sets the fields of its publis
 finishes with `apply_variant(config, arg)`, so `--config=configs/mtl.py:demo` works for all.
 `check_config` rejects, before anything is loaded, a config no run can use (`ConfigError`, one
 line naming the field and what it allows); `config_flag_problem` says why `--config=file.py:variant`
-and its `--config.a.b=v` overrides make no config.
-"""
+and its `--config.a.b=v` overrides make no config."""
 import os
 
 import ml_collections
@@ -263,8 +262,9 @@ def _existing(config, field: str, folder: bool, why: str = '') -> None:
   """A set path must name an existing folder (or file)."""
   path = _value(config, field)
   if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
-    problem = ('a file, not a folder' if folder and os.path.exists(path) else 'a folder, not a '
-               'file' if os.path.isdir(path) else f'no such {"folder" if folder else "file"}')
+    what = 'folder' if folder else 'file'
+    problem = 'a file, not a folder' if folder and os.path.exists(path) else (
+        'a folder, not a file' if os.path.isdir(path) else f'no such {what}')
     raise ConfigError(f'config.{field}={path}: {problem}{why}')
 
 

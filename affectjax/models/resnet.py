@@ -107,8 +107,10 @@ def relayout(tree, layout: Optional[str], source: Optional[str] = None):
   """`tree` with its 4-D convolution kernels (leaves named 'kernel') in `layout`; `source`:
   the layout they are in (default: `kernel_layout_of(tree)`). A tree already in `layout`, or
   without kernels, and any tree when `layout` is None, are returned as they are."""
+  if layout is None:
+    return tree
   source = source or kernel_layout_of(tree)
-  if layout is None or source is None or check_kernel_layout(layout) == source:
+  if source is None or check_kernel_layout(layout) == source:
     return tree
   axes = _axes(source, layout)
   return jax.tree_util.tree_map_with_path(
