@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     if args.video:
       jobs = [(crop_lib.video_paths(args.video)[0], args.out)]
     else:
-      jobs = [(p, os.path.join(args.out, faces_lib.video_name(p)))
+      jobs = [(p, os.path.join(args.out, video_lib.video_name(p)))
               for p in video_lib.list_videos(args.video_dir)]
     for _, out in jobs:
       if os.path.exists(out) and not args.overwrite:

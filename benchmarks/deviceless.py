@@ -35,8 +35,8 @@ import collections
 import dataclasses
 import datetime
 import glob
-import itertools
 import importlib.metadata
+import itertools
 import json
 import re
 import sys

@@ -85,7 +85,7 @@ def crop_video(path: str, detector, crop_root: str, *, all_faces: bool = False,
   crop_root."""
   start = time.perf_counter()
   dets = faces_lib.detect_video(path, detector, chunk, max_bad_fraction, progress)
-  found = faces_lib.faces_of(dets, faces_lib.video_name(path), all_faces, smooth, min_frames)
+  found = faces_lib.faces_of(dets, video_lib.video_name(path), all_faces, smooth, min_frames)
   seconds = dict(dets.seconds)
   written = write_crops(path, dets, found, crop_root, size, chunk, seconds) if found else {}
   frames = len(dets.index)

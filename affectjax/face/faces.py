@@ -5,9 +5,10 @@
 2. `faces_of` links the detections into tracks (affectjax.face.align.link: a face found again
    where it was last seen rejoins its track after any gap) and picks the faces to output: the
    largest track by default (the sum of its box areas), or every track of at least
-   `min_frames` frames (`all_faces`; all of a shorter video's frames), named as Aff-Wild2 names them: the video's name for
-   one face, `<video>_left` / `<video>_right` for two (by their mean horizontal position), and
-   `<video>_face<k>` (largest first) for more. Landmarks are optionally smoothed over time.
+   `min_frames` frames (`all_faces`; all of a shorter video's frames), named as Aff-Wild2
+   names them (`video.video_name`): the video's name for one face, `<video>_left` /
+   `<video>_right` for two (by their mean horizontal position), and `<video>_face<k>`
+   (largest first) for more. Landmarks are optionally smoothed over time.
 3. `aligned` decodes the video again and yields each face's aligned crops, warped on the device
    in fixed-size chunks (one compilation per video resolution).
 """
@@ -48,9 +49,6 @@ class Face:
   landmarks: np.ndarray  # float32 [T, 5, 2], smoothed where asked
 
 
-video_name = video_lib.video_name
-
-
 def _timed(iterator, seconds: dict, key: str):
   """The items of `iterator`, the time spent producing them added to seconds[key]."""
   while True:
@@ -71,7 +69,7 @@ def detect_video(path: str, detect: Callable, chunk: int = 32, max_bad_fraction:
   info = video_lib.probe(path)
   counts, seconds, parts = {}, {'decode': 0.0, 'detect': 0.0}, []
   with tqdm.tqdm(total=info.num_frames or None, unit='frame', disable=not progress,
-                 desc=f'detect {video_name(path)}', mininterval=2.0) as bar:
+                 desc=f'detect {video_lib.video_name(path)}', mininterval=2.0) as bar:
     chunks = video_lib.read(path, chunk, max_bad_fraction, counts)
     for piece in _timed(iter(chunks), seconds, 'decode'):
       start = time.perf_counter()
